@@ -1,0 +1,1 @@
+"""Ray actors: edge-device workers and the server-part group (torch / DeepSpeed)."""

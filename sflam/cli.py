@@ -1,0 +1,92 @@
+"""`sflam <command>`: a table of command -> function; user errors print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from sflam.platform.config import ExperimentConfig, load_config, save_config
+from sflam.platform.errors import SflamError
+
+EXIT_USAGE = 2
+
+
+def _load(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.config, list(args.overrides))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sflam.platform.build import quiet_libraries, validate
+
+    quiet_libraries()
+    config = _load(args)
+    spec = validate(config)
+    print(f"{args.config or '(defaults)'}: valid — {spec.name} ({spec.family}, {spec.num_layers} layers), "
+          f"cut layer {config.split.cut_layer}, {config.data.num_devices} devices, "
+          f"{config.train.devices_per_round} per round, runtime {config.runtime}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sflam.platform.build import quiet_libraries, validate
+    from sflam.platform.results import format_table
+    from sflam.platform.runtime import Experiment, print_progress, run_local
+
+    quiet_libraries()
+    config = _load(args)
+    validate(config)  # every config error surfaces before any model loads
+    print(f"sflam run: {config.name} — {config.model.name}, cut layer {config.split.cut_layer}, "
+          f"{config.quant.weights} device weights, {config.quant.activation_bits}-bit activations, "
+          f"{config.quant.gradient_bits}-bit gradients, LoRA r={config.lora.rank}, "
+          f"{config.data.num_devices} devices, {config.train.devices_per_round} per round, "
+          f"{config.train.rounds} rounds, runtime {config.runtime}", file=sys.stderr, flush=True)
+    experiment = Experiment.build(config)
+    result = run_local(config, progress=lambda m: print_progress(m, config.train.rounds), experiment=experiment)
+    out_dir = Path(config.output_dir) / config.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, out_dir / "config.yaml")
+    result.write_json(out_dir / "summary.json")
+    if args.json:
+        result.write_json(args.json)
+    print(format_table(result))
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "run": (cmd_run, "train one experiment and print its round table"),
+    "validate": (cmd_validate, "check a config file (and overrides) without running anything"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sflam", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if name == "validate":
+            command.add_argument("config", nargs="?", default=None, help="YAML experiment file")
+        else:
+            command.add_argument("-c", "--config", default=None, help="YAML experiment file (default: built-in)")
+            command.add_argument("--json", default=None, help="write the summary JSON here")
+        command.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. split.cut_layer=2")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler, _ = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except SflamError as exc:
+        print(f"sflam {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"sflam {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m sflam.cli` only; use `python -m sflam`
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ray cluster plumbing: resources, DeepSpeed config, job submission, cluster manifests."""

@@ -1,0 +1,1 @@
+"""Experiments built from the core: train, compare, scale, tradeoff; each returns a typed result."""

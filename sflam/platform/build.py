@@ -1,0 +1,128 @@
+"""Build an experiment's pieces from its config: data bundle, device part and server part.
+
+Every process that builds from the same config and seed gets bit-identical parts (the LoRA and head
+initialisations are seeded), so the reference runtime and the Ray actors start from the same point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import peft
+import torch
+from torch import nn
+
+from sflam.platform.config import ExperimentConfig
+from sflam.platform.data import (
+    TokenizedData,
+    dirichlet_partition,
+    label_token_ids,
+    load_texts,
+    synthetic,
+    tokenize,
+    train_test_split,
+)
+from sflam.platform.models import ModelSpec, check_model_task, load_model, load_tokenizer, resolve_model
+from sflam.platform.quantization import quantize_weights
+from sflam.platform.split import DevicePart, ServerPart, split_model
+
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+    "bert": ["query", "key", "value"],
+}
+
+
+def quiet_libraries() -> None:
+    """Silence load reports and progress bars of the libraries; our own progress is what users see."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """Tokenized train and test sets, the devices' shards, and what the task needs to know."""
+
+    train: TokenizedData
+    test: TokenizedData
+    shards: list[np.ndarray]
+    num_labels: int
+    pad_token_id: int
+    label_token_ids: list[int] | None
+
+    @property
+    def shard_sizes(self) -> np.ndarray:
+        return np.array([len(s) for s in self.shards], dtype=np.int64)
+
+
+def validate(cfg: ExperimentConfig) -> ModelSpec:
+    """Every check that needs more than one field, before any weights load; returns the model spec."""
+    spec = resolve_model(cfg.model)
+    check_model_task(spec, cfg.model.task, cfg.split.cut_layer)
+    if cfg.data.dataset == "rotten_tomatoes":
+        from sflam.platform.data import rotten_tomatoes_path
+
+        if cfg.data.path is None:
+            rotten_tomatoes_path()
+    return spec
+
+
+def prepare_data(cfg: ExperimentConfig, spec: ModelSpec) -> DataBundle:
+    tokenizer = load_tokenizer(spec, cfg.model)
+    if cfg.data.dataset == "synthetic":
+        data = synthetic(cfg.data, cfg.data.split_seed, cfg.model.max_length)
+    else:
+        texts, labels = load_texts(cfg.data)
+        data = tokenize(texts, labels, tokenizer, cfg.model.task, cfg.model.max_length)
+    num_labels = int(data.labels.max()) + 1
+    train, test = train_test_split(data, cfg.data.test_fraction, cfg.data.split_seed)
+    if cfg.data.eval_samples:
+        test = test.subset(np.arange(min(cfg.data.eval_samples, len(test))))
+    shards = dirichlet_partition(train.labels, cfg.data.num_devices, cfg.data.dirichlet_alpha, cfg.seed)
+    label_ids = label_token_ids(tokenizer, num_labels) if cfg.model.task == "causal-lm" else None
+    if cfg.data.dataset == "synthetic" and label_ids is not None:
+        label_ids = [7, 8]  # the synthetic task has no words: two fixed token ids stand for the labels
+    return DataBundle(train, test, shards, num_labels, int(tokenizer.pad_token_id), label_ids)
+
+
+def _add_lora(part: nn.Module, cfg: ExperimentConfig, family: str, seed: int) -> None:
+    targets = list(cfg.lora.target_modules) or DEFAULT_TARGETS[family]
+    names = [name for name, _ in part.named_modules()]
+    if not any(name.split(".")[-1] in targets for name in names if name.startswith("layers.")):
+        return  # no block on this side of the cut (cut 0 on the device, cut L on the server)
+    torch.manual_seed(seed)
+    lora = peft.LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.inject_adapter_in_model(lora, part)
+    for name, param in part.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()  # adapters train and average in fp32 whatever the base dtype
+            param.requires_grad_(True)
+
+
+def build_parts(cfg: ExperimentConfig, spec: ModelSpec, bundle: DataBundle) -> tuple[DevicePart, ServerPart]:
+    """Load the model, cut it, quantize the device part's base weights, add LoRA to both parts."""
+    model = load_model(spec, cfg.model, bundle.num_labels, bundle.pad_token_id, seed=cfg.seed)
+    device_part, server_part = split_model(model, spec.family, cfg.split.cut_layer, cfg.model.task,
+                                           bundle.label_token_ids)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    quantize_weights(device_part, cfg.quant.weights)
+    _add_lora(device_part, cfg, spec.family, seed=cfg.seed + 1)
+    if cfg.lora.server:
+        _add_lora(server_part, cfg, spec.family, seed=cfg.seed + 2)
+    for module in server_part.head_modules():
+        for param in module.parameters():
+            param.requires_grad_(True)
+    return device_part, server_part

@@ -1,0 +1,142 @@
+"""Smashed-data codec: stochastic uniform q-bit quantization per row, values packed into bytes (DESIGN §4).
+
+Each row (one token's activation or activation-gradient vector) gets an offset and a scale stored in
+fp32 or fp16; values become integer levels in [0, 2^q - 1] by stochastic rounding, which makes the
+decoder unbiased, E[Q(x)] = x, with per-element variance at most Δ²/4, Δ = scale = range/(2^q - 1).
+q = 32 sends raw fp32. The payload size in bits is exact: packed values plus side information.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sflam.platform.errors import CodecError
+
+SIDE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One encoded tensor as it travels: packed levels, per-row offset and scale, and its shape."""
+
+    bits: int
+    shape: tuple[int, ...]
+    packed: np.ndarray  # uint8
+    offset: np.ndarray | None  # per row, side dtype
+    scale: np.ndarray | None
+
+    @property
+    def payload_bits(self) -> int:
+        """Exact size on the wire: packed values + side information."""
+        side = 0 if self.offset is None else self.offset.nbytes + self.scale.nbytes  # type: ignore[union-attr]
+        return 8 * (self.packed.nbytes + side)
+
+
+def payload_bits(num_rows: int, row_size: int, bits: int, side_dtype: str = "fp32") -> int:
+    """The payload of `num_rows` rows of `row_size` values at `bits` bits, without encoding anything."""
+    if bits == 32:
+        return 32 * num_rows * row_size
+    side_bits = 2 * (32 if side_dtype == "fp32" else 16) * num_rows
+    return 8 * ((num_rows * row_size * bits + 7) // 8) + side_bits
+
+
+def _pack(levels: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned levels (< 2^bits) into a byte string, `bits` bits each, little-endian bit order."""
+    flat = levels.reshape(-1)
+    if bits == 8:
+        return flat.astype(np.uint8)
+    if bits == 16:
+        return flat.astype("<u2").view(np.uint8)
+    if bits in (1, 2, 4):
+        per_byte = 8 // bits
+        padded = np.zeros(-(-flat.size // per_byte) * per_byte, dtype=np.uint8)
+        padded[: flat.size] = flat
+        grouped = padded.reshape(-1, per_byte)
+        out = np.zeros(grouped.shape[0], dtype=np.uint8)
+        for slot in range(per_byte):
+            out |= grouped[:, slot] << (slot * bits)
+        return out
+    bit_planes = ((flat[:, None].astype(np.uint32) >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(bit_planes.reshape(-1), bitorder="little")
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 8:
+        return packed[:count].astype(np.int64)
+    if bits == 16:
+        return packed.view("<u2")[:count].astype(np.int64)
+    if bits in (1, 2, 4):
+        per_byte = 8 // bits
+        mask = (1 << bits) - 1
+        slots = [(packed >> (slot * bits)) & mask for slot in range(per_byte)]
+        return np.stack(slots, axis=1).reshape(-1)[:count].astype(np.int64)
+    bit_planes = np.unpackbits(packed, bitorder="little")[: count * bits].reshape(count, bits).astype(np.int64)
+    return (bit_planes << np.arange(bits, dtype=np.int64)).sum(axis=1)
+
+
+def _side_range(rows: torch.Tensor, bits: int, side: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offset and scale already rounded to the side dtype, covering every row's [min, max]."""
+    low = rows.min(dim=1).values
+    high = rows.max(dim=1).values
+    levels = float(2**bits - 1)
+    if side == torch.float32:
+        return low, (high - low) / levels
+    finfo = torch.finfo(side)
+    if bool((low < finfo.min).any()) or bool((high > finfo.max).any()):
+        raise CodecError(f"smashed data exceeds the fp16 side-information range (|x| > {finfo.max:g}); "
+                         "use quant.side_dtype=fp32")
+    offset = low.to(side)
+    offset = torch.where(offset.float() > low, torch.nextafter(offset, torch.full_like(offset, -float("inf"))),
+                         offset)
+    scale = ((high - offset.float()) / levels).to(side)
+    too_small = offset.float() + scale.float() * levels < high
+    scale = torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    return offset.float(), scale.float()
+
+
+def encode(x: torch.Tensor, bits: int, generator: torch.Generator | None = None, side_dtype: str = "fp32"
+           ) -> Encoded:
+    """Encode a tensor whose last dimension is a row; stochastic rounding draws from `generator`."""
+    if not (bits == 32 or 1 <= bits <= 16):
+        raise CodecError(f"bits={bits} is invalid: allowed are 1..16, or 32 for raw fp32")
+    if side_dtype not in SIDE_DTYPES:
+        raise CodecError(f"side_dtype={side_dtype!r} is invalid: allowed are fp32, fp16")
+    data = x.detach().float()
+    if not bool(torch.isfinite(data).all()):
+        bad = int((~torch.isfinite(data)).sum())
+        raise CodecError(f"smashed data holds {bad} non-finite value(s) (NaN or inf); refusing to send them")
+    shape = tuple(data.shape)
+    if bits == 32:
+        return Encoded(32, shape, data.contiguous().numpy().view(np.uint8).reshape(-1).copy(), None, None)
+    rows = data.reshape(-1, shape[-1]) if data.dim() > 0 and shape[-1] > 0 else data.reshape(-1, 1)
+    side = SIDE_DTYPES[side_dtype]
+    offset, scale = _side_range(rows, bits, side)
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    position = (rows - offset[:, None]) / safe_scale[:, None]
+    noise = torch.rand(position.shape, generator=generator, dtype=position.dtype)
+    levels = torch.floor(position + noise).clamp_(0, 2**bits - 1)
+    levels = torch.where(scale[:, None] > 0, levels, torch.zeros_like(levels))
+    packed = _pack(levels.to(torch.int64).numpy(), bits)
+    np_side = np.float32 if side_dtype == "fp32" else np.float16
+    return Encoded(bits, shape, packed, offset.numpy().astype(np_side), scale.numpy().astype(np_side))
+
+
+def decode(encoded: Encoded) -> torch.Tensor:
+    """Reconstruct the fp32 tensor: offset + level * scale per row."""
+    count = int(np.prod(encoded.shape)) if encoded.shape else 1
+    if encoded.bits == 32:
+        return torch.from_numpy(encoded.packed.view(np.float32).copy()).reshape(encoded.shape)
+    levels = torch.from_numpy(_unpack(encoded.packed, encoded.bits, count)).float()
+    offset = torch.from_numpy(encoded.offset.astype(np.float32))  # type: ignore[union-attr]
+    scale = torch.from_numpy(encoded.scale.astype(np.float32))  # type: ignore[union-attr]
+    rows = levels.reshape(offset.shape[0], -1) * scale[:, None] + offset[:, None]
+    return rows.reshape(encoded.shape)
+
+
+def step_size(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Δ per row: the quantization step the variance bound Δ²/4 refers to (fp32 side information)."""
+    rows = x.detach().float().reshape(-1, x.shape[-1])
+    return (rows.max(dim=1).values - rows.min(dim=1).values) / float(2**bits - 1)

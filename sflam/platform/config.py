@@ -1,0 +1,313 @@
+"""Typed experiment configuration: YAML -> validated ExperimentConfig -> dotted overrides -> flat dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from sflam.platform.errors import ConfigError
+
+WEIGHT_MODES = ("fp32", "bf16", "int8", "nf4", "fp4")
+TASKS = ("classification", "causal-lm")
+DATASETS = ("rotten_tomatoes", "synthetic", "csv")
+RUNTIMES = ("local",)
+SIDE_DTYPES = ("fp32", "fp16")
+
+
+def _allowed_bits(value: int) -> bool:
+    return value == 32 or 1 <= value <= 16
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which transformer to fine-tune and how its inputs are shaped."""
+
+    SECTION: ClassVar[str] = "model"
+    name: str = field(default="minilm-l6", metadata={"help": "packaged name, local folder or Hugging Face id"})
+    task: str = field(default="classification", metadata={"help": "classification | causal-lm"})
+    max_length: int = field(default=64, metadata={"help": "tokens per sentence after truncation"})
+    allow_download: bool = field(default=False, metadata={"help": "let a hub id be fetched (off: offline)"})
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", self.name, "a non-empty model name")
+        _check(self.task in TASKS, "model.task", self.task, f"one of {', '.join(TASKS)}")
+        _check(self.max_length >= 4, "model.max_length", self.max_length, "an integer >= 4")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Where the model is cut between device part and server part."""
+
+    SECTION: ClassVar[str] = "split"
+    cut_layer: int = field(default=1, metadata={"help": "device part = embeddings + blocks [0, cut_layer)"})
+
+    def __post_init__(self) -> None:
+        _check(self.cut_layer >= 0, "split.cut_layer", self.cut_layer, "an integer in 0..L (L = model layers)")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Quantization of the device part's frozen weights and of the smashed data."""
+
+    SECTION: ClassVar[str] = "quant"
+    weights: str = field(default="nf4", metadata={"help": "device-part base weights: fp32 bf16 int8 nf4 fp4"})
+    activation_bits: int = field(default=8, metadata={"help": "uplink smashed-data bits: 1..16 or 32 (raw)"})
+    gradient_bits: int = field(default=8, metadata={"help": "downlink activation-gradient bits: 1..16 or 32"})
+    side_dtype: str = field(default="fp32", metadata={"help": "per-token scale/offset precision: fp32 fp16"})
+
+    def __post_init__(self) -> None:
+        _check(self.weights in WEIGHT_MODES, "quant.weights", self.weights, f"one of {', '.join(WEIGHT_MODES)}")
+        for key in ("activation_bits", "gradient_bits"):
+            value = getattr(self, key)
+            _check(_allowed_bits(value), f"quant.{key}", value, "an integer in 1..16, or 32 for raw fp32")
+        _check(self.side_dtype in SIDE_DTYPES, "quant.side_dtype", self.side_dtype, "fp32 or fp16")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the device part and the server part."""
+
+    SECTION: ClassVar[str] = "lora"
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)"})
+    target_modules: list[str] = field(default_factory=list, metadata={"help": "empty: family default"})
+    server: bool = field(default=True, metadata={"help": "LoRA on the server part's blocks too"})
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "a number > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data set, its train/test split and its non-IID partition over devices."""
+
+    SECTION: ClassVar[str] = "data"
+    dataset: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes | synthetic | csv"})
+    path: str | None = field(default=None, metadata={"help": "data file (csv: columns text,label)"})
+    test_fraction: float = field(default=0.1, metadata={"help": "held-out share, split with split_seed"})
+    split_seed: int = field(default=1234, metadata={"help": "seed of the train/test split"})
+    num_devices: int = field(default=1000, metadata={"help": "N devices holding the training data"})
+    dirichlet_alpha: float = field(default=0.5, metadata={"help": "label skew: Dirichlet concentration"})
+    eval_samples: int = field(default=0, metadata={"help": "cap on evaluated test samples, 0 = all"})
+    synthetic_samples: int = field(default=2000, metadata={"help": "size of the synthetic task"})
+
+    def __post_init__(self) -> None:
+        _check(self.dataset in DATASETS, "data.dataset", self.dataset, f"one of {', '.join(DATASETS)}")
+        _check(self.dataset != "csv" or self.path is not None, "data.path", self.path,
+               "a CSV file with columns text,label when data.dataset=csv")
+        _check(self.path is None or Path(self.path).is_file(), "data.path", self.path, "an existing data file")
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "a number in (0, 1)")
+        _check(self.num_devices >= 1, "data.num_devices", self.num_devices, "an integer >= 1")
+        _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "a number > 0")
+        _check(self.eval_samples >= 0, "data.eval_samples", self.eval_samples, "an integer >= 0 (0 = all)")
+        _check(self.synthetic_samples >= 10, "data.synthetic_samples", self.synthetic_samples, "an integer >= 10")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Rounds of split federated training (DESIGN §5)."""
+
+    SECTION: ClassVar[str] = "train"
+    rounds: int = field(default=30, metadata={"help": "federated rounds"})
+    devices_per_round: int = field(default=20, metadata={"help": "K devices sampled each round"})
+    local_steps: int = field(default=2, metadata={"help": "E local steps per round"})
+    batch_size: int = field(default=8, metadata={"help": "mini-batch per device per local step"})
+    device_lr: float = field(default=1e-3, metadata={"help": "device adapters' AdamW learning rate"})
+    server_lr: float = field(default=1e-3, metadata={"help": "server part's AdamW learning rate"})
+    eval_every: int = field(default=5, metadata={"help": "evaluate every n rounds (and after the last)"})
+    eval_batch_size: int = field(default=128, metadata={"help": "test samples per evaluation batch"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "constant | cosine (decay over rounds)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a share of the peak rate"})
+
+    def lr_factor(self, round_index: int) -> float:
+        """Learning-rate multiplier of a round (0-based): cosine from 1 to min_lr_ratio, or constant."""
+        if self.lr_schedule == "constant" or self.rounds == 1:
+            return 1.0
+        progress = round_index / (self.rounds - 1)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "devices_per_round", "local_steps", "batch_size", "eval_every", "eval_batch_size"):
+            value = getattr(self, key)
+            _check(value >= 1, f"train.{key}", value, "an integer >= 1")
+        for key in ("device_lr", "server_lr"):
+            value = getattr(self, key)
+            _check(value > 0, f"train.{key}", value, "a number > 0")
+        _check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", self.lr_schedule,
+               "constant or cosine")
+        _check(0 < self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: every concern's dataclass, composed; passed explicitly, never global."""
+
+    name: str = "sflam"
+    seed: int = 0
+    runtime: str = "local"
+    output_dir: str = "results"
+    threads: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {', '.join(RUNTIMES)}")
+        _check(self.threads >= 0, "threads", self.threads, "an integer >= 0 (0 = torch default)")
+        _check(self.train.devices_per_round <= self.data.num_devices, "train.devices_per_round",
+               self.train.devices_per_round, f"at most data.num_devices={self.data.num_devices}")
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat dict of dotted keys (the same keys as the overrides and the MLflow params)."""
+        return flatten(dataclasses.asdict(self))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- building and overrides
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one YAML value against a field's type; ints widen to floats, numeric strings to floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [opt for opt in options if opt is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(key, value, "a list")
+        return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, value, "a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, value, "a string")
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(dotted, value, f"unknown key; known keys here: {', '.join(sorted(fields))}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(dotted, value, f"a mapping of {annotation.__name__} keys")
+            kwargs[key] = _build(annotation, value, dotted + ".")
+        else:
+            kwargs[key] = _coerce(dotted, value, annotation)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`split.cut_layer=2` -> ("split.cut_layer", 2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(text, text, "an override of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); unknown keys are caught when the config is built."""
+    out = _deepcopy(tree)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(dotted, value, f"{part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v)
+            for k, v in tree.items()}
+
+
+def config_from_dict(tree: dict[str, Any], overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    merged = apply_overrides(tree, overrides or {})
+    return _build(ExperimentConfig, merged, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML file (None: built-in defaults), apply overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError("config", str(path), "an existing YAML file")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError("config", str(path), f"valid YAML ({first})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("config", str(path), "a YAML mapping of sections")
+        tree = loaded or {}
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(item) for item in overrides)
+    return config_from_dict(tree, overrides)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

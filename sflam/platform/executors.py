@@ -1,0 +1,224 @@
+"""What a device and the server do in one local step, as plain PyTorch (DESIGN §5).
+
+The reference runtime calls these in one process; the Ray actors call the same code. A virtual
+device is data: an id, its adapter tensors and its optimizer. The device part's frozen base weights
+are shared by all virtual devices; each device's forward runs with its own adapter through
+`torch.func.functional_call`, so many devices' graphs can be alive at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sflam.platform import codec
+from sflam.platform.codec import Encoded
+from sflam.platform.data import Batch
+from sflam.platform.split import DevicePart, ServerPart
+
+Adapter = dict[str, torch.Tensor]
+
+UPLINK, DOWNLINK = 0, 1
+
+
+def codec_generator(seed: int, round_index: int, step: int, device: int, direction: int) -> torch.Generator:
+    """The stochastic-rounding stream of one transmission, the same in every runtime."""
+    state = np.random.SeedSequence([seed, round_index, step, device + 3, direction]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass
+class Smashed:
+    """One device's uplink message of a local step: encoded activations of its real tokens."""
+
+    device: int
+    activations: Encoded
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def payload_bits(self) -> int:
+        # side header: per sample, the sequence length (16 bits) and the label (16 bits)
+        return self.activations.payload_bits + 32 * int(self.labels.shape[0])
+
+
+@dataclass
+class DeviceState:
+    """A virtual device in a round: its adapter (a copy of the global one) and its optimizer."""
+
+    device: int
+    adapter: Adapter
+    optimizer: torch.optim.Optimizer | None
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    samples_trained: int = 0
+
+
+def trainable_state(module: torch.nn.Module) -> Adapter:
+    """Detached fp32 copies of a module's trainable tensors (adapters, and a new head)."""
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def fedavg(adapters: list[Adapter], weights: list[float]) -> Adapter:
+    """Average adapters weighted by sample count (FedAvg)."""
+    total = float(sum(weights))
+    if not adapters or not adapters[0]:
+        return {}
+    return {name: sum(w * a[name] for a, w in zip(adapters, weights, strict=True)) / total
+            for name in adapters[0]}
+
+
+def _rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return hidden[mask.bool()]
+
+
+def _scatter(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    full = torch.zeros((*mask.shape, rows.shape[-1]), dtype=rows.dtype)
+    full[mask.bool()] = rows
+    return full
+
+
+class DeviceExecutor:
+    """Runs the device part for any number of virtual devices."""
+
+    def __init__(self, part: DevicePart, activation_bits: int, gradient_bits: int, side_dtype: str,
+                 lr: float, seed: int) -> None:
+        self.part = part
+        self.activation_bits = activation_bits
+        self.gradient_bits = gradient_bits
+        self.side_dtype = side_dtype
+        self.lr = lr
+        self.seed = seed
+
+    @property
+    def trains(self) -> bool:
+        return any(p.requires_grad for p in self.part.parameters())
+
+    def initial_adapter(self) -> Adapter:
+        return trainable_state(self.part)
+
+    def start(self, device: int, global_adapter: Adapter, lr_factor: float = 1.0) -> DeviceState:
+        adapter = {name: t.detach().clone().requires_grad_(True) for name, t in global_adapter.items()}
+        optimizer = (torch.optim.AdamW(adapter.values(), lr=self.lr * lr_factor, weight_decay=0.0)
+                     if adapter else None)
+        return DeviceState(device, adapter, optimizer)
+
+    def forward(self, state: DeviceState, batch: Batch, round_index: int, step: int) -> Smashed:
+        """Device part forward on a mini-batch; keeps the graph for the backward of this step."""
+        grad_mode = torch.enable_grad() if state.adapter else torch.no_grad()
+        with grad_mode:
+            hidden = torch.func.functional_call(self.part, state.adapter, (batch.input_ids, batch.attention_mask),
+                                                strict=False)
+        generator = codec_generator(self.seed, round_index, step, state.device, UPLINK)
+        encoded = codec.encode(_rows(hidden, batch.attention_mask), self.activation_bits, generator,
+                               self.side_dtype)
+        if state.adapter:
+            state.pending[step] = (hidden, batch.attention_mask)
+        state.samples_trained += len(batch)
+        return Smashed(state.device, encoded, batch.attention_mask, batch.labels)
+
+    def backward(self, state: DeviceState, step: int, gradient: Encoded | None) -> None:
+        """Apply the server's encoded activation gradient and step the device's optimizer."""
+        if gradient is None or state.optimizer is None:
+            return
+        hidden, mask = state.pending.pop(step)
+        hidden.backward(_scatter(codec.decode(gradient), mask))
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+
+    def final_adapter(self, state: DeviceState) -> Adapter:
+        return {name: t.detach().clone() for name, t in state.adapter.items()}
+
+    @torch.no_grad()
+    def infer(self, adapter: Adapter, batch: Batch, generator: torch.Generator) -> Smashed:
+        hidden = torch.func.functional_call(self.part, adapter, (batch.input_ids, batch.attention_mask),
+                                            strict=False)
+        encoded = codec.encode(_rows(hidden, batch.attention_mask), self.activation_bits, generator,
+                               self.side_dtype)
+        return Smashed(-1, encoded, batch.attention_mask, batch.labels)
+
+
+@dataclass
+class ServerStepResult:
+    loss: float
+    correct: int
+    samples: int
+    gradients: list[Encoded | None]
+
+    @property
+    def downlink_bits(self) -> list[int]:
+        return [0 if g is None else g.payload_bits for g in self.gradients]
+
+
+class ServerExecutor:
+    """Runs the server part on all selected devices' micro-batches as one batch (mean loss)."""
+
+    def __init__(self, part: ServerPart, gradient_bits: int, side_dtype: str, lr: float, seed: int,
+                 send_gradients: bool) -> None:
+        self.part = part
+        self.gradient_bits = gradient_bits
+        self.side_dtype = side_dtype
+        self.seed = seed
+        self.send_gradients = send_gradients
+        params = [p for p in part.parameters() if p.requires_grad]
+        self.lr = lr
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
+
+    def set_lr_factor(self, factor: float) -> None:
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * factor
+
+    @staticmethod
+    def assemble(messages: list[Smashed]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode every device's activations and pad them into one batch (right padding)."""
+        length = max(int(m.attention_mask.shape[1]) for m in messages)
+        hidden_parts, masks = [], []
+        for message in messages:
+            mask = message.attention_mask
+            pad = length - int(mask.shape[1])
+            full = _scatter(codec.decode(message.activations), mask)
+            hidden_parts.append(torch.nn.functional.pad(full, (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(mask, (0, pad)))
+        return torch.cat(hidden_parts), torch.cat(masks), torch.cat([m.labels for m in messages])
+
+    def step(self, messages: list[Smashed], round_index: int, step: int) -> ServerStepResult:
+        hidden, mask, labels = self.assemble(messages)
+        hidden.requires_grad_(self.send_gradients)
+        with torch.enable_grad():
+            logits = self.part(hidden, mask)
+            loss, correct = self.part.loss_and_correct(logits, labels)
+            if self.optimizer is not None or self.send_gradients:
+                loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        gradients: list[Encoded | None] = []
+        start = 0
+        for message in messages:
+            rows = int(message.labels.shape[0])
+            if not self.send_gradients:
+                gradients.append(None)
+            else:
+                own_mask = mask[start:start + rows]
+                grad_rows = _rows(hidden.grad[start:start + rows], own_mask)  # type: ignore[index]
+                generator = codec_generator(self.seed, round_index, step, message.device, DOWNLINK)
+                gradients.append(codec.encode(grad_rows, self.gradient_bits, generator, self.side_dtype))
+            start += rows
+        return ServerStepResult(float(loss.detach()), int(correct), int(labels.shape[0]), gradients)
+
+    @torch.no_grad()
+    def evaluate(self, messages: list[Smashed]) -> tuple[float, int, int]:
+        """Summed loss, correct predictions and samples over evaluation batches."""
+        total_loss, total_correct, total = 0.0, 0, 0
+        for message in messages:
+            hidden, mask, labels = self.assemble([message])
+            loss, correct = self.part.loss_and_correct(self.part(hidden, mask), labels)
+            total_loss += float(loss) * int(labels.shape[0])
+            total_correct += int(correct)
+            total += int(labels.shape[0])
+        return total_loss, total_correct, total
+
+    def state(self) -> Adapter:
+        return trainable_state(self.part)

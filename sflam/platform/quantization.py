@@ -1,0 +1,140 @@
+"""Quantization of the device part's frozen base weights with bitsandbytes, and their stored size."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+# bitsandbytes logs a harmless "kernels" notice on CPU at import; keep the console clean.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import bitsandbytes as bnb
+
+BLOCKSIZE = 64
+
+
+def _linear_4bit(layer: nn.Linear, quant_type: str) -> nn.Module:
+    new = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                            compute_dtype=torch.float32, quant_type=quant_type, quant_storage=torch.uint8)
+    new.weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type=quant_type,
+                                   blocksize=BLOCKSIZE)
+    if layer.bias is not None:
+        new.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
+    return new.to("cpu")
+
+
+def _linear_8bit(layer: nn.Linear) -> nn.Module:
+    new = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              has_fp16_weights=False, threshold=0.0)
+    new.weight = bnb.nn.Int8Params(layer.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    if layer.bias is not None:
+        new.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
+    return new.to("cpu")
+
+
+def _embedding(layer: nn.Embedding, mode: str) -> nn.Module:
+    num, dim = layer.weight.shape
+    if mode == "int8":
+        new = bnb.nn.Embedding8bit(num, dim)
+        new.load_state_dict({"weight": layer.weight.data.clone()})
+        return new.to("cpu")
+    new = bnb.nn.EmbeddingNF4(num, dim) if mode == "nf4" else bnb.nn.EmbeddingFP4(num, dim)
+    # plain absmax statistics: bitsandbytes' row-wise lookup misreads nested statistics of small tables
+    new.weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type=mode,
+                                   blocksize=BLOCKSIZE, compress_statistics=False)
+    return new.to("cpu")
+
+
+def quantize_weights(part: nn.Module, mode: str) -> nn.Module:
+    """Store the linear and embedding weights of `part` as `mode`, in place; norms stay fp32.
+
+    fp32 keeps them; bf16 casts them and the part must run under bf16 autocast; int8, nf4 and fp4
+    swap in bitsandbytes layers (blockwise, blocksize 64, nested absmax statistics for 4 bit).
+    """
+    if mode == "fp32":
+        return part
+    for parent in list(part.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                if mode == "bf16":
+                    child.to(torch.bfloat16)
+                    continue
+                new = _linear_8bit(child) if mode == "int8" else _linear_4bit(child, mode)
+            elif isinstance(child, nn.Embedding):
+                if mode == "bf16":
+                    child.to(torch.bfloat16)
+                    continue
+                new = _embedding(child, mode)
+            else:
+                continue
+            setattr(parent, child_name, new)
+    if mode == "bf16" and hasattr(part, "autocast_dtype"):
+        part.autocast_dtype = torch.bfloat16
+    return part
+
+
+def _quant_state_bytes(state) -> int:
+    total = 0
+    for attr in ("absmax", "code", "offset"):
+        value = getattr(state, attr, None)
+        if isinstance(value, torch.Tensor):
+            total += value.nbytes
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        total += _quant_state_bytes(nested)
+    return total
+
+
+def stored_weight_bytes(module: nn.Module, trainable: bool = False) -> int:
+    """Bytes of the weights as stored: packed values plus quantization statistics.
+
+    trainable=False counts frozen tensors only (the base weights); True counts everything.
+    """
+    total = 0
+    for sub in module.modules():
+        for param in sub.parameters(recurse=False):
+            if param.requires_grad and not trainable:
+                continue
+            total += param.data.nbytes
+            state = getattr(param, "quant_state", None)
+            if state is not None:
+                total += _quant_state_bytes(state)
+            scb = getattr(param, "SCB", None)
+            if scb is None and isinstance(getattr(sub, "state", None), bnb.MatmulLtState):
+                scb = sub.state.SCB
+            if isinstance(scb, torch.Tensor):
+                total += scb.nbytes
+    return total
+
+
+def quantized_layer_bytes(part: nn.Module) -> tuple[int, int]:
+    """(stored bytes, fp32 bytes) over the quantized linear and embedding layers of `part`."""
+    stored = fp32 = 0
+    kinds = (nn.Linear, nn.Embedding, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, bnb.nn.Embedding4bit,
+             bnb.nn.Embedding8bit)
+    for sub in part.modules():
+        base = getattr(sub, "base_layer", None)  # peft wraps quantized layers
+        if isinstance(sub, kinds) and not _is_lora_piece(part, sub):
+            stored += stored_weight_bytes(sub)
+            fp32 += 4 * sum(_logical_numel(p, sub) for p in sub.parameters(recurse=False) if not p.requires_grad)
+        del base
+    return stored, fp32
+
+
+def _is_lora_piece(root: nn.Module, module: nn.Module) -> bool:
+    for name, sub in root.named_modules():
+        if sub is module:
+            return "lora_" in name
+    return False
+
+
+def _logical_numel(param: torch.Tensor, owner: nn.Module) -> int:
+    """Number of logical weights (a 4-bit parameter packs two per byte)."""
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    return param.numel()

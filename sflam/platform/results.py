@@ -1,0 +1,120 @@
+"""Typed results of a run: per-round metrics, the summary of DESIGN §10, and a readable table."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sflam.platform.executors import Adapter
+
+
+@dataclass
+class RoundMetrics:
+    """What one round did and cost. Cost fields stay None until the cost model fills them."""
+
+    round: int
+    train_loss: float
+    train_accuracy: float
+    samples: int
+    uplink_bits: int
+    downlink_bits: int
+    wall_s: float
+    eval_accuracy: float | None = None
+    eval_loss: float | None = None
+    round_latency_s: float | None = None
+    comm_latency_s: float | None = None
+    compute_latency_s: float | None = None
+    energy_j: float | None = None
+
+
+@dataclass
+class RunResult:
+    """A finished run: its rounds, final evaluation, adapters and resource figures."""
+
+    config: dict[str, Any]
+    rounds: list[RoundMetrics]
+    accuracy: float
+    loss: float
+    wall_s: float
+    devices: int
+    devices_per_round: int
+    device_weight_bytes: int
+    device_adapter: Adapter = field(repr=False)
+    server_state: Adapter = field(repr=False)
+    device_memory_bytes: int | None = None
+    mlflow_run_id: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The summary keys of DESIGN §10 (cost figures are None until the cost model exists)."""
+
+        def mean(key: str) -> float | None:
+            values = [getattr(r, key) for r in self.rounds if getattr(r, key) is not None]
+            return sum(values) / len(values) if values else None
+
+        energy = mean("energy_j")
+        samples = sum(r.samples for r in self.rounds)
+        total_energy = sum(r.energy_j for r in self.rounds if r.energy_j is not None) if energy is not None else None
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "rounds": len(self.rounds),
+            "devices": self.devices,
+            "devices_per_round": self.devices_per_round,
+            "round_latency_s": mean("round_latency_s"),
+            "comm_latency_s": mean("comm_latency_s"),
+            "compute_latency_s": mean("compute_latency_s"),
+            "energy_j": energy,
+            "energy_efficiency_samples_per_j": (samples / total_energy) if total_energy else None,
+            "device_memory_bytes": self.device_memory_bytes,
+            "device_weight_bytes": self.device_weight_bytes,
+            "uplink_bits_per_round": mean("uplink_bits"),
+            "downlink_bits_per_round": mean("downlink_bits"),
+            "wall_s": self.wall_s,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+    def write_json(self, path: str | Path) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        tmp.replace(target)  # never a half-written summary
+
+    def rounds_as_dicts(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.rounds]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def round_line(metrics: RoundMetrics, total_rounds: int) -> str:
+    evaluated = (f"  test acc {metrics.eval_accuracy:.4f}  test loss {metrics.eval_loss:.4f}"
+                 if metrics.eval_accuracy is not None else "")
+    return (f"round {metrics.round:>3}/{total_rounds}  train loss {metrics.train_loss:.4f}  "
+            f"train acc {metrics.train_accuracy:.3f}  up {metrics.uplink_bits / 8e6:.2f} MB  "
+            f"down {metrics.downlink_bits / 8e6:.2f} MB  {metrics.wall_s:.1f} s{evaluated}")
+
+
+def format_table(result: RunResult) -> str:
+    """The closing table: evaluated rounds, then the summary."""
+    header = f"{'round':>5} {'train loss':>10} {'test acc':>9} {'test loss':>9} {'up MB':>8} {'down MB':>8} {'wall s':>7}"
+    lines = [header, "-" * len(header)]
+    for r in result.rounds:
+        if r.eval_accuracy is None:
+            continue
+        lines.append(f"{r.round:>5} {r.train_loss:>10.4f} {_fmt(r.eval_accuracy, '.4f'):>9} "
+                     f"{_fmt(r.eval_loss, '.4f'):>9} {r.uplink_bits / 8e6:>8.2f} {r.downlink_bits / 8e6:>8.2f} "
+                     f"{r.wall_s:>7.1f}")
+    lines.append("")
+    summary = result.summary()
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        text = _fmt(value, ".6g") if isinstance(value, float) else ("-" if value is None else str(value))
+        lines.append(f"{key:<{width}}  {text}")
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""The reference runtime (`runtime: local`): rounds of SFL-V1 with server-side batching, one process.
+
+Each round: sample K of N devices; every selected device starts from the global device adapter and
+runs E local steps. One local step, for all selected devices together: each device runs its part on a
+mini-batch of its own data and encodes the activations; the server part runs forward/backward on all
+micro-batches as one batch (mean loss), steps its optimizer and returns each device its encoded
+activation gradient; each device runs backward and steps its own optimizer. After E steps the device
+adapters are averaged, weighted by sample count (FedAvg). Evaluation every `eval_every` rounds.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sflam.platform.build import DataBundle, build_parts, prepare_data, quiet_libraries, validate
+from sflam.platform.config import ExperimentConfig
+from sflam.platform.data import collate, device_batches
+from sflam.platform.executors import Adapter, DeviceExecutor, ServerExecutor, codec_generator, fedavg
+from sflam.platform.quantization import stored_weight_bytes
+from sflam.platform.results import RoundMetrics, RunResult, round_line
+
+ProgressFn = Callable[[RoundMetrics], None]
+EVAL_DEVICE = -2
+
+
+def select_devices(seed: int, round_index: int, num_devices: int, per_round: int) -> np.ndarray:
+    """The K devices of a round, seeded by (seed, round) alone."""
+    rng = np.random.default_rng([seed, round_index, 7])
+    return np.sort(rng.choice(num_devices, size=per_round, replace=False))
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built once: config, data, and the two executors."""
+
+    config: ExperimentConfig
+    data: DataBundle
+    device: DeviceExecutor
+    server: ServerExecutor
+
+    @classmethod
+    def build(cls, config: ExperimentConfig) -> Experiment:
+        quiet_libraries()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        spec = validate(config)
+        data = prepare_data(config, spec)
+        device_part, server_part = build_parts(config, spec, data)
+        q = config.quant
+        device = DeviceExecutor(device_part, q.activation_bits, q.gradient_bits, q.side_dtype,
+                                config.train.device_lr, config.seed)
+        server = ServerExecutor(server_part, q.gradient_bits, q.side_dtype, config.train.server_lr, config.seed,
+                                send_gradients=device.trains)
+        return cls(config, data, device, server)
+
+    def evaluate(self, adapter: Adapter) -> tuple[float, float]:
+        """Test accuracy and loss of the deployed pipeline: device part, activation codec, server part."""
+        batch_size = self.config.train.eval_batch_size
+        total_loss, correct, total = 0.0, 0, 0
+        indices = np.arange(len(self.data.test))
+        for number, start in enumerate(range(0, len(indices), batch_size)):
+            batch = collate(self.data.test, indices[start:start + batch_size], self.data.pad_token_id)
+            generator = codec_generator(self.config.seed, 0, number, EVAL_DEVICE, 0)
+            message = self.device.infer(adapter, batch, generator)
+            batch_loss, batch_correct, count = self.server.evaluate([message])
+            total_loss, correct, total = total_loss + batch_loss, correct + batch_correct, total + count
+        return correct / total, total_loss / total
+
+
+def run_round(exp: Experiment, round_index: int, global_adapter: Adapter) -> tuple[Adapter, RoundMetrics]:
+    """One round of the reference runtime; returns the new global device adapter and the round's metrics."""
+    cfg = exp.config
+    started = time.perf_counter()
+    selected = select_devices(cfg.seed, round_index, cfg.data.num_devices, cfg.train.devices_per_round)
+    lr_factor = cfg.train.lr_factor(round_index)
+    exp.server.set_lr_factor(lr_factor)
+    states = [exp.device.start(int(k), global_adapter, lr_factor) for k in selected]
+    batches = {int(k): device_batches(exp.data.shards[k], cfg.train.batch_size, cfg.train.local_steps, cfg.seed,
+                                      round_index, int(k)) for k in selected}
+    losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
+    for step in range(cfg.train.local_steps):
+        # ---- devices: forward and encode the smashed data
+        messages = [exp.device.forward(state, collate(exp.data.train, batches[state.device][step],
+                                                      exp.data.pad_token_id), round_index, step)
+                    for state in states]
+        uplink += sum(m.payload_bits for m in messages)
+        # ---- server: one batch over all devices, one optimizer step, encoded gradients back
+        result = exp.server.step(messages, round_index, step)
+        downlink += sum(result.downlink_bits)
+        losses.append(result.loss)
+        correct, seen = correct + result.correct, seen + result.samples
+        # ---- devices: backward with the received gradients, local optimizer step
+        for state, gradient in zip(states, result.gradients, strict=True):
+            exp.device.backward(state, step, gradient)
+    # ---- aggregation: FedAvg weighted by the devices' sample counts
+    weights = [float(len(exp.data.shards[state.device])) for state in states]
+    new_global = fedavg([exp.device.final_adapter(state) for state in states], weights)
+    metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
+                           samples=seen, uplink_bits=uplink, downlink_bits=downlink,
+                           wall_s=time.perf_counter() - started)
+    return new_global, metrics
+
+
+def print_progress(metrics: RoundMetrics, total: int) -> None:
+    print(round_line(metrics, total), file=sys.stderr, flush=True)
+
+
+def run_local(config: ExperimentConfig, progress: ProgressFn | None = None,
+              experiment: Experiment | None = None) -> RunResult:
+    """Run every round of an experiment in this process and evaluate as configured."""
+    started = time.perf_counter()
+    exp = experiment or Experiment.build(config)
+    global_adapter = exp.device.initial_adapter()
+    rounds: list[RoundMetrics] = []
+    accuracy, loss = float("nan"), float("nan")
+    total = config.train.rounds
+    for round_index in range(total):
+        global_adapter, metrics = run_round(exp, round_index, global_adapter)
+        last = round_index == total - 1
+        if (round_index + 1) % config.train.eval_every == 0 or last:
+            eval_started = time.perf_counter()
+            accuracy, loss = exp.evaluate(global_adapter)
+            metrics.eval_accuracy, metrics.eval_loss = accuracy, loss
+            metrics.wall_s += time.perf_counter() - eval_started
+        rounds.append(metrics)
+        if progress is not None:
+            progress(metrics)
+    return RunResult(
+        config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
+        wall_s=time.perf_counter() - started, devices=config.data.num_devices,
+        devices_per_round=config.train.devices_per_round,
+        device_weight_bytes=stored_weight_bytes(exp.device.part),
+        device_adapter=global_adapter, server_state=exp.server.state(),
+    )

@@ -1,0 +1,195 @@
+"""The exact split of a Hugging Face transformer at a cut layer into a device part and a server part.
+
+Cut layer c in 0..L: the device part is the embeddings plus blocks [0, c); the server part is blocks
+[c, L), the final norm and the head (DESIGN §3). Both parts hold the model's own modules (no copies),
+so loss and gradients equal the unsplit model's. What travels between them is the hidden state and
+the attention mask; the server recomputes positions, rotary embeddings and masks from the mask.
+Sequences are right-padded, so positions are 0..T-1 as in the unsplit model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (right padding), as HF's sequence-classification pooling."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
+
+
+# --------------------------------------------------------------------------- family block runners
+
+
+def _positions(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+def _run_llama(config, layers: nn.ModuleList, rotary: nn.Module, hidden: torch.Tensor,
+               attention_mask: torch.Tensor) -> torch.Tensor:
+    if len(layers) == 0:
+        return hidden
+    position_ids = _positions(hidden)
+    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                  position_ids=position_ids)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    masks = {"full_attention": create_causal_mask(**kwargs)}
+    if "sliding_attention" in layer_types:
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+    position_embeddings = rotary(hidden, position_ids=position_ids)
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=masks[layer_types[layer.self_attn.layer_idx]],
+                       position_embeddings=position_embeddings, position_ids=position_ids)
+    return hidden
+
+
+def _run_gpt2(config, blocks: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    if len(blocks) == 0:
+        return hidden
+    position_ids = _positions(hidden)
+    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                              position_ids=position_ids)
+    for block in blocks:
+        hidden = block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
+                       position_ids=position_ids)
+    return hidden
+
+
+def _run_bert(config, layers: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    if len(layers) == 0:
+        return hidden
+    mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+    for layer in layers:
+        hidden = layer(hidden, mask)
+    return hidden
+
+
+# --------------------------------------------------------------------------- the two parts
+
+
+class DevicePart(nn.Module):
+    """Embeddings + blocks [0, c): token ids and mask in, smashed data (hidden states) out."""
+
+    def __init__(self, model: PreTrainedModel, family: str, cut_layer: int) -> None:
+        super().__init__()
+        self.family = family
+        self.cut_layer = cut_layer
+        self.config = model.config
+        self.autocast_dtype: torch.dtype | None = None  # set for bf16 weights
+        if family == "llama":
+            base = model.model
+            self.embed_tokens = base.embed_tokens
+            self.rotary_emb = base.rotary_emb
+            self.layers = nn.ModuleList(base.layers[:cut_layer])
+        elif family == "gpt2":
+            base = model.transformer
+            self.wte, self.wpe, self.drop = base.wte, base.wpe, base.drop
+            self.layers = nn.ModuleList(base.h[:cut_layer])
+        elif family == "bert":
+            base = model.bert
+            self.embeddings = base.embeddings
+            self.layers = nn.ModuleList(base.encoder.layer[:cut_layer])
+        else:
+            raise ValueError(f"unknown family {family}")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is not None:
+            with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype):
+                return self._forward(input_ids, attention_mask).float()
+        return self._forward(input_ids, attention_mask)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.family == "llama":
+            hidden = self.embed_tokens(input_ids)
+            return _run_llama(self.config, self.layers, self.rotary_emb, hidden, attention_mask)
+        if self.family == "gpt2":
+            hidden = self.wte(input_ids) + self.wpe(_positions(input_ids))
+            return _run_gpt2(self.config, self.layers, self.drop(hidden), attention_mask)
+        return _run_bert(self.config, self.layers, self.embeddings(input_ids=input_ids), attention_mask)
+
+
+class ServerPart(nn.Module):
+    """Blocks [c, L), final norm and head: smashed data and mask in, task logits out."""
+
+    def __init__(self, model: PreTrainedModel, family: str, cut_layer: int, task: str,
+                 label_token_ids: list[int] | None = None) -> None:
+        super().__init__()
+        self.family = family
+        self.task = task
+        self.config = model.config
+        if task == "causal-lm":
+            if not label_token_ids:
+                raise ValueError("causal-lm needs the label words' token ids")
+            self.register_buffer("label_token_ids", torch.tensor(label_token_ids), persistent=False)
+        if family == "llama":
+            base = model.model
+            self.layers = nn.ModuleList(base.layers[cut_layer:])
+            self.norm, self.rotary_emb = base.norm, base.rotary_emb
+        elif family == "gpt2":
+            base = model.transformer
+            self.layers = nn.ModuleList(base.h[cut_layer:])
+            self.norm = base.ln_f
+        else:
+            base = model.bert
+            self.layers = nn.ModuleList(base.encoder.layer[cut_layer:])
+            self.norm = nn.Identity()  # post-LN encoder: no final norm
+            self.pooler, self.dropout = base.pooler, model.dropout
+        if task == "causal-lm":
+            self.head = model.lm_head
+        else:
+            self.head = model.classifier if family == "bert" else model.score
+
+    def head_modules(self) -> list[nn.Module]:
+        """The modules trained in full on the server (a new classification head; none for causal LM)."""
+        if self.task == "causal-lm":
+            return []
+        return [self.pooler, self.head] if self.family == "bert" else [self.head]
+
+    def body(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Blocks [c, L) and the final norm: the final hidden states of every position."""
+        if self.family == "llama":
+            hidden = _run_llama(self.config, self.layers, self.rotary_emb, hidden, attention_mask)
+        elif self.family == "gpt2":
+            hidden = _run_gpt2(self.config, self.layers, hidden, attention_mask)
+        else:
+            hidden = _run_bert(self.config, self.layers, hidden, attention_mask)
+        return self.norm(hidden)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Task logits: (B, classes) for classification, (B, vocab) at the last token for causal LM."""
+        final = self.body(hidden, attention_mask)
+        if self.family == "bert":
+            return self.head(self.dropout(self.pooler(final)))
+        pooled = final[torch.arange(final.shape[0], device=final.device), last_token_index(attention_mask)]
+        return self.head(pooled)
+
+    def loss_and_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy and the number of correct predictions.
+
+        Causal LM: the loss is the next-token loss of the label word after the prompt; the prediction
+        is the label word scored higher.
+        """
+        if self.task == "causal-lm":
+            loss = nn.functional.cross_entropy(logits, self.label_token_ids[labels])
+            predictions = logits[:, self.label_token_ids].argmax(-1)
+        else:
+            loss = nn.functional.cross_entropy(logits, labels)
+            predictions = logits.argmax(-1)
+        return loss, (predictions == labels).sum()
+
+
+def split_model(model: PreTrainedModel, family: str, cut_layer: int, task: str,
+                label_token_ids: list[int] | None = None) -> tuple[DevicePart, ServerPart]:
+    """Cut a loaded model at `cut_layer`; the parts share the model's modules."""
+    num_layers = model.config.num_hidden_layers if family != "gpt2" else model.config.n_layer
+    if not 0 <= cut_layer <= num_layers:
+        raise ValueError(f"cut layer {cut_layer} outside 0..{num_layers}")
+    return (DevicePart(model, family, cut_layer),
+            ServerPart(model, family, cut_layer, task, label_token_ids))

@@ -1,0 +1,1 @@
+"""Design-space exploration with Optuna: search space as data, objective, study driver."""

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny configs and quiet libraries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sflam.platform.build import quiet_libraries
+from sflam.platform.config import ExperimentConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+quiet_libraries()
+
+
+def tiny_config(*overrides: str) -> ExperimentConfig:
+    """A fast experiment on the synthetic task (a few devices, a few rounds)."""
+    base = ["model.name=tiny-llama", "data.dataset=synthetic", "data.num_devices=20", "data.synthetic_samples=600",
+            "train.devices_per_round=4", "train.rounds=3", "train.local_steps=2", "train.batch_size=8",
+            "train.eval_every=3", "train.device_lr=0.005", "train.server_lr=0.005", "quant.weights=fp32"]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return ROOT

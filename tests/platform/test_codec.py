@@ -1,0 +1,95 @@
+"""Smashed-data codec: unbiased, variance within Δ²/4, exact payload, lossless at 32 bits (DESIGN §4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sflam.platform import codec
+from sflam.platform.errors import CodecError
+
+
+def _rows(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(12, 10, generator=g) * 3 + torch.linspace(-5, 5, 12)[:, None]
+
+
+@pytest.mark.parametrize("bits", list(range(1, 17)))
+def test_pack_roundtrip_exact_levels(bits: int) -> None:
+    g = torch.Generator().manual_seed(bits)
+    levels = torch.randint(0, 2**bits, (37,), generator=g).numpy()
+    packed = codec._pack(levels, bits)
+    assert packed.nbytes == math.ceil(37 * bits / 8)
+    assert (codec._unpack(packed, bits, 37) == levels).all()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8, 12, 16])
+@pytest.mark.parametrize("side", ["fp32", "fp16"])
+def test_unbiased_and_variance_bound(bits: int, side: str) -> None:
+    x = _rows()
+    draws = 4000
+    # every copy of a row is an independent draw with the same offset and scale
+    copies = x.repeat(draws, 1)
+    decoded = codec.decode(codec.encode(copies, bits, torch.Generator().manual_seed(42), side)).double()
+    error = (decoded - copies.double()).reshape(draws, *x.shape)
+    total = error.sum(dim=0)
+    total_sq = (error * error).sum(dim=0)
+    mean_error = total / draws
+    variance = total_sq / draws - mean_error**2
+    delta = codec.step_size(x, bits).double()[:, None] * (1 + 1e-3)  # fp16 side info widens Δ by < 0.1%
+    bound = delta**2 / 4
+    # unbiased: the mean error is within 5 standard errors of zero (plus fp32 rounding of the decode)
+    fp32_slack = 1e-6 * x.abs().max()
+    assert (mean_error.abs() <= 5 * torch.sqrt(bound / draws) + fp32_slack).all()
+    # per-element variance never above Δ²/4 beyond sampling noise (relative sd of a variance ~ sqrt(2/n))
+    assert (variance <= bound * (1 + 5 * math.sqrt(2 / draws)) + fp32_slack**2).all()
+    # and it is the stochastic-rounding variance, not zero: the codec is really lossy
+    assert variance.max() > 0.1 * bound.max()
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8, 16, 32])
+@pytest.mark.parametrize("side", ["fp32", "fp16"])
+def test_payload_size_is_exact(bits: int, side: str) -> None:
+    x = torch.randn(7, 33)
+    encoded = codec.encode(x, bits, torch.Generator().manual_seed(0), side)
+    side_bits = 0 if bits == 32 else 7 * 2 * (32 if side == "fp32" else 16)
+    assert encoded.payload_bits == 8 * math.ceil(7 * 33 * bits / 8) + side_bits
+    assert encoded.payload_bits == codec.payload_bits(7, 33, bits, side)
+
+
+def test_32_bits_is_lossless() -> None:
+    x = torch.randn(5, 3, 17)
+    assert torch.equal(codec.decode(codec.encode(x, 32)), x)
+
+
+def test_decoded_values_stay_in_row_range() -> None:
+    x = _rows()
+    decoded = codec.decode(codec.encode(x, 3, torch.Generator().manual_seed(1)))
+    assert (decoded.min(dim=1).values >= x.min(dim=1).values - 1e-5).all()
+    assert (decoded.max(dim=1).values <= x.max(dim=1).values + 1e-5).all()
+
+
+def test_constant_rows_are_exact() -> None:
+    x = torch.full((4, 9), 2.5)
+    assert torch.equal(codec.decode(codec.encode(x, 4)), x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_is_rejected(bad: float) -> None:
+    x = torch.randn(4, 8)
+    x[2, 3] = bad
+    with pytest.raises(CodecError, match="non-finite"):
+        codec.encode(x, 8)
+
+
+@pytest.mark.parametrize("bits", [0, 17, 31, 64])
+def test_bad_bit_width_is_rejected(bits: int) -> None:
+    with pytest.raises(CodecError, match="1..16"):
+        codec.encode(torch.randn(2, 2), bits)
+
+
+def test_fp16_side_info_out_of_range_is_rejected() -> None:
+    with pytest.raises(CodecError, match="fp16"):
+        codec.encode(torch.tensor([[1e6, 0.0]]), 8, side_dtype="fp16")

@@ -1,0 +1,159 @@
+"""The split is exact: loss and every gradient equal the unsplit model's, with padding (DESIGN §3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, MistralConfig, Qwen2Config
+
+from sflam.platform import codec
+from sflam.platform.config import ModelConfig
+from sflam.platform.data import Batch
+from sflam.platform.executors import ServerExecutor, Smashed
+from sflam.platform.models import conv1d_to_linear, load_model, resolve_model
+from sflam.platform.split import split_model
+
+TOL = 1e-5
+
+
+def _padded_batch(vocab_low: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(vocab_low, vocab_low + 500, (4, 11), generator=g)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate([11, 7, 3, 9]):
+        mask[row, length:] = 0
+    ids[mask == 0] = 0
+    return ids, mask, torch.tensor([0, 1, 1, 0])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
+    """Max abs error over the tensor's scale; `floor` keeps analytically-zero gradients (a key bias under
+    softmax) from dividing rounding noise by rounding noise."""
+    return float((a - b).detach().abs().max() / b.abs().max().clamp_min(floor))
+
+
+def _worst(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> tuple[float, str]:
+    scale = max(float(t.abs().max()) for t in expected.values())
+    errors = {n: _relative(got[n], expected[n], 1e-3 * scale) for n in expected}
+    name = max(errors, key=errors.__getitem__)
+    return errors[name], name
+
+
+def _check_exact(model, family: str, task: str, cut: int) -> None:
+    ids, mask, labels = _padded_batch()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    lm_labels = ids.masked_fill(mask == 0, -100)
+    model.zero_grad()
+    if task == "classification":
+        reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    else:
+        reference = model(input_ids=ids, attention_mask=mask, labels=lm_labels).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    device_part, server_part = split_model(model, family, cut, task, [5, 6])
+    hidden = device_part(ids, mask)
+    if task == "classification":
+        loss, _ = server_part.loss_and_correct(server_part(hidden, mask), labels)
+    else:
+        logits = server_part.head(server_part.body(hidden, mask))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 lm_labels[:, 1:].reshape(-1), ignore_index=-100)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(loss.item() - reference.item()) <= TOL * abs(reference.item())
+    assert got.keys() == expected.keys()
+    worst, name = _worst(got, expected)
+    assert worst <= TOL, f"largest relative gradient error {worst:.2e} in {name}"
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+@pytest.mark.parametrize("cut", [0, 1, 2, 4])
+def test_split_is_exact(name: str, task: str, cut: int) -> None:
+    if name == "tiny-bert" and task == "causal-lm":
+        pytest.skip("BERT encoders are classification models")
+    spec = resolve_model(ModelConfig(name=name))
+    model = load_model(spec, ModelConfig(name=name, task=task), num_labels=2, pad_token_id=0)
+    _check_exact(model, spec.family, task, cut)
+
+
+@pytest.mark.parametrize("config_cls", [Qwen2Config, MistralConfig])
+@pytest.mark.parametrize("cut", [0, 1, 3])
+def test_llama_family_members_split_exactly(config_cls, cut: int) -> None:
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=2000, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=2)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    _check_exact(model, "llama", "classification", cut)
+
+
+def test_gpt2_conv1d_conversion_keeps_outputs() -> None:
+    spec = resolve_model(ModelConfig(name="tiny-gpt2"))
+    torch.manual_seed(3)
+    original = AutoModelForSequenceClassification.from_config(spec.hf_config.__class__.from_dict(
+        {**spec.hf_config.to_dict(), "num_labels": 2})).eval()
+    ids, mask, _ = _padded_batch()
+    before = original(input_ids=ids, attention_mask=mask).logits
+    conv1d_to_linear(original)
+    after = original(input_ids=ids, attention_mask=mask).logits
+    assert _relative(after, before) <= TOL
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
+def test_transmission_at_32_bits_is_exact(name: str) -> None:
+    """Device executor -> raw smashed data -> server batch -> raw gradients -> device backward equals
+    the unsplit model's gradients on the concatenation of two devices' padded micro-batches."""
+    spec = resolve_model(ModelConfig(name=name))
+    model = load_model(spec, ModelConfig(name=name), num_labels=2, pad_token_id=0)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    device_part, server_part = split_model(model, spec.family, 2, "classification")
+    server = ServerExecutor(server_part, 32, "fp32", lr=1e-3, seed=0, send_gradients=True)
+    server.optimizer = None  # compare gradients, not updated weights
+    ids, mask, labels = _padded_batch()
+    halves = [slice(0, 2), slice(2, 4)]
+    messages: list[Smashed] = []
+    hiddens = []
+    for k, part in enumerate(halves):
+        # trim the second device's batch to its own longest sequence, as a device would
+        length = int(mask[part].sum(1).max())
+        batch = Batch(ids[part, :length], mask[part, :length], labels[part])
+        hidden = device_part(batch.input_ids, batch.attention_mask)
+        hiddens.append((hidden, batch.attention_mask))
+        messages.append(Smashed(k, codec.encode(hidden[batch.attention_mask.bool()], 32), batch.attention_mask,
+                                batch.labels))
+    result = server.step(messages, 0, 0)
+    for (hidden, own_mask), gradient in zip(hiddens, result.gradients, strict=True):
+        full = torch.zeros_like(hidden)
+        full[own_mask.bool()] = codec.decode(gradient)
+        hidden.backward(full)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(result.loss - reference.item()) <= TOL * reference.item()
+    worst, name = _worst(got, expected)
+    assert worst <= TOL, f"largest relative gradient error {worst:.2e} in {name}"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = resolve_model(ModelConfig(name="smollm2-135m"))
+    return load_model(spec, ModelConfig(name="smollm2-135m", task="causal-lm"), 2, pad_token_id=2)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("cut", [0, 15, 30])
+def test_packaged_smollm2_split_is_exact(smollm2, cut: int) -> None:
+    _check_exact(smollm2, "llama", "causal-lm", cut)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("cut", [0, 1, 6])
+def test_packaged_minilm_split_is_exact(cut: int) -> None:
+    spec = resolve_model(ModelConfig(name="minilm-l6"))
+    model = load_model(spec, ModelConfig(name="minilm-l6"), 2, pad_token_id=0)
+    _check_exact(model, "bert", "classification", cut)

@@ -1,0 +1,35 @@
+"""The command line end to end: `sflam run` on the smoke config writes the summary JSON and a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {"accuracy", "loss", "rounds", "devices", "devices_per_round", "round_latency_s", "comm_latency_s",
+                "compute_latency_s", "energy_j", "energy_efficiency_samples_per_j", "device_memory_bytes", "wall_s",
+                "mlflow_run_id"}
+
+
+def test_sflam_run_smoke_writes_summary_and_table(tmp_path: Path) -> None:
+    out = tmp_path / "summary.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sflam", "run", "-c", "configs/smoke.yaml", f"output_dir={tmp_path / 'results'}",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["rounds"] == 4 and summary["devices"] == 100 and summary["devices_per_round"] == 10
+    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["loss"] > 0
+    assert summary["uplink_bits_per_round"] > 0 and summary["device_weight_bytes"] > 0
+    # per-round progress on stderr, the closing table on stdout
+    assert proc.stderr.count("round ") >= 4
+    assert "test acc" in proc.stdout and "accuracy" in proc.stdout
+    saved = tmp_path / "results" / "smoke"
+    assert (saved / "config.yaml").is_file() and (saved / "summary.json").is_file()

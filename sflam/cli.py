@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("-c", "--config", default=None, help="YAML experiment file (default: built-in)")
             command.add_argument("--json", default=None, help="write the summary JSON here")
-        command.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. split.cut_layer=2")
+        command.add_argument("overrides", nargs="*", metavar="key=value",
+                             help="dotted overrides, e.g. split.cut_layer=2")
     return parser
 
 

@@ -101,7 +101,8 @@ def _add_lora(part: nn.Module, cfg: ExperimentConfig, family: str, seed: int) ->
     if not any(name.split(".")[-1] in targets for name in names if name.startswith("layers.")):
         return  # no block on this side of the cut (cut 0 on the device, cut L on the server)
     torch.manual_seed(seed)
-    lora = peft.LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=targets)
+    lora = peft.LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
+                           lora_dropout=0.0, target_modules=targets)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft.inject_adapter_in_model(lora, part)

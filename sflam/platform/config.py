@@ -18,6 +18,8 @@ WEIGHT_MODES = ("fp32", "bf16", "int8", "nf4", "fp4")
 TASKS = ("classification", "causal-lm")
 DATASETS = ("rotten_tomatoes", "synthetic", "csv")
 RUNTIMES = ("local",)
+ALLOCATION_POLICIES = ("sflam", "equal")
+BITS_SEARCHES = ("greedy", "exhaustive")
 SIDE_DTYPES = ("fp32", "fp16")
 
 
@@ -152,6 +154,72 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SystemConfig:
+    """The wireless uplink/downlink and the compute of devices and server (DESIGN §6)."""
+
+    SECTION: ClassVar[str] = "system"
+    bandwidth_hz: float = field(default=20e6, metadata={"help": "total FDMA bandwidth B shared by a round's devices"})
+    max_power_w: float = field(default=0.2, metadata={"help": "device transmit power cap P_max"})
+    server_power_w: float = field(default=1.0, metadata={"help": "server downlink power P_s"})
+    noise_dbm_per_hz: float = field(default=-174.0, metadata={"help": "noise power spectral density N0"})
+    min_distance_m: float = field(default=50.0, metadata={"help": "devices are placed at U[min, max] metres"})
+    max_distance_m: float = field(default=500.0, metadata={"help": "from the base station"})
+    shadowing_db: float = field(default=0.0, metadata={"help": "log-normal shadowing std dev (0 = off)"})
+    min_clock_hz: float = field(default=0.5e9, metadata={"help": "device clocks f_k ~ U[min, max]"})
+    max_clock_hz: float = field(default=2.0e9, metadata={"help": "device clock upper bound"})
+    flops_per_cycle: float = field(default=16.0, metadata={"help": "device FLOPs per cycle phi"})
+    kappa: float = field(default=1e-28, metadata={"help": "effective switched capacitance (energy = kappa C f^2)"})
+    server_flops: float = field(default=100e12, metadata={"help": "server throughput F_s in FLOP/s"})
+
+    def __post_init__(self) -> None:
+        for key in ("bandwidth_hz", "max_power_w", "server_power_w", "min_distance_m", "min_clock_hz",
+                    "flops_per_cycle", "kappa", "server_flops"):
+            value = getattr(self, key)
+            _check(value > 0, f"system.{key}", value, "a number > 0")
+        _check(self.max_distance_m >= self.min_distance_m, "system.max_distance_m", self.max_distance_m,
+               f"a number >= system.min_distance_m={self.min_distance_m}")
+        _check(self.max_clock_hz >= self.min_clock_hz, "system.max_clock_hz", self.max_clock_hz,
+               f"a number >= system.min_clock_hz={self.min_clock_hz}")
+        _check(self.shadowing_db >= 0, "system.shadowing_db", self.shadowing_db, "a number >= 0 (0 = off)")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """How each round chooses bits, transmit power and bandwidth per device (DESIGN §7)."""
+
+    SECTION: ClassVar[str] = "allocation"
+    policy: str = field(default="sflam", metadata={"help": "sflam (joint optimisation) | equal (B/K, P_max)"})
+    lam: float = field(default=0.5, metadata={"help": "weight of latency in lam*T/T0 + (1-lam)*E/E0"})
+    bits: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32],
+                            metadata={"help": "activation bit widths the allocator may choose"})
+    distortion_bits: int | None = field(default=None, metadata={
+        "help": "distortion budget = all devices at this many bits (None: quant.activation_bits)"})
+    deadline_s: float | None = field(default=None, metadata={"help": "round deadline T_max in seconds"})
+    max_latency_factor: float = field(default=10.0, metadata={
+        "help": "without a deadline, the round latency is capped at this multiple of T0"})
+    energy_cap_j: float | None = field(default=None, metadata={"help": "per-device energy cap per round"})
+    bits_search: str = field(default="greedy", metadata={"help": "greedy (BCD) | exhaustive (small K)"})
+
+    def __post_init__(self) -> None:
+        _check(self.policy in ALLOCATION_POLICIES, "allocation.policy", self.policy,
+               f"one of {', '.join(ALLOCATION_POLICIES)}")
+        _check(0.0 <= self.lam <= 1.0, "allocation.lam", self.lam, "a number in [0, 1]")
+        _check(bool(self.bits), "allocation.bits", self.bits, "a non-empty list of bit widths")
+        for value in self.bits:
+            _check(_allowed_bits(value), "allocation.bits", value, "bit widths in 1..16, or 32 for raw fp32")
+        _check(self.distortion_bits is None or _allowed_bits(self.distortion_bits), "allocation.distortion_bits",
+               self.distortion_bits, "an integer in 1..16, or 32")
+        _check(self.deadline_s is None or self.deadline_s > 0, "allocation.deadline_s", self.deadline_s,
+               "a number > 0, or null for none")
+        _check(self.max_latency_factor > 1.0, "allocation.max_latency_factor", self.max_latency_factor,
+               "a number > 1")
+        _check(self.energy_cap_j is None or self.energy_cap_j > 0, "allocation.energy_cap_j", self.energy_cap_j,
+               "a number > 0, or null for none")
+        _check(self.bits_search in BITS_SEARCHES, "allocation.bits_search", self.bits_search,
+               f"one of {', '.join(BITS_SEARCHES)}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: every concern's dataclass, composed; passed explicitly, never global."""
 
@@ -166,6 +234,8 @@ class ExperimentConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {', '.join(RUNTIMES)}")
@@ -242,7 +312,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if key not in fields:
             raise ConfigError(dotted, value, f"unknown key; known keys here: {', '.join(sorted(fields))}")
         annotation = hints[key]
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
                 raise ConfigError(dotted, value, f"a mapping of {annotation.__name__} keys")
             kwargs[key] = _build(annotation, value, dotted + ".")

@@ -21,7 +21,7 @@ from sflam.platform.errors import ConfigError
 LABEL_WORDS = ("negative", "positive")
 RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 # Synthetic task: tokens from a vocabulary window; the label says which half dominates.
-SYN_LOW, SYN_HIGH = 1000, 1200
+SYN_LOW, SYN_HIGH = 1000, 1032
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def synthetic(cfg: DataConfig, seed: int, max_length: int) -> TokenizedData:
     ids = []
     for label in labels:
         length = int(rng.integers(4, max(5, min(max_length, 24))))
-        from_own_half = rng.random(length) < 0.7
+        from_own_half = rng.random(length) < 0.9
         own = rng.integers(0, half, size=length) + SYN_LOW + half * label
         other = rng.integers(0, half, size=length) + SYN_LOW + half * (1 - label)
         ids.append(np.where(from_own_half, own, other).tolist())
@@ -123,7 +123,7 @@ def synthetic(cfg: DataConfig, seed: int, max_length: int) -> TokenizedData:
 
 def train_test_split(data: TokenizedData, test_fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
     order = np.random.default_rng(seed).permutation(len(data))
-    num_test = max(1, int(round(test_fraction * len(data))))
+    num_test = max(1, round(test_fraction * len(data)))
     return data.subset(np.sort(order[num_test:])), data.subset(np.sort(order[:num_test]))
 
 
@@ -143,7 +143,7 @@ def dirichlet_partition(labels: np.ndarray, num_devices: int, alpha: float, seed
         for device, part in enumerate(np.split(members, cuts)):
             shards[device].extend(part.tolist())
     sizes = np.array([len(s) for s in shards])
-    for device in np.flatnonzero(sizes == 0):
+    for device in np.flatnonzero(sizes == 0).tolist():
         donor = int(np.argmax([len(s) for s in shards]))
         shards[device].append(shards[donor].pop())
     return [np.array(sorted(s), dtype=np.int64) for s in shards]

@@ -65,7 +65,7 @@ def fedavg(adapters: list[Adapter], weights: list[float]) -> Adapter:
     total = float(sum(weights))
     if not adapters or not adapters[0]:
         return {}
-    return {name: sum(w * a[name] for a, w in zip(adapters, weights, strict=True)) / total
+    return {name: torch.stack([w * a[name] for a, w in zip(adapters, weights, strict=True)]).sum(0) / total
             for name in adapters[0]}
 
 

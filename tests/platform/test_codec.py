@@ -86,7 +86,7 @@ def test_non_finite_input_is_rejected(bad: float) -> None:
 
 @pytest.mark.parametrize("bits", [0, 17, 31, 64])
 def test_bad_bit_width_is_rejected(bits: int) -> None:
-    with pytest.raises(CodecError, match="1..16"):
+    with pytest.raises(CodecError, match=r"1\.\.16"):
         codec.encode(torch.randn(2, 2), bits)
 
 

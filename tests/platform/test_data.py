@@ -75,7 +75,7 @@ def test_dirichlet_partition_is_reproducible_and_skewed() -> None:
 def test_too_many_devices_is_a_clear_error() -> None:
     from sflam.platform.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="data.num_devices"):
+    with pytest.raises(ConfigError, match=r"data\.num_devices"):
         dirichlet_partition(np.zeros(5, dtype=int), 6, 0.5, seed=0)
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import brentq, minimize_scalar
 
 from sflam.platform.errors import SflamError
 from sflam.platform.system import LN2
@@ -121,7 +121,8 @@ def _root_increasing(f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: 
     prev = np.full_like(a, np.nan)
     for it in range(iters):
         denom = fb - fa
-        guess = np.where(denom > 0, (a * fb - b * fa) / np.where(denom > 0, denom, 1.0), 0.5 * (a + b))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            guess = (a * fb - b * fa) / np.where(denom > 0, denom, np.nan)
         bad = ~np.isfinite(guess) | (guess <= a) | (guess >= b) | (it % 8 == 7)
         m = np.where(bad, 0.5 * (a + b), guess)
         fm = f_sub(f, active, x, m)
@@ -167,6 +168,7 @@ class _Links:
         cap = np.inf if problem.energy_cap_j is None else problem.energy_cap_j
         self.uplink_cap = cap - problem.compute_energy_j  # uplink energy allowed by the cap
         self.b_floor = problem.bandwidth_hz * 1e-12
+        self.nu_hint: float | None = None
 
     # rates and times ---------------------------------------------------------
     @staticmethod
@@ -218,19 +220,25 @@ class _Links:
         lo = np.full_like(self.g, np.log(self.b_floor))
         hi = np.full_like(self.g, np.log(B))
 
-        def slack(log_b: np.ndarray) -> np.ndarray:
+        def slack(log_b: np.ndarray) -> np.ndarray:  # log(available time / time at full power), increasing
             b = np.exp(log_b)
-            return (self.uplink_time(b, T) - self.full_power_s(b)) / T
+            available = self.uplink_time(b, T)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(available > 0, np.log(np.maximum(available, 1e-300)) - np.log(self.full_power_s(b)),
+                                -np.inf)
 
-        need = np.exp(_root_increasing(slack, lo, hi))
+        need = np.exp(_root_increasing(slack, lo, hi, rtol=1e-11))
         feasible = slack(np.log(np.full_like(self.g, B))) >= -1e-12
         if np.isfinite(self.uplink_cap).any():
             def cap_slack(log_b: np.ndarray) -> np.ndarray:
                 b = np.exp(log_b)
                 e = self.energy_at(b, T)
-                return np.where(np.isfinite(e), (self.uplink_cap - e) / np.abs(self.uplink_cap).clip(1e-300), -1.0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    return np.where(np.isfinite(e) & (self.uplink_cap > 0),
+                                    np.log(np.maximum(self.uplink_cap, 1e-300)) - np.log(np.maximum(e, 1e-300)),
+                                    -np.inf)
 
-            need = np.maximum(need, np.exp(_root_increasing(cap_slack, lo, hi)))
+            need = np.maximum(need, np.exp(_root_increasing(cap_slack, lo, hi, rtol=1e-11)))
             feasible &= cap_slack(np.log(np.full_like(self.g, B))) >= -1e-12
         return np.where(feasible, need, np.inf)
 
@@ -240,14 +248,16 @@ class _Links:
         down = self.Sd * self.p.n0 * LN2 / (self.p.server_power_w * self.g)
         return float(np.max(self.c + up + down))
 
-    def bandwidth_at_price(self, nu: float, T: float, b_min: np.ndarray) -> np.ndarray:
-        """argmin over b in [b_min, B] of e(b) + nu b, per device."""
-        B = self.p.bandwidth_hz
+    def bandwidth_at_price(self, nu: float, T: float, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        """argmin over b in [lower, upper] of e(b) + nu b, per device (the bracket holds the minimiser)."""
 
-        def marginal(log_b: np.ndarray) -> np.ndarray:
-            return self.energy_slope(np.exp(log_b), T) + nu
+        log_nu = np.log(nu)
 
-        return np.exp(_root_increasing(marginal, np.log(b_min), np.full_like(b_min, np.log(B))))
+        def marginal(log_b: np.ndarray) -> np.ndarray:  # log nu - log(-e'(b)), increasing in b
+            with np.errstate(divide="ignore"):
+                return log_nu - np.log(-self.energy_slope(np.exp(log_b), T))
+
+        return np.exp(_root_increasing(marginal, np.log(lower), np.log(upper), rtol=1e-10))
 
 
 @dataclass
@@ -256,6 +266,7 @@ class _BlockSolution:
     bandwidth: np.ndarray
     uplink_energy: np.ndarray
     objective: float
+    slope: float = float("nan")  # sign of dJ/dT as log(lam/T0) - log(-(1-lam)/E0 dE/dT); nan where unknown
 
 
 def _objective(problem: AllocationProblem, T: float, uplink_energy: np.ndarray, ref: tuple[float, float]) -> float:
@@ -264,33 +275,71 @@ def _objective(problem: AllocationProblem, T: float, uplink_energy: np.ndarray, 
     return problem.lam * T / T0 + (1.0 - problem.lam) * energy / E0
 
 
-def _split_bandwidth(links: _Links, T: float, b_min: np.ndarray) -> np.ndarray:
-    """Optimal bandwidth shares at round latency T: the price nu that makes them sum to B."""
+def _split_bandwidth(links: _Links, T: float, b_min: np.ndarray) -> tuple[np.ndarray, float]:
+    """Optimal bandwidth shares at round latency T and their price nu (the shares sum to B)."""
     B = links.p.bandwidth_hz
     if links.p.size == 1:
-        return np.array([B])
+        return np.array([B]), float(-links.energy_slope(np.array([B]), T)[0])
     slope_min = -links.energy_slope(b_min, T)
     nu_hi = float(np.max(slope_min[np.isfinite(slope_min)], initial=0.0))
     if nu_hi <= 0 or float(np.sum(b_min)) >= B * (1 - 1e-12):
-        return b_min * min(1.0, B / float(np.sum(b_min)))
+        return b_min * min(1.0, B / float(np.sum(b_min))), nu_hi
     slope_max = -links.energy_slope(np.full_like(b_min, B), T)
     nu_lo = max(float(np.min(slope_max)) * 1e-3, nu_hi * 1e-300)
+    # b(nu) falls as nu rises: every evaluated price narrows the bracket of each device's share
+    lower, upper = b_min.copy(), np.full_like(b_min, B)
 
-    def excess(log_nu: np.ndarray) -> np.ndarray:  # increasing in nu: B - sum b(nu)
-        return np.array([B - float(np.sum(links.bandwidth_at_price(float(np.exp(v)), T, b_min))) for v in log_nu])
+    def excess(log_nu: float) -> float:  # increasing in nu: log B - log sum b(nu)
+        b = links.bandwidth_at_price(float(np.exp(log_nu)), T, lower, upper)
+        total = float(np.sum(b))
+        if total > B:
+            upper[:] = np.minimum(upper, b)
+        else:
+            lower[:] = np.maximum(lower, b)
+        return float(np.log(B) - np.log(total))
 
-    log_nu = _root_increasing(excess, np.array([np.log(nu_lo)]), np.array([np.log(nu_hi)]), iters=100, rtol=1e-13)
-    b = links.bandwidth_at_price(float(np.exp(log_nu[0])), T, b_min)
-    return b * min(1.0, B / float(np.sum(b)))
+    lo, hi = float(np.log(nu_lo)), float(np.log(nu_hi))
+    f_lo, f_hi = excess(lo), excess(hi)
+    if f_lo >= 0 or f_hi <= 0:
+        log_nu = lo if f_lo >= 0 else hi
+    else:
+        log_nu = brentq(excess, lo, hi, xtol=1e-8, rtol=1e-10)  # errors here cost the objective only squared
+    nu = float(np.exp(log_nu))
+    links.nu_hint = nu
+    b = links.bandwidth_at_price(nu, T, lower, upper)
+    return b * min(1.0, B / float(np.sum(b))), nu
+
+
+def _latency_slope(links: _Links, T: float, b: np.ndarray, b_min: np.ndarray, nu: float,
+                   ref: tuple[float, float]) -> float:
+    """dJ/dT at the optimum for T (envelope theorem): the devices' marginal energy of time, plus the
+    multipliers of the power caps that bind (a device held at its minimum bandwidth)."""
+    tau = links.uplink_time(b, T)
+    x = np.minimum(links.S / (tau * b), MAX_X)
+    two_x = np.exp2(x)
+    de_dT = links.coef * b * (two_x - 1.0 - x * LN2 * two_x)
+    bound = b <= b_min * (1 + 1e-9)
+    if bound.any():
+        cap = links._capacity(b, links.a_up)
+        d_cap = np.log2(1.0 + links.a_up / b) - links.a_up / (LN2 * (b + links.a_up))
+        g_slope = -links.S * d_cap / cap**2 + links.downlink_slope(b)
+        rho = np.clip(-(links.energy_slope(b, T) + nu) / g_slope, 0.0, None)
+        de_dT = de_dT - np.where(bound, rho, 0.0)
+    T0, E0 = ref
+    marginal_energy = -(1.0 - links.p.lam) / E0 * float(np.sum(de_dT))  # value of one more second, >= 0
+    # log of (latency weight / energy value): increasing in T, zero at the optimum
+    with np.errstate(divide="ignore"):
+        return float(np.log(links.p.lam / T0) - np.log(marginal_energy)) if links.p.lam > 0 else -np.inf
 
 
 def _solve_at(links: _Links, T: float, ref: tuple[float, float]) -> _BlockSolution:
     b_min = links.min_bandwidth(T)
     if not np.all(np.isfinite(b_min)) or float(np.sum(b_min)) > links.p.bandwidth_hz * (1 + 1e-9):
         return _BlockSolution(T, b_min, np.full_like(b_min, np.inf), np.inf)
-    b = _split_bandwidth(links, T, b_min)
+    b, nu = _split_bandwidth(links, T, b_min)
     energy = links.energy_at(b, T)
-    return _BlockSolution(T, b, energy, _objective(links.p, T, energy, ref))
+    slope = _latency_slope(links, T, b, b_min, nu, ref) if links.p.energy_cap_j is None else float("nan")
+    return _BlockSolution(T, b, energy, _objective(links.p, T, energy, ref), slope)
 
 
 def _min_latency(links: _Links, horizon: float) -> float:
@@ -298,21 +347,44 @@ def _min_latency(links: _Links, horizon: float) -> float:
     B = links.p.bandwidth_hz
     lower = links.latency_lower_bound()
 
-    def fits(log_T: np.ndarray) -> np.ndarray:
-        T = float(np.exp(log_T[0]))
-        need = np.minimum(links.min_bandwidth(T), 2 * B)
-        return np.array([(B - float(np.sum(need))) / B])
+    def fits(log_T: float) -> float:
+        need = np.minimum(links.min_bandwidth(float(np.exp(log_T))), 2 * B)
+        return float(np.log(B) - np.log(float(np.sum(need))))
 
-    if fits(np.array([np.log(horizon)]))[0] < 0:
+    if fits(np.log(horizon)) < 0:
         raise AllocationError(f"no allocation finishes the round within {horizon:.4g} s under the bandwidth, "
                               "power and energy caps; raise allocation.deadline_s or allocation.energy_cap_j")
-    root = _root_increasing(fits, np.array([np.log(lower)]), np.array([np.log(horizon)]), iters=200, rtol=1e-14)
-    T = float(np.exp(root[0]))
+    if fits(np.log(lower)) >= 0:
+        return lower
+    T = float(np.exp(brentq(fits, np.log(lower), np.log(horizon), xtol=1e-14, rtol=1e-13)))
     for _ in range(60):  # step onto the feasible side of the root
-        if fits(np.array([np.log(T)]))[0] >= 0:
+        if fits(np.log(T)) >= 0:
             break
         T *= 1 + 1e-12
     return T
+
+
+def _minimise_latency_objective(links: _Links, T_min: float, horizon: float, at_min: _BlockSolution,
+                                ref: tuple[float, float]) -> _BlockSolution:
+    """J(T) is convex: its minimiser is T_min, the horizon, or the root of dJ/dT between them."""
+    if at_min.slope >= 0:
+        return at_min
+    at_end = _solve_at(links, horizon, ref)
+    if at_end.slope <= 0:
+        return at_end
+    seen: dict[float, _BlockSolution] = {}
+
+    def slope(log_gap: float) -> float:  # in log(T - T_min): the energy's marginal value is steep near T_min
+        sol = _solve_at(links, T_min + float(np.exp(log_gap)), ref)
+        seen[sol.T] = sol
+        return sol.slope
+
+    low = np.log(T_min * 1e-12)
+    if slope(low) >= 0:
+        return at_min
+    T = T_min + float(np.exp(brentq(slope, low, np.log(horizon - T_min), xtol=1e-8, rtol=1e-10)))
+    best = seen.get(T) or _solve_at(links, T, ref)
+    return min([best, at_min, at_end], key=lambda sol: sol.objective)
 
 
 def solve_power_bandwidth(problem: AllocationProblem, bits_index: np.ndarray,
@@ -324,9 +396,11 @@ def solve_power_bandwidth(problem: AllocationProblem, bits_index: np.ndarray,
     horizon = problem.deadline_s if problem.deadline_s is not None else problem.max_latency_factor * ref[0]
     T_min = _min_latency(links, horizon)
     best = _solve_at(links, T_min, ref)
-    if problem.lam < 1.0 and horizon > T_min * (1 + 1e-9):
+    if problem.lam < 1.0 and horizon > T_min * (1 + 1e-9) and np.isfinite(best.slope):
+        best = _minimise_latency_objective(links, T_min, horizon, best, ref)
+    elif problem.lam < 1.0 and horizon > T_min * (1 + 1e-9):
         found = minimize_scalar(lambda T: _solve_at(links, float(T), ref).objective, bounds=(T_min, horizon),
-                                method="bounded", options={"xatol": T_min * 1e-9, "maxiter": 200})
+                                method="bounded", options={"xatol": T_min * 1e-7, "maxiter": 200})
         candidate = _solve_at(links, float(found.x), ref)
         if candidate.objective < best.objective:
             best = candidate

@@ -37,6 +37,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/device_memory.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/allocator.py
 
 clean:
 	rm -rf $(VENV) results

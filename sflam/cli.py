@@ -54,8 +54,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tradeoff(args: argparse.Namespace) -> int:
+    from sflam.pipelines.tradeoff import format_front, run_tradeoff
+    from sflam.platform.build import quiet_libraries, validate
+
+    quiet_libraries()
+    config = _load(args)
+    validate(config)
+    print(f"sflam tradeoff: {config.name} — sweeping lambda over [0, 1] for one round of "
+          f"{config.train.devices_per_round} devices", file=sys.stderr, flush=True)
+    result = run_tradeoff(config)
+    if args.json:
+        _write_json(args.json, result.as_json())
+    print(format_front(result))
+    return 0
+
+
+def _write_json(path: str, payload: object) -> None:
+    import json
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(target)
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "train one experiment and print its round table"),
+    "tradeoff": (cmd_tradeoff, "sweep lambda for one round: the latency-energy Pareto front (CSV, PNG)"),
     "validate": (cmd_validate, "check a config file (and overrides) without running anything"),
 }
 

@@ -462,6 +462,12 @@ def reference_costs(problem: AllocationProblem) -> tuple[float, float]:
 # --------------------------------------------------------------------------- the bits block
 
 
+def _indices(problem: AllocationProblem, bits: np.ndarray) -> np.ndarray:
+    """Bit widths -> their positions in the options."""
+    order = np.argsort(problem.bits_options)
+    return order[np.searchsorted(problem.bits_options[order], bits)]
+
+
 def _feasible_bits(problem: AllocationProblem, idx: np.ndarray) -> bool:
     d = float(np.sum(problem.distortion_weight * distortion(problem.bits_options[idx])))
     return d <= problem.distortion_budget * (1 + 1e-12)
@@ -497,7 +503,7 @@ def _bits_block(problem: AllocationProblem, current: Allocation) -> np.ndarray:
     base = float(np.nanmax(np.where(np.isfinite(cost), cost, np.nan))) if np.isfinite(cost).any() else 1.0
     lo, hi = 0.0, base / max(float(np.min(weight[weight > 0], initial=1e-300)), 1e-300)
     if not _feasible_bits(problem, pick(hi)):
-        return np.array([problem.option_index(int(q)) for q in current.bits])
+        return _indices(problem, current.bits)
     for _ in range(200):
         mid = 0.5 * (lo + hi) if hi < 1e300 else np.sqrt(max(lo, 1e-300) * hi)
         if _feasible_bits(problem, pick(mid)):
@@ -506,23 +512,21 @@ def _bits_block(problem: AllocationProblem, current: Allocation) -> np.ndarray:
             lo = mid
         if hi - lo <= 1e-12 * hi:
             break
-    idx = pick(hi)
+    idx = pick(hi).copy()
     # spend what budget is left: the best energy saving per unit of added distortion first
+    rows = np.arange(K)
+    budget = problem.distortion_budget * (1 + 1e-12)
     while True:
-        used = float(np.sum(weight[np.arange(K), idx]))
-        best, best_ratio = None, 0.0
-        for k in range(K):
-            for j in range(Q):
-                saving = cost[k, idx[k]] - cost[k, j]
-                extra = weight[k, j] - weight[k, idx[k]]
-                if saving > 0 and np.isfinite(saving) and used + extra <= problem.distortion_budget * (1 + 1e-12):
-                    ratio = saving / max(extra, 1e-300)
-                    if ratio > best_ratio:
-                        best, best_ratio = (k, j), ratio
-        if best is None:
+        used = float(np.sum(weight[rows, idx]))
+        with np.errstate(invalid="ignore"):
+            saving = cost[rows, idx][:, None] - cost
+            extra = weight - weight[rows, idx][:, None]
+            ratio = np.where((saving > 0) & np.isfinite(saving) & (used + extra <= budget),
+                             saving / np.maximum(extra, 1e-300), -np.inf)
+        flat = int(np.argmax(ratio))
+        if not np.isfinite(ratio.flat[flat]):
             return idx
-        idx = idx.copy()
-        idx[best[0]] = best[1]
+        idx[flat // Q] = flat % Q
 
 
 def allocate(problem: AllocationProblem, search: str = "greedy", max_iters: int = 10) -> Allocation:
@@ -534,7 +538,7 @@ def allocate(problem: AllocationProblem, search: str = "greedy", max_iters: int 
     best = solve_power_bandwidth(problem, idx, ref)
     for _ in range(max_iters):
         candidate_idx = _bits_block(problem, best)
-        if np.array_equal(candidate_idx, np.array([problem.option_index(int(q)) for q in best.bits])):
+        if np.array_equal(candidate_idx, _indices(problem, best.bits)):
             break
         candidate = solve_power_bandwidth(problem, candidate_idx, ref)
         if candidate.objective >= best.objective * (1 - 1e-12):

@@ -104,14 +104,16 @@ class DeviceExecutor:
                      if adapter else None)
         return DeviceState(device, adapter, optimizer)
 
-    def forward(self, state: DeviceState, batch: Batch, round_index: int, step: int) -> Smashed:
-        """Device part forward on a mini-batch; keeps the graph for the backward of this step."""
+    def forward(self, state: DeviceState, batch: Batch, round_index: int, step: int, bits: int | None = None
+                ) -> Smashed:
+        """Device part forward on a mini-batch, smashed data encoded at `bits` (the plan's, else the config's);
+        keeps the graph for the backward of this step."""
         grad_mode = torch.enable_grad() if state.adapter else torch.no_grad()
         with grad_mode:
             hidden = torch.func.functional_call(self.part, state.adapter, (batch.input_ids, batch.attention_mask),
                                                 strict=False)
         generator = codec_generator(self.seed, round_index, step, state.device, UPLINK)
-        encoded = codec.encode(_rows(hidden, batch.attention_mask), self.activation_bits, generator,
+        encoded = codec.encode(_rows(hidden, batch.attention_mask), bits or self.activation_bits, generator,
                                self.side_dtype)
         if state.adapter:
             state.pending[step] = (hidden, batch.attention_mask)

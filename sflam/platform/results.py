@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,15 @@ class RoundMetrics:
     comm_latency_s: float | None = None
     compute_latency_s: float | None = None
     energy_j: float | None = None
+    bits_mean: float | None = None
+    bits_min: float | None = None
+    bits_max: float | None = None
+    power_mean_w: float | None = None
+    power_max_w: float | None = None
+    bandwidth_min_hz: float | None = None
+    bandwidth_max_hz: float | None = None
+    objective: float | None = None
+    plan: Any = field(default=None, repr=False, compare=False)  # the RoundPlan (per-device allocation)
 
 
 @dataclass
@@ -46,6 +55,7 @@ class RunResult:
     server_state: Adapter = field(repr=False)
     device_memory_bytes: int | None = None
     mlflow_run_id: str | None = None
+    memory: Any = field(default=None, repr=False)  # DeviceMemory breakdown
 
     def summary(self) -> dict[str, Any]:
         """The summary keys of DESIGN §10 (cost figures are None until the cost model exists)."""
@@ -84,7 +94,7 @@ class RunResult:
         tmp.replace(target)  # never a half-written summary
 
     def rounds_as_dicts(self) -> list[dict[str, Any]]:
-        return [asdict(r) for r in self.rounds]
+        return [{f.name: getattr(r, f.name) for f in fields(r) if f.name != "plan"} for r in self.rounds]
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -96,22 +106,25 @@ def _fmt(value: Any, spec: str) -> str:
 def round_line(metrics: RoundMetrics, total_rounds: int) -> str:
     evaluated = (f"  test acc {metrics.eval_accuracy:.4f}  test loss {metrics.eval_loss:.4f}"
                  if metrics.eval_accuracy is not None else "")
+    costs = (f"  T {metrics.round_latency_s:.3g} s  E {metrics.energy_j:.3g} J  bits {metrics.bits_mean:.3g}"
+             if metrics.round_latency_s is not None else "")
     return (f"round {metrics.round:>3}/{total_rounds}  train loss {metrics.train_loss:.4f}  "
             f"train acc {metrics.train_accuracy:.3f}  up {metrics.uplink_bits / 8e6:.2f} MB  "
-            f"down {metrics.downlink_bits / 8e6:.2f} MB  {metrics.wall_s:.1f} s{evaluated}")
+            f"down {metrics.downlink_bits / 8e6:.2f} MB{costs}  {metrics.wall_s:.1f} s{evaluated}")
 
 
 def format_table(result: RunResult) -> str:
     """The closing table: evaluated rounds, then the summary."""
     header = (f"{'round':>5} {'train loss':>10} {'test acc':>9} {'test loss':>9} {'up MB':>8} {'down MB':>8} "
-              f"{'wall s':>7}")
+              f"{'latency s':>10} {'comm s':>8} {'energy J':>9} {'bits':>5} {'wall s':>7}")
     lines = [header, "-" * len(header)]
     for r in result.rounds:
         if r.eval_accuracy is None:
             continue
         lines.append(f"{r.round:>5} {r.train_loss:>10.4f} {_fmt(r.eval_accuracy, '.4f'):>9} "
                      f"{_fmt(r.eval_loss, '.4f'):>9} {r.uplink_bits / 8e6:>8.2f} {r.downlink_bits / 8e6:>8.2f} "
-                     f"{r.wall_s:>7.1f}")
+                     f"{_fmt(r.round_latency_s, '.4g'):>10} {_fmt(r.comm_latency_s, '.4g'):>8} "
+                     f"{_fmt(r.energy_j, '.4g'):>9} {_fmt(r.bits_mean, '.3g'):>5} {r.wall_s:>7.1f}")
     lines.append("")
     summary = result.summary()
     width = max(len(k) for k in summary)

@@ -20,7 +20,8 @@ import torch
 
 from sflam.platform.build import DataBundle, build_parts, prepare_data, quiet_libraries, validate
 from sflam.platform.config import ExperimentConfig
-from sflam.platform.data import collate, device_batches
+from sflam.platform.costs import DeviceMemory, FlopTable, RoundPlan, RoundPlanner, measure_device_memory
+from sflam.platform.data import Batch, collate, device_batches
 from sflam.platform.executors import Adapter, DeviceExecutor, ServerExecutor, codec_generator, fedavg
 from sflam.platform.quantization import stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult, round_line
@@ -43,6 +44,8 @@ class Experiment:
     data: DataBundle
     device: DeviceExecutor
     server: ServerExecutor
+    planner: RoundPlanner
+    memory: DeviceMemory
 
     @classmethod
     def build(cls, config: ExperimentConfig) -> Experiment:
@@ -57,7 +60,8 @@ class Experiment:
                                 config.train.device_lr, config.seed)
         server = ServerExecutor(server_part, q.gradient_bits, q.side_dtype, config.train.server_lr, config.seed,
                                 send_gradients=device.trains)
-        return cls(config, data, device, server)
+        planner, memory = plan_costs(config, data, device, server)
+        return cls(config, data, device, server, planner, memory)
 
     def evaluate(self, adapter: Adapter) -> tuple[float, float]:
         """Test accuracy and loss of the deployed pipeline: device part, activation codec, server part."""
@@ -73,6 +77,35 @@ class Experiment:
         return correct / total, total_loss / total
 
 
+def plan_costs(config: ExperimentConfig, data: DataBundle, device: DeviceExecutor, server: ServerExecutor
+               ) -> tuple[RoundPlanner, DeviceMemory]:
+    """The FLOP table and device memory, measured once on the real parts, and the round planner."""
+    adapter = device.initial_adapter()
+    hidden = int(device.part.config.hidden_size)
+    flops = FlopTable(device.part, server.part, adapter, hidden)
+    adapter_bits = 32 * sum(t.numel() for t in adapter.values())
+    planner = RoundPlanner(config, flops, adapter_bits, trains_device=device.trains)
+    # a full-length mini-batch of real training sentences: the step that needs the most activation memory
+    longest = np.argsort([-len(s) for s in data.train.input_ids])[: config.train.batch_size]
+    memory = measure_device_memory(device.part, adapter, collate(data.train, longest, data.pad_token_id))
+    return planner, memory
+
+
+def round_batches(exp: Experiment, round_index: int, selected: np.ndarray) -> dict[int, list[Batch]]:
+    """Every selected device's mini-batches of the round, known before the round starts (for the plan)."""
+    cfg = exp.config
+    return {int(k): [collate(exp.data.train, idx, exp.data.pad_token_id)
+                     for idx in device_batches(exp.data.shards[k], cfg.train.batch_size, cfg.train.local_steps,
+                                               cfg.seed, round_index, int(k))] for k in selected}
+
+
+def apply_plan(metrics: RoundMetrics, plan: RoundPlan) -> RoundMetrics:
+    for key, value in plan.metrics().items():
+        setattr(metrics, key, value)
+    metrics.plan = plan
+    return metrics
+
+
 def run_round(exp: Experiment, round_index: int, global_adapter: Adapter) -> tuple[Adapter, RoundMetrics]:
     """One round of the reference runtime; returns the new global device adapter and the round's metrics."""
     cfg = exp.config
@@ -80,14 +113,15 @@ def run_round(exp: Experiment, round_index: int, global_adapter: Adapter) -> tup
     selected = select_devices(cfg.seed, round_index, cfg.data.num_devices, cfg.train.devices_per_round)
     lr_factor = cfg.train.lr_factor(round_index)
     exp.server.set_lr_factor(lr_factor)
+    batches = round_batches(exp, round_index, selected)
+    # ---- plan: bits, power and bandwidth per device from the channels and the exact payloads
+    plan = exp.planner.plan(round_index, selected, batches)
     states = [exp.device.start(int(k), global_adapter, lr_factor) for k in selected]
-    batches = {int(k): device_batches(exp.data.shards[k], cfg.train.batch_size, cfg.train.local_steps, cfg.seed,
-                                      round_index, int(k)) for k in selected}
     losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
     for step in range(cfg.train.local_steps):
         # ---- devices: forward and encode the smashed data
-        messages = [exp.device.forward(state, collate(exp.data.train, batches[state.device][step],
-                                                      exp.data.pad_token_id), round_index, step)
+        messages = [exp.device.forward(state, batches[state.device][step], round_index, step,
+                                       plan.bits_of(state.device))
                     for state in states]
         uplink += sum(m.payload_bits for m in messages)
         # ---- server: one batch over all devices, one optimizer step, encoded gradients back
@@ -104,7 +138,7 @@ def run_round(exp: Experiment, round_index: int, global_adapter: Adapter) -> tup
     metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
                            samples=seen, uplink_bits=uplink, downlink_bits=downlink,
                            wall_s=time.perf_counter() - started)
-    return new_global, metrics
+    return new_global, apply_plan(metrics, plan)
 
 
 def print_progress(metrics: RoundMetrics, total: int) -> None:
@@ -137,4 +171,5 @@ def run_local(config: ExperimentConfig, progress: ProgressFn | None = None,
         devices_per_round=config.train.devices_per_round,
         device_weight_bytes=stored_weight_bytes(exp.device.part),
         device_adapter=global_adapter, server_state=exp.server.state(),
+        device_memory_bytes=exp.memory.total, memory=exp.memory,
     )

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq, minimize
 
-from sflam.platform import codec
 from sflam.platform.allocation import (
     AllocationProblem,
     allocate,
@@ -17,31 +16,15 @@ from sflam.platform.allocation import (
     reference_costs,
     solve_power_bandwidth,
 )
-from sflam.platform.system import LN2, energy_per_bit_floor, noise_w_per_hz, path_loss_db
+from sflam.platform.scenarios import random_problem
+from sflam.platform.system import LN2, energy_per_bit_floor, noise_w_per_hz
 
 N0 = noise_w_per_hz(-174.0)
 B, P_MAX, P_S = 20e6, 0.2, 1.0
 
 
-def make_problem(K: int, seed: int = 0, lam: float = 0.5, bits: tuple[int, ...] = (2, 4, 8, 16, 32),
-                 budget_bits: int = 8, hidden: int = 384, **kwargs) -> AllocationProblem:
-    """A round of K devices with real codec payloads: tokens per device, a LoRA adapter exchanged both ways."""
-    rng = np.random.default_rng(seed)
-    gain = 10 ** (-path_loss_db(rng.uniform(50, 500, K)) / 10) * rng.exponential(1.0, K)
-    tokens = rng.integers(50, 400, K)
-    options = np.array(bits)
-    adapter = 200_000
-    uplink = np.array([[codec.payload_bits(int(t), hidden, int(q)) for q in options] for t in tokens]) + adapter
-    raw = np.array([codec.payload_bits(int(t), hidden, 32) for t in tokens]) + adapter
-    downlink = np.array([codec.payload_bits(int(t), hidden, 8) for t in tokens]) + adapter
-    clock = rng.uniform(0.5e9, 2e9, K)
-    flops = tokens * 3e7
-    return AllocationProblem(
-        gain=gain, uplink_bits=uplink.astype(float), downlink_bits=downlink.astype(float),
-        fixed_latency_s=flops / (16 * clock) + 2e-3, compute_energy_j=1e-28 * flops / 16 * clock**2,
-        bits_options=options, raw_uplink_bits=raw.astype(float), distortion_weight=tokens / tokens.sum(),
-        distortion_budget=float(distortion(budget_bits)), bandwidth_hz=B, max_power_w=P_MAX, server_power_w=P_S,
-        n0=N0, lam=lam, **kwargs)
+def make_problem(K: int, seed: int = 0, **kwargs) -> AllocationProblem:
+    return random_problem(K, seed, **kwargs)
 
 
 def assert_feasible(problem: AllocationProblem, alloc, check_distortion: bool = True) -> None:

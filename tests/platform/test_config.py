@@ -70,6 +70,12 @@ BAD = [
     (["data.dataset=csv", "data.path=/no/such/file.csv"], "data.path='/no/such/file.csv'"),
     (["train.device_lr=fast"], "train.device_lr='fast'"),
     (["model.name=minilm-l6", "model.task=causal-lm"], "model.task='causal-lm'"),
+    (["allocation.lam=1.5"], "allocation.lam=1.5"),
+    (["allocation.policy=best"], "allocation.policy='best'"),
+    (["allocation.bits=[4, 20]"], "allocation.bits=20"),
+    (["allocation.deadline_s=0"], "allocation.deadline_s=0"),
+    (["system.bandwidth_hz=-1"], "system.bandwidth_hz=-1"),
+    (["system.max_distance_m=10"], "system.max_distance_m=10"),
 ]
 
 

@@ -95,7 +95,7 @@ def test_causal_lm_task_learns_label_words() -> None:
 
 
 def test_payload_counts_only_real_tokens() -> None:
-    config = tiny_config("quant.activation_bits=8", "train.rounds=1", "train.local_steps=1")
+    config = tiny_config("quant.activation_bits=8", "train.rounds=1", "train.local_steps=1", "allocation.policy=equal")
     exp = Experiment.build(config)
     _, metrics = run_round(exp, 0, exp.device.initial_adapter())
     selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)

@@ -1,0 +1,43 @@
+"""Device memory of the packaged MiniLM-L6 device part (cut layer 1) under each weight quantization mode,
+and of the whole model on the device (the FL baseline), measured on the real model (DESIGN §6).
+
+Run: make bench   (or .venv/bin/python benchmarks/device_memory.py [--cut-layer 1] [--batch-size 8])
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sflam.platform.build import quiet_libraries
+from sflam.platform.config import load_config
+from sflam.platform.runtime import Experiment
+
+MODES = ("fp32", "bf16", "int8", "nf4", "fp4")
+
+
+def measure(overrides: list[str]):
+    config = load_config("configs/default.yaml", ["data.num_devices=20", "train.devices_per_round=4", *overrides])
+    return Experiment.build(config).memory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cut-layer", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    quiet_libraries()
+    common = [f"split.cut_layer={args.cut_layer}", f"train.batch_size={args.batch_size}"]
+    rows = [(f"device part, cut {args.cut_layer}, {mode}", measure([*common, f"quant.weights={mode}"]))
+            for mode in MODES]
+    whole = measure(["split.cut_layer=6", f"train.batch_size={args.batch_size}", "quant.weights=fp32"])
+    rows.append(("whole model on device (FL), fp32", whole))
+    print("| what | weights MiB | adapters+grads+AdamW MiB | activations MiB | total MiB |")
+    print("|---|---:|---:|---:|---:|")
+    mib = 1 / 2**20
+    for name, mem in rows:
+        print(f"| {name} | {mem.weights * mib:.2f} | {(mem.adapters + mem.gradients + mem.optimizer) * mib:.2f} | "
+              f"{mem.activations * mib:.2f} | {mem.total * mib:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The latency–energy trade-off of one round of the configured scenario: sweep λ, plot the Pareto front.
+
+Each point is the joint allocation (bits, power, bandwidth) for one λ in [0, 1] on the same round: the
+same devices, channels and real mini-batches. The plot marks the physical floors of DESIGN §6 (no round
+is faster than every device at full band and full power; no uplink spends less than N0 ln2 / g per
+bit) and the equal-allocation baseline.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sflam.platform.allocation import AllocationProblem, allocate, equal_allocation, reference_costs
+from sflam.platform.config import ExperimentConfig
+from sflam.platform.runtime import Experiment, round_batches, select_devices
+from sflam.platform.system import LN2
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One allocation on the front."""
+
+    lam: float
+    round_latency_s: float
+    energy_j: float
+    comm_latency_s: float
+    bits_mean: float
+    objective: float
+
+
+@dataclass(frozen=True)
+class TradeoffResult:
+    points: list[TradeoffPoint]
+    latency_floor_s: float
+    energy_floor_j: float
+    equal: TradeoffPoint
+    csv_path: Path
+    plot_path: Path
+
+    def as_json(self) -> list[dict[str, float]]:
+        return [{"lambda": p.lam, "round_latency_s": p.round_latency_s, "energy_j": p.energy_j,
+                 "comm_latency_s": p.comm_latency_s, "bits_mean": p.bits_mean} for p in self.points]
+
+
+def floors(problem: AllocationProblem, bits_index: np.ndarray) -> tuple[float, float]:
+    """(round latency floor, device energy floor) of a round at given bits (DESIGN §6)."""
+    uplink = problem.uplink_bits[np.arange(problem.size), bits_index]
+    B, g, n0 = problem.bandwidth_hz, problem.gain, problem.n0
+    up = uplink / (B * np.log2(1 + problem.max_power_w * g / (n0 * B)))
+    down = problem.downlink_bits / (B * np.log2(1 + problem.server_power_w * g / (n0 * B)))
+    latency = float(np.max(problem.fixed_latency_s + up + down))
+    energy = float(np.sum(problem.compute_energy_j + uplink * n0 * LN2 / g))
+    return latency, energy
+
+
+def run_tradeoff(config: ExperimentConfig, points: int = 21, experiment: Experiment | None = None,
+                 out_dir: Path | None = None) -> TradeoffResult:
+    exp = experiment or Experiment.build(config)
+    selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)
+    batches = round_batches(exp, 0, selected)
+    front: list[TradeoffPoint] = []
+    problem = None
+    for lam in np.linspace(0.0, 1.0, points):
+        problem, _, _, _ = exp.planner.problem(0, selected, batches, lam=float(lam))
+        a = allocate(problem, config.allocation.bits_search)
+        front.append(TradeoffPoint(float(lam), a.round_latency_s, a.total_energy_j, float(np.max(a.comm_latency_s)),
+                                   float(np.mean(a.bits)), a.objective))
+    assert problem is not None
+    ref = reference_costs(problem)
+    eq = equal_allocation(problem, config.quant.activation_bits, ref)
+    equal = TradeoffPoint(float("nan"), eq.round_latency_s, eq.total_energy_j, float(np.max(eq.comm_latency_s)),
+                          float(config.quant.activation_bits), eq.objective)
+    lowest_bits = np.full(problem.size, int(np.argmin(problem.bits_options)))
+    latency_floor, energy_floor = floors(problem, lowest_bits)
+    target = out_dir or Path(config.output_dir) / config.name
+    target.mkdir(parents=True, exist_ok=True)
+    csv_path = target / "tradeoff.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(front[0])))
+        writer.writeheader()
+        for point in front:
+            writer.writerow(asdict(point))
+    plot_path = target / "tradeoff.png"
+    plot_front(front, equal, latency_floor, energy_floor, plot_path,
+               title=f"{config.name}: latency–energy trade-off, {problem.size} devices, one round")
+    return TradeoffResult(front, latency_floor, energy_floor, equal, csv_path, plot_path)
+
+
+def plot_front(front: list[TradeoffPoint], equal: TradeoffPoint, latency_floor: float, energy_floor: float,
+               path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=120)
+    latency = [p.round_latency_s for p in front]
+    energy = [p.energy_j for p in front]
+    ax.plot(latency, energy, "o-", color="tab:blue", label="joint allocation (λ from 0 to 1)")
+    for p in (front[0], front[len(front) // 2], front[-1]):
+        ax.annotate(f"λ={p.lam:.2g}", (p.round_latency_s, p.energy_j), textcoords="offset points", xytext=(6, 6),
+                    fontsize=8)
+    ax.plot([equal.round_latency_s], [equal.energy_j], "s", color="tab:red", markersize=8,
+            label="equal bandwidth, full power")
+    ax.axvline(latency_floor, color="0.4", linestyle="--",
+               label=f"latency floor {latency_floor:.3g} s (lowest bits, whole band, full power)")
+    ax.axhline(energy_floor, color="0.4", linestyle=":",
+               label=f"energy floor {energy_floor:.3g} J (compute + N0 ln2 / g per bit)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("round latency T (s)")
+    ax.set_ylabel("device energy per round E (J)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def format_front(result: TradeoffResult) -> str:
+    lines = [f"{'lambda':>7} {'latency s':>11} {'energy J':>11} {'comm s':>10} {'bits':>6}", "-" * 49]
+    for p in result.points:
+        lines.append(f"{p.lam:>7.2f} {p.round_latency_s:>11.4g} {p.energy_j:>11.4g} {p.comm_latency_s:>10.4g} "
+                     f"{p.bits_mean:>6.3g}")
+    equal = result.equal
+    lines.append(f"equal allocation: latency {equal.round_latency_s:.4g} s, energy {equal.energy_j:.4g} J")
+    lines.append(f"floors: latency {result.latency_floor_s:.4g} s, energy {result.energy_floor_j:.4g} J")
+    lines.append(f"wrote {result.csv_path} and {result.plot_path}")
+    return "\n".join(lines)

@@ -31,7 +31,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sflam.platform.build import quiet_libraries, validate
-    from sflam.platform.results import format_table
+    from sflam.platform.results import RoundMetrics, format_table
     from sflam.platform.runtime import Experiment, print_progress, run_local
 
     quiet_libraries()
@@ -43,7 +43,17 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{config.data.num_devices} devices, {config.train.devices_per_round} per round, "
           f"{config.train.rounds} rounds, runtime {config.runtime}", file=sys.stderr, flush=True)
     experiment = Experiment.build(config)
-    result = run_local(config, progress=lambda m: print_progress(m, config.train.rounds), experiment=experiment)
+
+    def progress(metrics: RoundMetrics) -> None:
+        print_progress(metrics, config.train.rounds)
+
+    if config.runtime == "ray":
+        from sflam.actors.runtime import run_ray
+
+        result = run_ray(config, progress=progress, experiment=experiment,
+                         announce=lambda text: print(text, file=sys.stderr, flush=True))
+    else:
+        result = run_local(config, progress=progress, experiment=experiment)
     out_dir = Path(config.output_dir) / config.name
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / "config.yaml")

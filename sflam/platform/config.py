@@ -17,7 +17,8 @@ from sflam.platform.errors import ConfigError
 WEIGHT_MODES = ("fp32", "bf16", "int8", "nf4", "fp4")
 TASKS = ("classification", "causal-lm")
 DATASETS = ("rotten_tomatoes", "synthetic", "csv")
-RUNTIMES = ("local",)
+RUNTIMES = ("local", "ray")
+ENGINES = ("torch", "deepspeed")
 ALLOCATION_POLICIES = ("sflam", "equal")
 BITS_SEARCHES = ("greedy", "exhaustive")
 SIDE_DTYPES = ("fp32", "fp16")
@@ -220,6 +221,49 @@ class AllocationConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """The Ray runtime's edge-worker pool (DESIGN §8): actors are execution slots, devices are data."""
+
+    SECTION: ClassVar[str] = "ray"
+    address: str | None = field(default=None, metadata={"help": "cluster address (None: RAY_ADDRESS or a local one)"})
+    workers: int = field(default=0, metadata={"help": "edge worker actors (0: from the cluster's CPUs)"})
+    devices_per_worker: int = field(default=0, metadata={"help": "most virtual devices per worker (0: spread evenly)"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved by each edge worker"})
+    threads_per_worker: int = field(default=1, metadata={"help": "torch threads inside each actor"})
+    local_cpus: int = field(default=0, metadata={"help": "logical CPUs of a local cluster (0: enough for the pool)"})
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 0, "ray.workers", self.workers, "an integer >= 0 (0 = from the cluster)")
+        _check(self.devices_per_worker >= 0, "ray.devices_per_worker", self.devices_per_worker,
+               "an integer >= 0 (0 = spread evenly)")
+        _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        _check(self.threads_per_worker >= 1, "ray.threads_per_worker", self.threads_per_worker, "an integer >= 1")
+        _check(self.local_cpus >= 0, "ray.local_cpus", self.local_cpus, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The server-part group: one torch actor, or W DeepSpeed ranks sharding each step's batch."""
+
+    SECTION: ClassVar[str] = "server"
+    engine: str = field(default="torch", metadata={"help": "torch (one rank) | deepspeed (ZeRO 0-3, W ranks)"})
+    ranks: int = field(default=1, metadata={"help": "W server actors (deepspeed only; torch uses 1)"})
+    zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage 0..3"})
+    backend: str | None = field(default=None, metadata={"help": "collectives: gloo | nccl (None: nccl on GPU)"})
+    gpus_per_rank: float = field(default=0.0, metadata={"help": "GPUs reserved by each server rank"})
+    offload_optimizer: bool = field(default=False, metadata={"help": "ZeRO optimizer state offload to CPU"})
+
+    def __post_init__(self) -> None:
+        _check(self.engine in ENGINES, "server.engine", self.engine, f"one of {', '.join(ENGINES)}")
+        _check(self.ranks >= 1, "server.ranks", self.ranks, "an integer >= 1")
+        _check(self.engine == "deepspeed" or self.ranks == 1, "server.ranks", self.ranks,
+               "1 with server.engine=torch (use deepspeed for several ranks)")
+        _check(0 <= self.zero_stage <= 3, "server.zero_stage", self.zero_stage, "an integer in 0..3")
+        _check(self.backend in (None, "gloo", "nccl"), "server.backend", self.backend, "gloo, nccl or null")
+        _check(self.gpus_per_rank >= 0, "server.gpus_per_rank", self.gpus_per_rank, "a number >= 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: every concern's dataclass, composed; passed explicitly, never global."""
 
@@ -236,12 +280,18 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {', '.join(RUNTIMES)}")
         _check(self.threads >= 0, "threads", self.threads, "an integer >= 0 (0 = torch default)")
         _check(self.train.devices_per_round <= self.data.num_devices, "train.devices_per_round",
                self.train.devices_per_round, f"at most data.num_devices={self.data.num_devices}")
+        _check(self.server.ranks <= self.train.devices_per_round, "server.ranks", self.server.ranks,
+               f"at most train.devices_per_round={self.train.devices_per_round} (every rank needs a device)")
+        _check(self.runtime == "ray" or self.server.engine == "torch", "server.engine", self.server.engine,
+               "torch with runtime=local (deepspeed runs in the Ray runtime)")
 
     def to_flat(self) -> dict[str, Any]:
         """Flat dict of dotted keys (the same keys as the overrides and the MLflow params)."""

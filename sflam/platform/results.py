@@ -24,6 +24,7 @@ class RoundMetrics:
     wall_s: float
     eval_accuracy: float | None = None
     eval_loss: float | None = None
+    step_losses: list[float] = field(default_factory=list)  # the server's mean loss of each local step
     round_latency_s: float | None = None
     comm_latency_s: float | None = None
     compute_latency_s: float | None = None

@@ -49,32 +49,43 @@ class Experiment:
 
     @classmethod
     def build(cls, config: ExperimentConfig) -> Experiment:
-        quiet_libraries()
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        spec = validate(config)
-        data = prepare_data(config, spec)
-        device_part, server_part = build_parts(config, spec, data)
-        q = config.quant
-        device = DeviceExecutor(device_part, q.activation_bits, q.gradient_bits, q.side_dtype,
-                                config.train.device_lr, config.seed)
-        server = ServerExecutor(server_part, q.gradient_bits, q.side_dtype, config.train.server_lr, config.seed,
-                                send_gradients=device.trains)
+        data, device, server = build_executors(config)
         planner, memory = plan_costs(config, data, device, server)
         return cls(config, data, device, server, planner, memory)
 
     def evaluate(self, adapter: Adapter) -> tuple[float, float]:
         """Test accuracy and loss of the deployed pipeline: device part, activation codec, server part."""
-        batch_size = self.config.train.eval_batch_size
         total_loss, correct, total = 0.0, 0, 0
-        indices = np.arange(len(self.data.test))
-        for number, start in enumerate(range(0, len(indices), batch_size)):
-            batch = collate(self.data.test, indices[start:start + batch_size], self.data.pad_token_id)
+        for number, batch in evaluation_batches(self.config, self.data):
             generator = codec_generator(self.config.seed, 0, number, EVAL_DEVICE, 0)
             message = self.device.infer(adapter, batch, generator)
             batch_loss, batch_correct, count = self.server.evaluate([message])
             total_loss, correct, total = total_loss + batch_loss, correct + batch_correct, total + count
         return correct / total, total_loss / total
+
+
+def build_executors(config: ExperimentConfig) -> tuple[DataBundle, DeviceExecutor, ServerExecutor]:
+    """Data, and the device and server executors over the split model: the same in every process."""
+    quiet_libraries()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    spec = validate(config)
+    data = prepare_data(config, spec)
+    device_part, server_part = build_parts(config, spec, data)
+    q = config.quant
+    device = DeviceExecutor(device_part, q.activation_bits, q.gradient_bits, q.side_dtype,
+                            config.train.device_lr, config.seed)
+    server = ServerExecutor(server_part, q.gradient_bits, q.side_dtype, config.train.server_lr, config.seed,
+                            send_gradients=device.trains)
+    return data, device, server
+
+
+def evaluation_batches(config: ExperimentConfig, data: DataBundle) -> list[tuple[int, Batch]]:
+    """The test set in evaluation batches, numbered (the number seeds the codec of each batch)."""
+    size = config.train.eval_batch_size
+    indices = np.arange(len(data.test))
+    return [(number, collate(data.test, indices[start:start + size], data.pad_token_id))
+            for number, start in enumerate(range(0, len(indices), size))]
 
 
 def plan_costs(config: ExperimentConfig, data: DataBundle, device: DeviceExecutor, server: ServerExecutor
@@ -93,10 +104,14 @@ def plan_costs(config: ExperimentConfig, data: DataBundle, device: DeviceExecuto
 
 def round_batches(exp: Experiment, round_index: int, selected: np.ndarray) -> dict[int, list[Batch]]:
     """Every selected device's mini-batches of the round, known before the round starts (for the plan)."""
-    cfg = exp.config
-    return {int(k): [collate(exp.data.train, idx, exp.data.pad_token_id)
-                     for idx in device_batches(exp.data.shards[k], cfg.train.batch_size, cfg.train.local_steps,
-                                               cfg.seed, round_index, int(k))] for k in selected}
+    return device_round_batches(exp.config, exp.data, round_index, selected)
+
+
+def device_round_batches(cfg: ExperimentConfig, data: DataBundle, round_index: int, devices: np.ndarray
+                         ) -> dict[int, list[Batch]]:
+    return {int(k): [collate(data.train, idx, data.pad_token_id)
+                     for idx in device_batches(data.shards[k], cfg.train.batch_size, cfg.train.local_steps,
+                                               cfg.seed, round_index, int(k))] for k in devices}
 
 
 def apply_plan(metrics: RoundMetrics, plan: RoundPlan) -> RoundMetrics:
@@ -137,7 +152,7 @@ def run_round(exp: Experiment, round_index: int, global_adapter: Adapter) -> tup
     new_global = fedavg([exp.device.final_adapter(state) for state in states], weights)
     metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
                            samples=seen, uplink_bits=uplink, downlink_bits=downlink,
-                           wall_s=time.perf_counter() - started)
+                           wall_s=time.perf_counter() - started, step_losses=[float(v) for v in losses])
     return new_global, apply_plan(metrics, plan)
 
 

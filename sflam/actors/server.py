@@ -1,0 +1,163 @@
+"""The server-part group: W actors that run each local step on all devices' micro-batches (DESIGN §8).
+
+engine torch: one rank holding the reference runtime's ServerExecutor. engine deepspeed: W ranks, each a
+DeepSpeed engine (ZeRO stage 0-3) over the same server part, wired with explicit RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT (gloo on CPU, nccl on GPU). The step's batch is sharded over the ranks by
+device; every rank runs every step (ZeRO-3 gathers parameters collectively). Rank r's loss is
+(W / N) * (sum of its samples' losses), so DeepSpeed's gradient average equals the mean loss's gradient
+over all N samples; its activation gradients are divided by W to match.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from sflam.platform import codec
+from sflam.platform.codec import Encoded
+from sflam.platform.config import config_from_dict
+from sflam.platform.executors import DOWNLINK, Adapter, ServerExecutor, Smashed, _rows, codec_generator
+from sflam.platform.runtime import build_executors
+
+StepStats = tuple[float, int, int, int]  # (summed loss, correct, samples, gradient bits) of a rank's shard
+
+
+def shard_bounds(count: int, ranks: int, rank: int) -> tuple[int, int]:
+    """Contiguous, as-even-as-possible share of `count` devices for `rank`."""
+    edges = np.linspace(0, count, ranks + 1).round().astype(int)
+    return int(edges[rank]), int(edges[rank + 1])
+
+
+def deepspeed_config(zero_stage: int, offload_optimizer: bool, batch_size: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a server rank (fp32, no gradient clipping: the same maths as torch AdamW)."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload_optimizer and zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_batch_size": batch_size * world_size,
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told: the torch engine does not clip
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+        "steps_per_print": 10**9,
+    }
+
+
+class ServerRank:
+    """One rank of the server-part group."""
+
+    def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
+                 master_port: int = 29500, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.config = config_from_dict(config)
+        self.rank, self.world_size = rank, world_size
+        _, device, self.server = build_executors(self.config)
+        del device
+        self.engine = None
+        if self.config.server.engine == "deepspeed":
+            self._init_deepspeed(master_addr, master_port)
+
+    def _init_deepspeed(self, master_addr: str, master_port: int) -> None:
+        os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0",
+                           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
+        import deepspeed
+
+        srv = self.config.server
+        backend = srv.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=self.rank,
+                                   world_size=self.world_size)
+        part = self.server.part
+        if torch.cuda.is_available() and backend == "nccl":
+            part.cuda()
+        params = [p for p in part.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.config.train.server_lr, weight_decay=0.0)
+        ds_config = deepspeed_config(srv.zero_stage, srv.offload_optimizer, self.config.train.batch_size,
+                                     self.world_size)
+        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(model=part, optimizer=optimizer,
+                                                                    config=ds_config)
+        self.client_optimizer = optimizer  # ZeRO wraps it; its param groups are the ones that step
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def set_lr_factor(self, factor: float) -> None:
+        if self.engine is None:
+            self.server.set_lr_factor(factor)
+            return
+        for optimizer in {id(o): o for o in (self.client_optimizer, self.ds_optimizer)}.values():
+            for group in optimizer.param_groups:
+                group["lr"] = self.config.train.server_lr * factor
+
+    def step(self, round_index: int, step: int, lr_factor: float, *message_lists: list[Smashed]
+             ) -> tuple[StepStats, list[Encoded | None]]:
+        """Forward/backward of this rank's shard of the step's devices, one optimizer step, encoded gradients."""
+        self.set_lr_factor(lr_factor)
+        messages = [m for chunk in message_lists for m in chunk]
+        if self.engine is None:
+            result = self.server.step(messages, round_index, step)
+            return ((result.loss * result.samples, result.correct, result.samples, sum(result.downlink_bits)),
+                    result.gradients)
+        start, stop = shard_bounds(len(messages), self.world_size, self.rank)
+        return self._deepspeed_step(messages[start:stop], sum(int(m.labels.shape[0]) for m in messages),
+                                    round_index, step)
+
+    def _deepspeed_step(self, shard: list[Smashed], total: int, round_index: int, step: int
+                        ) -> tuple[StepStats, list[Encoded | None]]:
+        engine = self.engine
+        assert engine is not None
+        hidden, mask, labels = ServerExecutor.assemble(shard)
+        device = next(engine.module.parameters()).device
+        hidden, mask, labels = hidden.to(device), mask.to(device), labels.to(device)
+        hidden.requires_grad_(self.server.send_gradients)
+        logits = engine(hidden, mask)
+        mean_loss, correct = self.server.part.loss_and_correct(logits, labels)
+        shard_samples = int(labels.shape[0])
+        loss = mean_loss * (shard_samples * self.world_size / total)
+        engine.backward(loss)
+        engine.step()
+        gradients: list[Encoded | None] = []
+        start = 0
+        for message in shard:
+            rows = int(message.labels.shape[0])
+            if not self.server.send_gradients:
+                gradients.append(None)
+            else:
+                own = hidden.grad[start:start + rows].cpu() / self.world_size  # type: ignore[index]
+                grad_rows = _rows(own, mask[start:start + rows].cpu())
+                generator = codec_generator(self.config.seed, round_index, step, message.device, DOWNLINK)
+                gradients.append(codec.encode(grad_rows, self.server.gradient_bits, generator,
+                                              self.server.side_dtype))
+            start += rows
+        bits = sum(g.payload_bits for g in gradients if g is not None)
+        return (float(mean_loss.detach()) * shard_samples, int(correct), shard_samples, bits), gradients
+
+    def evaluate(self, *message_lists: list[Smashed]) -> tuple[float, int, int]:
+        messages = [m for chunk in message_lists for m in chunk]
+        if self.engine is None:
+            return self.server.evaluate(messages)
+        total_loss, total_correct, total = 0.0, 0, 0
+        device = next(self.engine.module.parameters()).device
+        with torch.no_grad():
+            for message in messages:  # every rank evaluates everything: ZeRO-3 forwards are collective
+                hidden, mask, labels = ServerExecutor.assemble([message])
+                logits = self.engine(hidden.to(device), mask.to(device))
+                loss, correct = self.server.part.loss_and_correct(logits, labels.to(device))
+                total_loss += float(loss) * int(labels.shape[0])
+                total_correct += int(correct)
+                total += int(labels.shape[0])
+        return total_loss, total_correct, total
+
+    def state(self) -> Adapter:
+        """The server part's trained tensors (gathered from every rank under ZeRO-3)."""
+        if self.engine is None or self.config.server.zero_stage < 3:
+            return self.server.state()
+        import deepspeed
+
+        params = [p for p in self.server.part.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params):
+            return {n: p.detach().clone().cpu() for n, p in self.server.part.named_parameters() if p.requires_grad}

@@ -7,10 +7,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from sflam.platform.config import ExperimentConfig, load_config, save_config
+from sflam.platform.config import ExperimentConfig, load_config
 from sflam.platform.errors import SflamError
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
@@ -29,38 +30,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _announce(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from sflam.pipelines.train import train
     from sflam.platform.build import quiet_libraries, validate
     from sflam.platform.results import RoundMetrics, format_table
-    from sflam.platform.runtime import Experiment, print_progress, run_local
+    from sflam.platform.runtime import print_progress
 
     quiet_libraries()
     config = _load(args)
     validate(config)  # every config error surfaces before any model loads
-    print(f"sflam run: {config.name} — {config.model.name}, cut layer {config.split.cut_layer}, "
-          f"{config.quant.weights} device weights, {config.quant.activation_bits}-bit activations, "
-          f"{config.quant.gradient_bits}-bit gradients, LoRA r={config.lora.rank}, "
-          f"{config.data.num_devices} devices, {config.train.devices_per_round} per round, "
-          f"{config.train.rounds} rounds, runtime {config.runtime}", file=sys.stderr, flush=True)
-    experiment = Experiment.build(config)
+    _announce(f"sflam run: {config.name} — {config.model.name}, cut layer {config.split.cut_layer}, "
+              f"{config.quant.weights} device weights, {config.quant.activation_bits}-bit activations, "
+              f"{config.quant.gradient_bits}-bit gradients, LoRA r={config.lora.rank}, "
+              f"{config.data.num_devices} devices, {config.train.devices_per_round} per round, "
+              f"{config.train.rounds} rounds, runtime {config.runtime}, allocation {config.allocation.policy}")
 
     def progress(metrics: RoundMetrics) -> None:
         print_progress(metrics, config.train.rounds)
 
-    if config.runtime == "ray":
-        from sflam.actors.runtime import run_ray
-
-        result = run_ray(config, progress=progress, experiment=experiment,
-                         announce=lambda text: print(text, file=sys.stderr, flush=True))
-    else:
-        result = run_local(config, progress=progress, experiment=experiment)
     out_dir = Path(config.output_dir) / config.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / "config.yaml")
-    result.write_json(out_dir / "summary.json")
+    try:
+        result = train(config, progress=progress, announce=_announce)
+    except SflamError as failure:
+        if getattr(failure, "partial", None) is None:
+            raise
+        kept = len(failure.partial.rounds)  # type: ignore[attr-defined]
+        print(f"sflam run: error: {failure}; the {kept} completed round(s) are in {out_dir}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         result.write_json(args.json)
     print(format_table(result))
+    print(f"outputs in {out_dir}; MLflow run {result.mlflow_run_id or '-'}", file=sys.stderr)
     return 0
 
 

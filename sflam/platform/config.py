@@ -264,6 +264,21 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking: where runs go and how often metrics are written."""
+
+    SECTION: ClassVar[str] = "tracking"
+    enabled: bool = field(default=True, metadata={"help": "record the run in MLflow"})
+    uri: str | None = field(default=None, metadata={
+        "help": "tracking URI (None: MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db)"})
+    experiment: str | None = field(default=None, metadata={"help": "MLflow experiment name (None: the run name)"})
+    flush_every: int = field(default=5, metadata={"help": "rounds between batched metric writes"})
+
+    def __post_init__(self) -> None:
+        _check(self.flush_every >= 1, "tracking.flush_every", self.flush_every, "an integer >= 1")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: every concern's dataclass, composed; passed explicitly, never global."""
 
@@ -282,6 +297,7 @@ class ExperimentConfig:
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {', '.join(RUNTIMES)}")

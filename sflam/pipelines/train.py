@@ -1,0 +1,173 @@
+"""One training experiment, end to end: run it (local or Ray), record it in MLflow, write its outputs.
+
+Outputs in <output_dir>/<name>/: config.yaml (resolved), summary.json, rounds.csv, allocation.csv
+(every device of every round), rounds.png (accuracy, loss, latency and energy per round) and the
+adapters as safetensors; the same files are the MLflow run's artifacts.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from sflam.platform.config import ExperimentConfig, save_config
+from sflam.platform.results import RoundMetrics, RunResult
+from sflam.platform.tracking import Tracker
+
+ROUND_METRICS = ("train_loss", "train_accuracy", "samples", "uplink_bits", "downlink_bits", "wall_s",
+                 "round_latency_s", "comm_latency_s", "compute_latency_s", "energy_j", "bits_mean", "bits_min",
+                 "bits_max", "power_mean_w", "power_max_w", "bandwidth_min_hz", "bandwidth_max_hz", "objective")
+
+
+def round_values(metrics: RoundMetrics) -> dict[str, float | None]:
+    values: dict[str, float | None] = {key: getattr(metrics, key) for key in ROUND_METRICS}
+    values["accuracy"] = metrics.eval_accuracy
+    values["loss"] = metrics.eval_loss
+    return values
+
+
+def run_experiment(config: ExperimentConfig, progress: Callable[[RoundMetrics], None] | None = None,
+                   announce: Callable[[str], None] | None = None, experiment=None) -> RunResult:
+    """Run every round on the configured runtime."""
+    from sflam.platform.runtime import Experiment, run_local
+
+    exp = experiment or Experiment.build(config)
+    if config.runtime == "ray":
+        from sflam.actors.runtime import run_ray
+
+        return run_ray(config, progress=progress, experiment=exp, announce=announce)
+    return run_local(config, progress=progress, experiment=exp)
+
+
+def train(config: ExperimentConfig, run_name: str | None = None, parent_run_id: str | None = None,
+          progress: Callable[[RoundMetrics], None] | None = None, announce: Callable[[str], None] | None = None,
+          out_dir: Path | None = None, experiment_name: str | None = None) -> RunResult:
+    """Run, track and save one experiment; a failed run is recorded as FAILED with what it completed."""
+    target = out_dir or Path(config.output_dir) / config.name
+    target.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(config, run_name=run_name, parent_run_id=parent_run_id, experiment=experiment_name)
+
+    def on_round(metrics: RoundMetrics) -> None:
+        tracker.log_metrics(round_values(metrics), step=metrics.round)
+        if progress is not None:
+            progress(metrics)
+
+    try:
+        result = run_experiment(config, on_round, announce)
+    except Exception as failure:
+        partial = getattr(failure, "partial", None)
+        if partial is not None and partial.rounds:
+            write_outputs(partial, config, target, tracker)
+        tracker.close("FAILED", spill_dir=target)
+        raise
+    result.mlflow_run_id = tracker.run_id
+    write_outputs(result, config, target, tracker)
+    tracker.close("FINISHED", spill_dir=target)
+    return result
+
+
+def write_outputs(result: RunResult, config: ExperimentConfig, target: Path, tracker: Tracker) -> None:
+    if result.device_memory_bytes is not None and result.rounds:
+        tracker.log_metrics({"device_memory_bytes": result.device_memory_bytes}, step=result.rounds[-1].round)
+    summary = result.summary()
+    tracker.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
+                        step=len(result.rounds))
+    save_config(config, target / "config.yaml")
+    result.write_json(target / "summary.json")
+    files = [target / "config.yaml", target / "summary.json", write_rounds_csv(result, target / "rounds.csv")]
+    allocation = write_allocation_csv(result, target / "allocation.csv")
+    if allocation is not None:
+        files.append(allocation)
+    try:
+        files.append(plot_rounds(result, target / "rounds.png", title=f"{config.name} ({config.model.name})"))
+    except Exception as exc:  # a plot is never worth a failed run
+        print(f"sflam: warning: could not draw the round plot ({exc})", file=sys.stderr)
+    files.extend(save_adapters(result, target))
+    for path in files:
+        tracker.log_artifact(path)
+
+
+def write_rounds_csv(result: RunResult, path: Path) -> Path:
+    rows = result.rounds_as_dicts()
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "step_losses"] if rows else [])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: v for k, v in row.items() if k != "step_losses"})
+    return path
+
+
+def write_allocation_csv(result: RunResult, path: Path) -> Path | None:
+    rows = [{"round": r.round, **row} for r in result.rounds if r.plan is not None for row in r.plan.table()]
+    if not rows:
+        return None
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def save_adapters(result: RunResult, target: Path) -> list[Path]:
+    from safetensors.torch import save_file
+
+    out = []
+    for name, tensors in (("device_adapter", result.device_adapter), ("server_state", result.server_state)):
+        if tensors:
+            path = target / f"{name}.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+            out.append(path)
+    return out
+
+
+def plot_rounds(result: RunResult, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r.round for r in result.rounds]
+    evaluated = [r for r in result.rounds if r.eval_accuracy is not None]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=110)
+    ax = axes[0, 0]
+    ax.plot(rounds, [r.train_accuracy for r in result.rounds], color="tab:gray", alpha=0.6, label="train (round)")
+    ax.plot([r.round for r in evaluated], [r.eval_accuracy for r in evaluated], "o-", color="tab:blue",
+            label="test")
+    ax.set_title("accuracy")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    ax = axes[0, 1]
+    ax.plot(rounds, [r.train_loss for r in result.rounds], color="tab:gray", alpha=0.6, label="train (round)")
+    ax.plot([r.round for r in evaluated], [r.eval_loss for r in evaluated], "o-", color="tab:orange", label="test")
+    ax.set_title("cross-entropy loss")
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax = axes[1, 0]
+    if all(r.round_latency_s is not None for r in result.rounds):
+        ax.plot(rounds, [r.round_latency_s for r in result.rounds], label="round latency")
+        ax.plot(rounds, [r.comm_latency_s for r in result.rounds], label="communication (longest device)")
+        ax.plot(rounds, [r.compute_latency_s for r in result.rounds], label="computation (device + server)")
+        ax.legend()
+    ax.set_title("simulated latency per round")
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds")
+    ax = axes[1, 1]
+    if all(r.energy_j is not None for r in result.rounds):
+        ax.plot(rounds, [r.energy_j for r in result.rounds], color="tab:green")
+    ax.set_title("device energy per round")
+    ax.set_xlabel("round")
+    ax.set_ylabel("joules (all selected devices)")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

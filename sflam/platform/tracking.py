@@ -1,0 +1,147 @@
+"""MLflow tracking from the driver only, through MlflowClient (DESIGN §9).
+
+One run per experiment (nested child runs for compare / scale / study members), params = the flat
+config, per-round metrics with step = round written in batches (`log_batch`), artifacts = the resolved
+config, plots, the per-device allocation CSV, adapters (safetensors) and the summary JSON. The default
+store is `sqlite:///<output_dir>/mlflow.db` with artifacts beside it; `tracking.uri` or
+MLFLOW_TRACKING_URI points anywhere else. A tracking outage never stops training: the first failure
+warns once, metrics keep buffering, and `close` flushes what it can (the rest is saved as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sflam.platform.config import ExperimentConfig
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def tracking_uri(config: ExperimentConfig) -> str:
+    if config.tracking.uri:
+        return config.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = Path(config.output_dir).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _param(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]
+
+
+class Tracker:
+    """One MLflow run: buffered metrics, artifacts, resilient to the tracking server going away."""
+
+    def __init__(self, config: ExperimentConfig, run_name: str | None = None, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None, experiment: str | None = None) -> None:
+        self.config = config
+        self.enabled = config.tracking.enabled
+        self.buffer: list[Any] = []
+        self.failed = False
+        self.run_id: str | None = None
+        self.uri = tracking_uri(config) if self.enabled else ""
+        if not self.enabled:
+            return
+        # a tracking server that went away must cost seconds, not minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self._guard(self._start, run_name or config.name, parent_run_id, tags or {},
+                    experiment or config.tracking.experiment or config.name)
+
+    # ------------------------------------------------------------------ plumbing
+    def _warn(self, what: str, exc: Exception) -> None:
+        if not self.failed:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            print(f"sflam: warning: MLflow tracking at {self.uri} failed while {what} ({first}); training goes on, "
+                  "metrics are buffered and flushed at the end", file=sys.stderr, flush=True)
+        self.failed = True
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:  # tracking must never kill a run
+            self._warn(getattr(fn, "__name__", "tracking"), exc)
+            return None
+
+    def _start(self, run_name: str, parent: str | None, tags: dict[str, str], experiment: str) -> None:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            location = None
+            if self.uri.startswith("sqlite:///"):
+                location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+        all_tags = {**tags, "sflam.runtime": self.config.runtime, "sflam.model": self.config.model.name}
+        if parent:
+            all_tags[PARENT_TAG] = parent
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, _param(v)) for k, v in self.config.to_flat().items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[start:start + 100])
+
+    # ------------------------------------------------------------------ metrics
+    def log_metrics(self, values: dict[str, float | None], step: int) -> None:
+        """Buffer metrics of one step (a round); flushed every `tracking.flush_every` rounds."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in values.items():
+            if value is not None and isinstance(value, (int, float)):
+                self.buffer.append(Metric(key, float(value), now, step))
+        if step % self.config.tracking.flush_every == 0 and not self.failed:  # after a failure: once, at the end
+            self.flush()
+
+    def flush(self) -> bool:
+        if not self.enabled or not self.buffer or self.run_id is None:
+            return not self.buffer
+        pending, self.buffer = self.buffer, []
+        try:
+            for start in range(0, len(pending), 1000):
+                self.client.log_batch(self.run_id, metrics=pending[start:start + 1000])
+            return True
+        except Exception as exc:
+            self._warn("logging metrics", exc)
+            self.buffer = pending + self.buffer
+            return False
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled and self.run_id is not None:
+            for key, value in tags.items():
+                self._guard(self.client.set_tag, self.run_id, key, value)
+
+    # ------------------------------------------------------------------ artifacts and the end
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        if self.enabled and self.run_id is not None:
+            self._guard(self.client.log_artifact, self.run_id, str(path), folder)
+
+    def close(self, status: str = "FINISHED", spill_dir: Path | None = None) -> None:
+        """Flush what is buffered and end the run; metrics that cannot reach the store are saved as JSON."""
+        if not self.enabled:
+            return
+        if not self.flush() and spill_dir is not None:
+            spill_dir.mkdir(parents=True, exist_ok=True)
+            target = spill_dir / "unlogged-metrics.json"
+            target.write_text(json.dumps([{"key": m.key, "value": m.value, "step": m.step} for m in self.buffer]))
+            print(f"sflam: warning: {len(self.buffer)} metric values could not reach MLflow; saved to {target}",
+                  file=sys.stderr)
+        if self.run_id is not None:
+            self._guard(self.client.set_terminated, self.run_id, status)

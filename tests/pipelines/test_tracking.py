@@ -1,0 +1,121 @@
+"""MLflow tracking against a real server and the local store; an outage never stops training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sflam.pipelines.train import train
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with an sqlite backend, stopped by its own process id."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        mlflow = Path(sys.executable).parent / "mlflow"
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            self.stop()
+            raise RuntimeError("mlflow server did not start")
+        client = MlflowClient(self.uri)
+        while time.time() < deadline:  # the port opens before the app answers
+            try:
+                client.search_experiments()
+                return
+            except Exception:
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    srv = MlflowServer(tmp_path / "mlflow")
+    yield srv
+    srv.stop()
+
+
+def test_a_run_is_recorded_on_a_real_server(server: MlflowServer, tmp_path: Path) -> None:
+    config = tiny_config(f"tracking.uri={server.uri}", f"output_dir={tmp_path}", "train.rounds=3",
+                         "tracking.flush_every=2", "train.eval_every=1")
+    result = train(config)
+    client = MlflowClient(server.uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["split.cut_layer"] == str(config.split.cut_layer)
+    assert run.data.params["model.name"] == "tiny-llama"
+    history = client.get_metric_history(run.info.run_id, "round_latency_s")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+        [r.round_latency_s for r in result.rounds])
+    accuracy = client.get_metric_history(run.info.run_id, "accuracy")
+    assert sorted(m.step for m in accuracy) == [1, 2, 3]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json", "rounds.csv", "allocation.csv", "rounds.png",
+            "device_adapter.safetensors", "server_state.safetensors"} <= names
+    local = Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path / "dl")))
+    assert '"accuracy"' in local.read_text()
+
+
+def test_an_outage_mid_run_warns_once_and_training_goes_on(server: MlflowServer, tmp_path: Path, capsys) -> None:
+    config = tiny_config(f"tracking.uri={server.uri}", f"output_dir={tmp_path}", "train.rounds=4",
+                         "tracking.flush_every=1")
+
+    def stop_after_round_two(metrics) -> None:
+        if metrics.round == 2:
+            server.stop()
+
+    result = train(config, progress=stop_after_round_two)
+    assert len(result.rounds) == 4 and result.accuracy > 0
+    err = capsys.readouterr().err
+    assert err.count("MLflow tracking at") == 1  # warned once
+    spilled = tmp_path / config.name / "unlogged-metrics.json"
+    assert spilled.is_file() and '"step": 4' in spilled.read_text()
+    assert (tmp_path / config.name / "summary.json").is_file()
+
+
+def test_default_store_is_local_sqlite_under_the_results(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = tiny_config(f"output_dir={tmp_path}", "train.rounds=2", "name=local-store")
+    result = train(config)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["name"] == "local-store"
+    assert len(client.get_metric_history(run.info.run_id, "energy_j")) == 2
+    assert (tmp_path / "mlartifacts").is_dir()

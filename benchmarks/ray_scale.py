@@ -5,7 +5,8 @@ Work: tiny-llama on the synthetic task, every device selected every round (K dev
 samples each, 2 local steps of mini-batch 4, nf4 device weights, 8-bit smashed data, torch server engine.
 The time per round is the median over rounds after the first (warm-up); both runtimes use both cores
 (the local runtime two torch threads, the Ray runtime two edge workers of one thread each).
-Peak host memory is the largest sum of resident memory of this process and every Ray process.
+Peak host memory is the largest sum of proportional set sizes (PSS: shared pages split between the processes
+that map them, so shared libraries count once) of this process and every Ray process.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def scenario(K: int, rounds: int, runtime: str) -> list[str]:
 
 
 class PeakMemory:
-    """Samples the resident memory of this process tree and every Ray process."""
+    """Samples the memory (PSS) of this process tree and every Ray process."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -45,7 +46,7 @@ class PeakMemory:
                 "ray" in part for part in p.info["cmdline"][:3]) and p.pid not in {q.pid for q in procs}]
             for proc in procs:
                 try:
-                    total += proc.memory_info().rss
+                    total += proc.memory_full_info().pss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)

@@ -84,6 +84,24 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sflam.pipelines.compare import format_rows, run_compare
+    from sflam.platform.build import quiet_libraries, validate
+    from sflam.platform.runtime import print_progress
+
+    quiet_libraries()
+    config = _load(args)
+    validate(config)
+    _announce(f"sflam compare: {config.name} — fl, sl, sfl, sfl-q and sflam on the same devices, data and channels")
+    result = run_compare(config, progress=lambda method, m: print_progress(m, config.train.rounds),
+                         announce=_announce)
+    if args.json:
+        _write_json(args.json, result.rows)
+    print("\n".join(format_rows(result.rows)))
+    _announce(f"table in {result.table_path}; MLflow parent run {result.parent_run_id or '-'}")
+    return 0
+
+
 def _write_json(path: str, payload: object) -> None:
     import json
 
@@ -96,6 +114,7 @@ def _write_json(path: str, payload: object) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "train one experiment and print its round table"),
+    "compare": (cmd_compare, "run fl, sl, sfl, sfl-q and sflam on the same scenario and compare them"),
     "tradeoff": (cmd_tradeoff, "sweep lambda for one round: the latency-energy Pareto front (CSV, PNG)"),
     "validate": (cmd_validate, "check a config file (and overrides) without running anything"),
 }

@@ -43,7 +43,8 @@ def run_experiment(config: ExperimentConfig, progress: Callable[[RoundMetrics], 
 
 def train(config: ExperimentConfig, run_name: str | None = None, parent_run_id: str | None = None,
           progress: Callable[[RoundMetrics], None] | None = None, announce: Callable[[str], None] | None = None,
-          out_dir: Path | None = None, experiment_name: str | None = None) -> RunResult:
+          out_dir: Path | None = None, experiment_name: str | None = None,
+          runner: Callable[..., RunResult] | None = None) -> RunResult:
     """Run, track and save one experiment; a failed run is recorded as FAILED with what it completed."""
     target = out_dir or Path(config.output_dir) / config.name
     target.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def train(config: ExperimentConfig, run_name: str | None = None, parent_run_id: 
             progress(metrics)
 
     try:
-        result = run_experiment(config, on_round, announce)
+        result = (runner or run_experiment)(config, on_round, announce)
     except Exception as failure:
         partial = getattr(failure, "partial", None)
         if partial is not None and partial.rounds:

@@ -73,9 +73,9 @@ def main() -> None:
     print("| devices per round | local s/round | ray s/round | ray / local | peak host memory, ray (GiB) |")
     print("|---:|---:|---:|---:|---:|")
     for K in args.sizes:
-        local = run_local(load_config(None, scenario(K, args.rounds, "local")))
-        with PeakMemory() as memory:
+        with PeakMemory() as memory:  # first, so the driver holds nothing of the local run
             remote = run_ray(load_config(None, scenario(K, args.rounds, "ray")))
+        local = run_local(load_config(None, scenario(K, args.rounds, "local")))
         t_local = float(np.median([r.wall_s for r in local.rounds[1:]]))
         t_ray = float(np.median([r.wall_s for r in remote.rounds[1:]]))
         same = max(float((local.device_adapter[n] - remote.device_adapter[n]).abs().max())

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sflam.platform.config import ExperimentConfig, load_config
-from sflam.platform.errors import SflamError
+from sflam.platform.errors import ConfigError, SflamError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -102,6 +102,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    from sflam.pipelines.scale import DEFAULT_SIZES, format_scale, run_scale
+    from sflam.platform.build import quiet_libraries, validate
+    from sflam.platform.runtime import print_progress
+
+    quiet_libraries()
+    config = _load(args)
+    validate(config)
+    sizes = tuple(args.sizes or DEFAULT_SIZES)
+    if any(k < 1 for k in sizes):
+        raise ConfigError("--sizes", list(sizes), "positive numbers of devices per round")
+    _announce(f"sflam scale: {config.name} at {', '.join(map(str, sizes))} devices per round")
+    result = run_scale(config, sizes, progress=lambda k, m: print_progress(m, config.train.rounds),
+                       announce=_announce)
+    if args.json:
+        _write_json(args.json, result.rows)
+    print("\n".join(format_scale(result.rows)))
+    _announce(f"table in {result.table_path}, plot {result.plot_path}; MLflow parent run {result.parent_run_id}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from sflam.platform.build import quiet_libraries, validate
+    from sflam.search.study import run_study
+
+    quiet_libraries()
+    config = _load(args)
+    validate(config)
+    result = run_study(config, resume=args.resume, announce=_announce)
+    if args.json:
+        _write_json(args.json, result.front)
+    print(result.table_path.with_suffix(".md").read_text().rstrip())
+    _announce(f"study {result.study_name}: {result.trials} trials in {result.storage}; Pareto front in "
+              f"{result.table_path}; plots {', '.join(str(p) for p in result.plots) or '-'}; MLflow parent run "
+              f"{result.parent_run_id}")
+    return 0
+
+
 def _write_json(path: str, payload: object) -> None:
     import json
 
@@ -115,6 +153,8 @@ def _write_json(path: str, payload: object) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "train one experiment and print its round table"),
     "compare": (cmd_compare, "run fl, sl, sfl, sfl-q and sflam on the same scenario and compare them"),
+    "scale": (cmd_scale, "the same experiment at 10, 100 and 1,000 devices per round"),
+    "study": (cmd_study, "explore the design space with Optuna (multi-objective by default)"),
     "tradeoff": (cmd_tradeoff, "sweep lambda for one round: the latency-energy Pareto front (CSV, PNG)"),
     "validate": (cmd_validate, "check a config file (and overrides) without running anything"),
 }
@@ -130,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("-c", "--config", default=None, help="YAML experiment file (default: built-in)")
             command.add_argument("--json", default=None, help="write the summary JSON here")
+        if name == "study":
+            command.add_argument("--resume", action="store_true", help="add trials to an existing study")
+        if name == "scale":
+            command.add_argument("--sizes", type=int, nargs="+", default=None,
+                                 help="devices per round to run (default: 10 100 1000)")
         command.add_argument("overrides", nargs="*", metavar="key=value",
                              help="dotted overrides, e.g. split.cut_layer=2")
     return parser

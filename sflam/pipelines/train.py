@@ -44,11 +44,11 @@ def run_experiment(config: ExperimentConfig, progress: Callable[[RoundMetrics], 
 def train(config: ExperimentConfig, run_name: str | None = None, parent_run_id: str | None = None,
           progress: Callable[[RoundMetrics], None] | None = None, announce: Callable[[str], None] | None = None,
           out_dir: Path | None = None, experiment_name: str | None = None,
-          runner: Callable[..., RunResult] | None = None) -> RunResult:
+          runner: Callable[..., RunResult] | None = None, tags: dict[str, str] | None = None) -> RunResult:
     """Run, track and save one experiment; a failed run is recorded as FAILED with what it completed."""
     target = out_dir or Path(config.output_dir) / config.name
     target.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(config, run_name=run_name, parent_run_id=parent_run_id, experiment=experiment_name)
+    tracker = Tracker(config, run_name=run_name, parent_run_id=parent_run_id, experiment=experiment_name, tags=tags)
 
     def on_round(metrics: RoundMetrics) -> None:
         tracker.log_metrics(round_values(metrics), step=metrics.round)
@@ -61,8 +61,23 @@ def train(config: ExperimentConfig, run_name: str | None = None, parent_run_id: 
         partial = getattr(failure, "partial", None)
         if partial is not None and partial.rounds:
             write_outputs(partial, config, target, tracker)
-        tracker.close("FAILED", spill_dir=target)
+        tracker.close("KILLED" if type(failure).__name__ == "TrialPruned" else "FAILED", spill_dir=target)
         raise
+    result.mlflow_run_id = tracker.run_id
+    write_outputs(result, config, target, tracker)
+    tracker.close("FINISHED", spill_dir=target)
+    return result
+
+
+def record(result: RunResult, config: ExperimentConfig, run_name: str | None = None,
+           parent_run_id: str | None = None, out_dir: Path | None = None, experiment_name: str | None = None,
+           tags: dict[str, str] | None = None) -> RunResult:
+    """Record a run that finished elsewhere (a Ray task): the driver alone talks to MLflow."""
+    target = out_dir or Path(config.output_dir) / config.name
+    target.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(config, run_name=run_name, parent_run_id=parent_run_id, experiment=experiment_name, tags=tags)
+    for metrics in result.rounds:
+        tracker.log_metrics(round_values(metrics), step=metrics.round)
     result.mlflow_run_id = tracker.run_id
     write_outputs(result, config, target, tracker)
     tracker.close("FINISHED", spill_dir=target)

@@ -278,6 +278,59 @@ class TrackingConfig:
         _check(self.flush_every >= 1, "tracking.flush_every", self.flush_every, "an integer >= 1")
 
 
+OBJECTIVES = {"accuracy": "maximize", "loss": "minimize", "round_latency_s": "minimize",
+              "comm_latency_s": "minimize", "energy_j": "minimize", "device_memory_bytes": "minimize",
+              "energy_efficiency_samples_per_j": "maximize"}
+SAMPLERS = ("nsga2", "tpe", "random")
+
+
+def _check_space(space: dict[str, Any]) -> None:
+    for key, spec in space.items():
+        where = f"study.space.{key}"
+        _check(isinstance(spec, dict), where, spec, "a mapping with type: int | float | categorical")
+        kind = spec.get("type")
+        _check(kind in ("int", "float", "categorical"), f"{where}.type", kind, "int, float or categorical")
+        if kind == "categorical":
+            choices = spec.get("choices")
+            _check(isinstance(choices, list) and len(choices) >= 1, f"{where}.choices", choices,
+                   "a non-empty list")
+        else:
+            low, high = spec.get("low"), spec.get("high")
+            ok = isinstance(low, (int, float)) and isinstance(high, (int, float)) and low <= high
+            _check(ok, f"{where}.low", low, f"numbers low <= high (high={high})")
+            _check(not spec.get("log") or low > 0, f"{where}.low", low, "a number > 0 with log: true")
+        extra = set(spec) - {"type", "choices", "low", "high", "log", "step"}
+        _check(not extra, where, sorted(extra), "only the keys type, choices, low, high, log, step")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Design-space exploration with Optuna (DESIGN §9): the search space is data."""
+
+    SECTION: ClassVar[str] = "study"
+    name: str | None = field(default=None, metadata={"help": "study name in the storage (None: the run name)"})
+    storage: str | None = field(default=None, metadata={
+        "help": "SQLAlchemy URL, or a journal file ending in .log (None: sqlite:///<output_dir>/optuna.db)"})
+    trials: int = field(default=8, metadata={"help": "trials to run (added to the study on --resume)"})
+    objectives: list[str] = field(default_factory=lambda: ["accuracy", "round_latency_s", "energy_j",
+                                                           "device_memory_bytes"],
+                                  metadata={"help": "one (single-objective) or several (multi-objective)"})
+    sampler: str = field(default="nsga2", metadata={"help": "nsga2 | tpe | random"})
+    parallel: int = field(default=1, metadata={"help": "trials at once; > 1 runs them as Ray tasks"})
+    prune: bool = field(default=True, metadata={"help": "median pruning on per-round reports (single objective)"})
+    seed: int = field(default=0, metadata={"help": "sampler seed"})
+    space: dict[str, Any] = field(default_factory=dict, metadata={"help": "dotted key -> {type, low/high/choices}"})
+
+    def __post_init__(self) -> None:
+        _check(self.trials >= 1, "study.trials", self.trials, "an integer >= 1")
+        _check(bool(self.objectives), "study.objectives", self.objectives, "a non-empty list")
+        for name in self.objectives:
+            _check(name in OBJECTIVES, "study.objectives", name, f"names from {', '.join(OBJECTIVES)}")
+        _check(self.sampler in SAMPLERS, "study.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
+        _check(self.parallel >= 1, "study.parallel", self.parallel, "an integer >= 1")
+        _check_space(self.space)
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: every concern's dataclass, composed; passed explicitly, never global."""
@@ -298,6 +351,7 @@ class ExperimentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {', '.join(RUNTIMES)}")
@@ -324,7 +378,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and dotted != "study.space":  # the search space stays one value
             flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value
@@ -340,6 +394,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return None
         inner = [opt for opt in options if opt is not type(None)]
         return _coerce(key, value, inner[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "a mapping")
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):

@@ -1,0 +1,69 @@
+"""`sflam compare` and `sflam scale`: every method on the same scenario, child runs under one parent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sflam.pipelines.baselines import METHODS, method_config
+from sflam.pipelines.compare import run_compare
+from sflam.pipelines.scale import run_scale
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_method_configs_follow_the_design() -> None:
+    base = tiny_config("quant.weights=nf4", "quant.activation_bits=8")
+    sfl, sflq, ours = (method_config(base, m) for m in ("sfl", "sfl-q", "sflam"))
+    assert (sfl.quant.weights, sfl.quant.activation_bits, sfl.allocation.policy) == ("fp32", 32, "equal")
+    assert (sflq.quant.weights, sflq.quant.activation_bits, sflq.allocation.policy) == ("nf4", 8, "equal")
+    assert (ours.quant.weights, ours.allocation.policy) == ("nf4", "sflam")
+    assert method_config(base, "fl").quant.weights == "fp32"
+    # same devices, data, channels and seeds
+    for method in METHODS:
+        cfg = method_config(base, method)
+        assert (cfg.seed, cfg.data, cfg.system, cfg.train) == (base.seed, base.data, base.system, base.train)
+
+
+def test_compare_runs_every_method_as_child_runs(tmp_path: Path) -> None:
+    config = tiny_config(f"output_dir={tmp_path}", "train.rounds=6", "train.eval_every=6", "quant.weights=nf4",
+                         "quant.activation_bits=8", "quant.gradient_bits=8")
+    result = run_compare(config)
+    rows = {r["method"]: r for r in result.rows}
+    assert list(rows) == list(METHODS)
+    for row in rows.values():
+        assert row["accuracy"] > 0.7, row  # every method learns the synthetic task
+        assert row["energy_j"] > 0 and row["comm_latency_s"] > 0
+    # the whole model on the device costs more memory than a quantized cut-2 device part
+    assert rows["fl"]["device_memory_bytes"] > rows["sfl"]["device_memory_bytes"] > rows["sflam"]["device_memory_bytes"]
+    assert rows["sflam"]["device_memory_bytes"] == rows["sfl-q"]["device_memory_bytes"]
+    # 8-bit smashed data send a quarter of fp32's payload: less time on the air
+    assert rows["sfl-q"]["comm_latency_s"] < rows["sfl"]["comm_latency_s"]
+    assert rows["sflam"]["comm_latency_vs_sfl"] < 1 and rows["sfl"]["energy_efficiency_vs_sfl"] == pytest.approx(1)
+    # sl: one device at a time, so its round takes longer than fl's parallel round of the same compute
+    assert rows["sl"]["round_latency_s"] > rows["sfl"]["comm_latency_s"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(result.parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(METHODS)
+    assert {"compare.csv", "compare.md", "compare.json", "compare.png"} <= {
+        a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert result.table_path.with_suffix(".md").read_text().count("| sflam |") == 1
+
+
+def test_scale_runs_each_size_as_a_child(tmp_path: Path) -> None:
+    config = tiny_config(f"output_dir={tmp_path}", "train.rounds=1", "data.num_devices=8")
+    result = run_scale(config, sizes=(2, 8, 16))
+    assert [r["devices_per_round"] for r in result.rows] == [2, 8, 16]
+    energy = [r["energy_j"] for r in result.rows]
+    assert energy[0] < energy[1] < energy[2]  # more devices, more device energy in a round
+    assert all(r["wall_s_per_round"] > 0 for r in result.rows)
+    assert result.plot_path.read_bytes()[:4] == b"\x89PNG"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(children) == 3

@@ -140,6 +140,16 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from sflam.cluster.submit import submit
+
+    command = list(args.job)
+    if command and command[0] == "--":
+        command = command[1:]
+    return submit(command, address=args.address, working_dir=Path(args.working_dir).resolve(), pip=args.pip,
+                  num_cpus=args.num_cpus, num_gpus=args.num_gpus, follow=not args.no_wait)
+
+
 def _write_json(path: str, payload: object) -> None:
     import json
 
@@ -155,6 +165,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "compare": (cmd_compare, "run fl, sl, sfl, sfl-q and sflam on the same scenario and compare them"),
     "scale": (cmd_scale, "the same experiment at 10, 100 and 1,000 devices per round"),
     "study": (cmd_study, "explore the design space with Optuna (multi-objective by default)"),
+    "submit": (cmd_submit, "run a sflam command as a Ray job: sflam submit [--address URL] -- run -c CONFIG"),
     "tradeoff": (cmd_tradeoff, "sweep lambda for one round: the latency-energy Pareto front (CSV, PNG)"),
     "validate": (cmd_validate, "check a config file (and overrides) without running anything"),
 }
@@ -165,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
+        if name == "submit":
+            command.add_argument("--address", default=None,
+                                 help="Ray job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS or that)")
+            command.add_argument("--working-dir", default=".", help="folder shipped with the job (default: .)")
+            command.add_argument("--pip", action="store_true", help="install the project's requirements in the job")
+            command.add_argument("--num-cpus", type=float, default=None, help="CPUs reserved for the entrypoint")
+            command.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved for the entrypoint")
+            command.add_argument("--no-wait", action="store_true", help="print the job id and return")
+            command.add_argument("job", nargs=argparse.REMAINDER, help="-- then the sflam command to run")
+            continue
         if name == "validate":
             command.add_argument("config", nargs="?", default=None, help="YAML experiment file")
         else:

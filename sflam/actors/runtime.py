@@ -81,8 +81,8 @@ def connect(config: ExperimentConfig, needed_cpus: float) -> tuple[bool, str]:
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": str(config.ray.threads_per_worker), "TOKENIZERS_PARALLELISM": "false",
                         "HF_HUB_OFFLINE": "1"}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    if address:  # a job's own runtime environment (working dir, env vars) applies: add nothing to it
+        ray.init(address=address, log_to_driver=False)
         return True, f"cluster at {address}"
     cpus = config.ray.local_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
     ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,

@@ -56,6 +56,21 @@ def method_config(config: ExperimentConfig, method: str) -> ExperimentConfig:
     return config_from_dict(tree)
 
 
+def _finish_round(config: ExperimentConfig, round_index: int, metrics: RoundMetrics, round_started: float,
+                  rounds: list[RoundMetrics], progress: ProgressFn | None,
+                  evaluate: Callable[[], tuple[float, float]]) -> tuple[float, float] | None:
+    """Evaluate when due, time the round, keep it and report it; returns (accuracy, loss) when evaluated."""
+    evaluated = None
+    if (round_index + 1) % config.train.eval_every == 0 or round_index == config.train.rounds - 1:
+        evaluated = evaluate()
+        metrics.eval_accuracy, metrics.eval_loss = evaluated
+    metrics.wall_s = time.perf_counter() - round_started
+    rounds.append(metrics)
+    if progress is not None:
+        progress(metrics)
+    return evaluated
+
+
 # --------------------------------------------------------------------------- FL
 
 
@@ -136,13 +151,9 @@ def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
                                samples=seen, uplink_bits=int(up.sum()), downlink_bits=int(up.sum()),
                                wall_s=0.0)
         apply_plan(metrics, plan)
-        if (round_index + 1) % config.train.eval_every == 0 or round_index == config.train.rounds - 1:
-            accuracy, loss = _evaluate_whole(config, data, model, server_part, global_adapter)
-            metrics.eval_accuracy, metrics.eval_loss = accuracy, loss
-        metrics.wall_s = time.perf_counter() - round_started
-        rounds.append(metrics)
-        if progress is not None:
-            progress(metrics)
+        evaluated = _finish_round(config, round_index, metrics, round_started, rounds, progress,
+                                  lambda g=global_adapter: _evaluate_whole(config, data, model, server_part, g))
+        accuracy, loss = evaluated or (accuracy, loss)
     return RunResult(config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
                      wall_s=time.perf_counter() - started, devices=config.data.num_devices,
                      devices_per_round=config.train.devices_per_round, device_weight_bytes=stored_weight_bytes(model),
@@ -201,13 +212,9 @@ def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
         metrics.compute_latency_s = float(sum(float(p.compute_s.sum()) + p.server_s for p in plans))
         metrics.energy_j = float(sum(a.total_energy_j for a in allocations))
         metrics.bits_mean = metrics.bits_min = metrics.bits_max = 32.0
-        if (round_index + 1) % config.train.eval_every == 0 or round_index == config.train.rounds - 1:
-            accuracy, loss = exp.evaluate(adapter)
-            metrics.eval_accuracy, metrics.eval_loss = accuracy, loss
-        metrics.wall_s = time.perf_counter() - round_started
-        rounds.append(metrics)
-        if progress is not None:
-            progress(metrics)
+        evaluated = _finish_round(config, round_index, metrics, round_started, rounds, progress,
+                                  lambda a=adapter: exp.evaluate(a))
+        accuracy, loss = evaluated or (accuracy, loss)
     return RunResult(config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
                      wall_s=time.perf_counter() - started, devices=config.data.num_devices,
                      devices_per_round=config.train.devices_per_round,

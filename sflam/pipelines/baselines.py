@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -152,7 +153,7 @@ def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
                                wall_s=0.0)
         apply_plan(metrics, plan)
         evaluated = _finish_round(config, round_index, metrics, round_started, rounds, progress,
-                                  lambda g=global_adapter: _evaluate_whole(config, data, model, server_part, g))
+                                  partial(_evaluate_whole, config, data, model, server_part, global_adapter))
         accuracy, loss = evaluated or (accuracy, loss)
     return RunResult(config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
                      wall_s=time.perf_counter() - started, devices=config.data.num_devices,
@@ -213,7 +214,7 @@ def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
         metrics.energy_j = float(sum(a.total_energy_j for a in allocations))
         metrics.bits_mean = metrics.bits_min = metrics.bits_max = 32.0
         evaluated = _finish_round(config, round_index, metrics, round_started, rounds, progress,
-                                  lambda a=adapter: exp.evaluate(a))
+                                  partial(exp.evaluate, adapter))
         accuracy, loss = evaluated or (accuracy, loss)
     return RunResult(config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
                      wall_s=time.perf_counter() - started, devices=config.data.num_devices,

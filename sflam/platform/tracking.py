@@ -53,11 +53,19 @@ class Tracker:
         # a tracking server that went away must cost seconds, not minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        import mlflow
         from mlflow.tracking import MlflowClient
 
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        # a client bound to this URI; mlflow.set_tracking_uri would leak it into the process environment
+        for attempt in range(5):  # two processes creating one sqlite store race on its schema: retry
+            try:
+                self.client = MlflowClient(self.uri)
+                self.client.search_experiments(max_results=1)
+                break
+            except Exception as exc:
+                if attempt == 4:
+                    self._warn("opening the store", exc)
+                    return
+                time.sleep(1.0 + attempt)
         self._guard(self._start, run_name or config.name, parent_run_id, tags or {},
                     experiment or config.tracking.experiment or config.name)
 
@@ -76,13 +84,19 @@ class Tracker:
             self._warn(getattr(fn, "__name__", "tracking"), exc)
             return None
 
-    def _start(self, run_name: str, parent: str | None, tags: dict[str, str], experiment: str) -> None:
+    def _start(self, run_name: str, parent: str | None, tags: dict[str, str], experiment: str) -> bool:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             location = None
             if self.uri.startswith("sqlite:///"):
                 location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            try:
+                experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            except Exception:  # another process created it a moment ago
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                experiment_id = found.experiment_id
         else:
             experiment_id = found.experiment_id
         all_tags = {**tags, "sflam.runtime": self.config.runtime, "sflam.model": self.config.model.name}
@@ -95,6 +109,7 @@ class Tracker:
         params = [Param(k, _param(v)) for k, v in self.config.to_flat().items()]
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start:start + 100])
+        return True
 
     # ------------------------------------------------------------------ metrics
     def log_metrics(self, values: dict[str, float | None], step: int) -> None:

@@ -31,7 +31,8 @@ def test_every_config_loads_and_validates(path: Path) -> None:
     assert 0 <= config.split.cut_layer <= spec.num_layers
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), "a config starts with a header comment"
-    assert "sflam run" in path.read_text().split("\n\n")[0] or "make run" in path.read_text()
+    header = path.read_text().split("\n\n")[0]
+    assert "# Run: sflam " in header or "make run" in header, "the header says how to run it"
 
 
 def test_default_config_is_the_issue_scenario() -> None:

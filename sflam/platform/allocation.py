@@ -227,7 +227,7 @@ class _Links:
                 return np.where(available > 0, np.log(np.maximum(available, 1e-300)) - np.log(self.full_power_s(b)),
                                 -np.inf)
 
-        need = np.exp(_root_increasing(slack, lo, hi, rtol=1e-11))
+        need = np.exp(_root_increasing(slack, lo, hi, rtol=1e-9))
         feasible = slack(np.log(np.full_like(self.g, B))) >= -1e-12
         if np.isfinite(self.uplink_cap).any():
             def cap_slack(log_b: np.ndarray) -> np.ndarray:
@@ -238,7 +238,7 @@ class _Links:
                                     np.log(np.maximum(self.uplink_cap, 1e-300)) - np.log(np.maximum(e, 1e-300)),
                                     -np.inf)
 
-            need = np.maximum(need, np.exp(_root_increasing(cap_slack, lo, hi, rtol=1e-11)))
+            need = np.maximum(need, np.exp(_root_increasing(cap_slack, lo, hi, rtol=1e-9)))
             feasible &= cap_slack(np.log(np.full_like(self.g, B))) >= -1e-12
         return np.where(feasible, need, np.inf)
 
@@ -257,7 +257,7 @@ class _Links:
             with np.errstate(divide="ignore"):
                 return log_nu - np.log(-self.energy_slope(np.exp(log_b), T))
 
-        return np.exp(_root_increasing(marginal, np.log(lower), np.log(upper), rtol=1e-10))
+        return np.exp(_root_increasing(marginal, np.log(lower), np.log(upper), rtol=1e-8))
 
 
 @dataclass
@@ -299,11 +299,20 @@ def _split_bandwidth(links: _Links, T: float, b_min: np.ndarray) -> tuple[np.nda
         return float(np.log(B) - np.log(total))
 
     lo, hi = float(np.log(nu_lo)), float(np.log(nu_hi))
-    f_lo, f_hi = excess(lo), excess(hi)
-    if f_lo >= 0 or f_hi <= 0:
-        log_nu = lo if f_lo >= 0 else hi
-    else:
-        log_nu = brentq(excess, lo, hi, xtol=1e-8, rtol=1e-10)  # errors here cost the objective only squared
+    log_nu: float | None = None
+    if links.nu_hint is not None and lo < np.log(links.nu_hint) < hi:
+        # warm start: the price moves little between the round latencies the outer search tries
+        centre = float(np.log(links.nu_hint))
+        try:
+            log_nu = brentq(excess, max(lo, centre - 0.25), min(hi, centre + 0.25), xtol=1e-6, rtol=1e-8)
+        except ValueError:  # not bracketed there: search the whole range
+            log_nu = None
+    if log_nu is None:
+        f_lo, f_hi = excess(lo), excess(hi)
+        if f_lo >= 0 or f_hi <= 0:
+            log_nu = lo if f_lo >= 0 else hi
+        else:
+            log_nu = brentq(excess, lo, hi, xtol=1e-6, rtol=1e-8)  # errors here cost the objective only squared
     nu = float(np.exp(log_nu))
     links.nu_hint = nu
     b = links.bandwidth_at_price(nu, T, lower, upper)
@@ -356,11 +365,11 @@ def _min_latency(links: _Links, horizon: float) -> float:
                               "power and energy caps; raise allocation.deadline_s or allocation.energy_cap_j")
     if fits(np.log(lower)) >= 0:
         return lower
-    T = float(np.exp(brentq(fits, np.log(lower), np.log(horizon), xtol=1e-14, rtol=1e-13)))
-    for _ in range(60):  # step onto the feasible side of the root
+    T = float(np.exp(brentq(fits, np.log(lower), np.log(horizon), xtol=1e-12, rtol=1e-10)))
+    for step in range(60):  # step onto the feasible side of the root
         if fits(np.log(T)) >= 0:
             break
-        T *= 1 + 1e-12
+        T *= 1 + 1e-12 * 2.0**step
     return T
 
 
@@ -369,21 +378,24 @@ def _minimise_latency_objective(links: _Links, T_min: float, horizon: float, at_
     """J(T) is convex: its minimiser is T_min, the horizon, or the root of dJ/dT between them."""
     if at_min.slope >= 0:
         return at_min
-    at_end = _solve_at(links, horizon, ref)
-    if at_end.slope <= 0:
-        return at_end
-    seen: dict[float, _BlockSolution] = {}
+    seen: dict[float, _BlockSolution] = {}  # by log(T - T_min): the search's end points are solved once
+
+    def solve(log_gap: float) -> _BlockSolution:
+        if log_gap not in seen:
+            seen[log_gap] = _solve_at(links, T_min + float(np.exp(log_gap)), ref)
+        return seen[log_gap]
 
     def slope(log_gap: float) -> float:  # in log(T - T_min): the energy's marginal value is steep near T_min
-        sol = _solve_at(links, T_min + float(np.exp(log_gap)), ref)
-        seen[sol.T] = sol
-        return sol.slope
+        value = solve(log_gap).slope
+        return value if np.isfinite(value) else -1e300  # infeasible: below the least latency, go up
 
-    low = np.log(T_min * 1e-12)
+    low, high = float(np.log(T_min * 1e-12)), float(np.log(horizon - T_min))
+    at_end = solve(high)
+    if at_end.slope <= 0:
+        return at_end
     if slope(low) >= 0:
         return at_min
-    T = T_min + float(np.exp(brentq(slope, low, np.log(horizon - T_min), xtol=1e-8, rtol=1e-10)))
-    best = seen.get(T) or _solve_at(links, T, ref)
+    best = solve(brentq(slope, low, high, xtol=1e-6, rtol=1e-8))
     return min([best, at_min, at_end], key=lambda sol: sol.objective)
 
 

@@ -116,28 +116,28 @@ def _root_increasing(f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: 
     active = ~(done_lo | done_hi)
     if not active.any():
         return x
+    everyone = bool(active.all())
     a, b, fa, fb = lo[active], hi[active], flo[active], fhi[active]
     side = np.zeros_like(a)
     prev = np.full_like(a, np.nan)
+    m = 0.5 * (a + b)
     for it in range(iters):
-        denom = fb - fa
-        with np.errstate(invalid="ignore", divide="ignore"):
-            guess = (a * fb - b * fa) / np.where(denom > 0, denom, np.nan)
-        bad = ~np.isfinite(guess) | (guess <= a) | (guess >= b) | (it % 8 == 7)
-        m = np.where(bad, 0.5 * (a + b), guess)
-        fm = f_sub(f, active, x, m)
+        if it % 8 == 7:  # a bisection now and then bounds the worst case
+            m = 0.5 * (a + b)
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                guess = (a * fb - b * fa) / (fb - fa)
+            m = np.where((guess > a) & (guess < b), guess, 0.5 * (a + b))  # NaN and inf fail both tests
+        fm = f(m) if everyone else f_sub(f, active, x, m)
         pos = fm > 0
-        b, fb_new = np.where(pos, m, b), np.where(pos, fm, fb)
-        a, fa_new = np.where(pos, a, m), np.where(pos, fa, fm)
-        fa_new = np.where(pos & (side > 0), fa_new * 0.5, fa_new)
-        fb_new = np.where(~pos & (side < 0), fb_new * 0.5, fb_new)
-        fa, fb = fa_new, fb_new
+        # Illinois: an end point kept twice in a row has its function value halved
+        fa = np.where(pos, fa * np.where(side > 0, 0.5, 1.0), fm)
+        fb = np.where(pos, fm, fb * np.where(side < 0, 0.5, 1.0))
+        a, b = np.where(pos, a, m), np.where(pos, m, b)
         side = np.where(pos, 1.0, -1.0)
-        exact = fm == 0
-        converged = np.abs(m - prev) <= rtol * np.maximum(np.abs(m), 1e-300)
-        prev = m
-        if bool(np.all(converged | exact | ((b - a) <= rtol * np.maximum(np.abs(m), 1e-300)))):
+        if bool(np.all(np.abs(m - prev) <= rtol * np.abs(m))):
             break
+        prev = m
     x[active] = m
     return x
 

@@ -12,7 +12,7 @@ import torch
 
 from sflam.platform.codec import Encoded
 from sflam.platform.config import config_from_dict
-from sflam.platform.executors import Adapter, DeviceState, Smashed, codec_generator
+from sflam.platform.executors import Adapter, DeviceState, Smashed, codec_generator, weighted_sum
 from sflam.platform.runtime import EVAL_DEVICE, build_executors, device_round_batches
 
 
@@ -59,8 +59,7 @@ class EdgeWorker:
         weights = [float(len(self.data.shards[state.device])) for state in self.states]
         adapters = [self.device.final_adapter(state) for state in self.states]
         total = float(sum(weights))
-        partial = {name: torch.stack([w * a[name] for a, w in zip(adapters, weights, strict=True)]).sum(0)
-                   for name in (adapters[0] if adapters else {})}
+        partial = weighted_sum(adapters, weights)
         samples = sum(state.samples_trained for state in self.states)
         self.states = []
         return partial, total, samples

@@ -160,7 +160,9 @@ class RayRuntime:
         self.workers[i] = worker
         self.replaced += 1
         if history:
-            gradients = [ray.get(step_refs) for step_refs in history]
+            flat = ray.get([ref for step_refs in history for ref in step_refs])
+            ranks = len(history[0])
+            gradients = [flat[s * ranks:(s + 1) * ranks] for s in range(len(history))]
             mine = [[g for shard in step for g in shard][offsets[i]:offsets[i] + len(chunk)] for step in gradients]
         else:
             mine = []
@@ -181,7 +183,7 @@ class RayRuntime:
         lr = cfg.train.lr_factor(round_index)
         # ---- plan on the driver: allocation from the channels and the exact payloads
         plan = self.exp.planner.plan(round_index, selected, round_batches(self.exp, round_index, selected))
-        bits = [plan.bits_of(int(k)) for k in selected]
+        bits = [int(q) for q in plan.allocation.bits]  # in the order of `selected`
         edges = np.linspace(0, len(selected), len(self.workers) + 1).round().astype(int)
         chunks = [[int(k) for k in selected[edges[i]:edges[i + 1]]] for i in range(len(self.workers))]
         chunk_bits = [bits[edges[i]:edges[i + 1]] for i in range(len(self.workers))]

@@ -87,7 +87,7 @@ class WholeModel(nn.Module):
         return self.server_part(self.device_part(input_ids, attention_mask), attention_mask)
 
 
-def _single_device_problem(config: ExperimentConfig, gain: np.ndarray, up: np.ndarray, down: np.ndarray,
+def _adapter_exchange_problem(config: ExperimentConfig, gain: np.ndarray, up: np.ndarray, down: np.ndarray,
                            fixed: np.ndarray, compute_j: np.ndarray) -> AllocationProblem:
     sysc = config.system
     K = len(gain)
@@ -144,7 +144,7 @@ def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
         clock = population.clock_hz[selected]
         compute_s = compute_latency_s(device_flops, clock, config.system)
         up = np.full(len(selected), adapter_bits)
-        problem = _single_device_problem(config, population.gains(selected, config.seed, round_index), up, up,
+        problem = _adapter_exchange_problem(config, population.gains(selected, config.seed, round_index), up, up,
                                          compute_s, compute_energy_j(device_flops, clock, config.system))
         plan = RoundPlan(selected, equal_allocation(problem, 32), np.array([len(data.shards[k]) for k in selected]),
                          compute_s, 0.0)

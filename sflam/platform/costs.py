@@ -139,9 +139,6 @@ class RoundPlan:
     compute_s: np.ndarray
     server_s: float
 
-    def bits_of(self, device: int) -> int:
-        return int(self.allocation.bits[int(np.flatnonzero(self.devices == device)[0])])
-
     def metrics(self) -> dict[str, float]:
         a = self.allocation
         return {

@@ -60,13 +60,18 @@ def trainable_state(module: torch.nn.Module) -> Adapter:
     return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
+def weighted_sum(adapters: list[Adapter], weights: list[float]) -> Adapter:
+    """Sum of adapters weighted by sample count (a Ray worker's share of FedAvg)."""
+    if not adapters or not adapters[0]:
+        return {}
+    return {name: torch.stack([w * a[name] for a, w in zip(adapters, weights, strict=True)]).sum(0)
+            for name in adapters[0]}
+
+
 def fedavg(adapters: list[Adapter], weights: list[float]) -> Adapter:
     """Average adapters weighted by sample count (FedAvg)."""
     total = float(sum(weights))
-    if not adapters or not adapters[0]:
-        return {}
-    return {name: torch.stack([w * a[name] for a, w in zip(adapters, weights, strict=True)]).sum(0) / total
-            for name in adapters[0]}
+    return {name: t / total for name, t in weighted_sum(adapters, weights).items()}
 
 
 def _rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

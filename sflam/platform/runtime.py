@@ -133,11 +133,11 @@ def run_round(exp: Experiment, round_index: int, global_adapter: Adapter) -> tup
     plan = exp.planner.plan(round_index, selected, batches)
     states = [exp.device.start(int(k), global_adapter, lr_factor) for k in selected]
     losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
+    bits = [int(q) for q in plan.allocation.bits]  # in the order of `selected`, as the states
     for step in range(cfg.train.local_steps):
         # ---- devices: forward and encode the smashed data
-        messages = [exp.device.forward(state, batches[state.device][step], round_index, step,
-                                       plan.bits_of(state.device))
-                    for state in states]
+        messages = [exp.device.forward(state, batches[state.device][step], round_index, step, q)
+                    for state, q in zip(states, bits, strict=True)]
         uplink += sum(m.payload_bits for m in messages)
         # ---- server: one batch over all devices, one optimizer step, encoded gradients back
         result = exp.server.step(messages, round_index, step)

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from sflam.platform.allocation import AllocationProblem, equal_allocation
 from sflam.platform.build import build_parts, prepare_data, quiet_libraries, validate
 from sflam.platform.config import ExperimentConfig, config_from_dict
-from sflam.platform.costs import FlopTable, RoundPlan, measure_device_memory
+from sflam.platform.costs import FlopTable, RoundPlanner, measure_device_memory
 from sflam.platform.data import collate
 from sflam.platform.executors import Adapter, fedavg, trainable_state
 from sflam.platform.quantization import stored_weight_bytes
@@ -36,7 +35,6 @@ from sflam.platform.runtime import (
     evaluation_batches,
     select_devices,
 )
-from sflam.platform.system import Population, compute_energy_j, compute_latency_s, noise_w_per_hz
 
 METHODS = ("fl", "sl", "sfl", "sfl-q", "sflam")
 ProgressFn = Callable[[RoundMetrics], None]
@@ -87,18 +85,6 @@ class WholeModel(nn.Module):
         return self.server_part(self.device_part(input_ids, attention_mask), attention_mask)
 
 
-def _adapter_exchange_problem(config: ExperimentConfig, gain: np.ndarray, up: np.ndarray, down: np.ndarray,
-                           fixed: np.ndarray, compute_j: np.ndarray) -> AllocationProblem:
-    sysc = config.system
-    K = len(gain)
-    return AllocationProblem(
-        gain=gain, uplink_bits=up[:, None].astype(float), downlink_bits=down.astype(float), fixed_latency_s=fixed,
-        compute_energy_j=compute_j, bits_options=np.array([32]), raw_uplink_bits=up.astype(float),
-        distortion_weight=np.full(K, 1.0 / K), distortion_budget=0.0, bandwidth_hz=sysc.bandwidth_hz,
-        max_power_w=sysc.max_power_w, server_power_w=sysc.server_power_w,
-        n0=noise_w_per_hz(sysc.noise_dbm_per_hz), lam=config.allocation.lam)
-
-
 def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None) -> RunResult:
     started = time.perf_counter()
     quiet_libraries()
@@ -112,7 +98,7 @@ def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
     flops = FlopTable(model, nn.Identity(), global_adapter, int(device_part.config.hidden_size))
     longest = np.argsort([-len(s) for s in data.train.input_ids])[: config.train.batch_size]
     memory = measure_device_memory(model, global_adapter, collate(data.train, longest, data.pad_token_id))
-    population = Population.place(config.system, config.data.num_devices, config.seed)
+    planner = RoundPlanner(config, flops, adapter_bits, trains_device=True, schedule="parallel")
     rounds: list[RoundMetrics] = []
     accuracy, loss = float("nan"), float("nan")
     for round_index in range(config.train.rounds):
@@ -121,8 +107,7 @@ def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
         batches = device_round_batches(config, data, round_index, selected)
         lr = config.train.device_lr * config.train.lr_factor(round_index)
         finals, weights, losses, correct, seen = [], [], [], 0, 0
-        device_flops = np.zeros(len(selected))
-        for i, k in enumerate(selected):
+        for k in selected:
             adapter = {n: t.detach().clone().requires_grad_(True) for n, t in global_adapter.items()}
             optimizer = torch.optim.AdamW(adapter.values(), lr=lr, weight_decay=0.0)
             for batch in batches[int(k)]:
@@ -135,19 +120,12 @@ def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(batch_loss.detach()))
                 correct, seen = correct + int(batch_correct), seen + len(batch)
-                fwd, bwd = flops.device(int(batch.input_ids.shape[1]))
-                device_flops[i] += len(batch) * (fwd + bwd)
             finals.append({n: t.detach().clone() for n, t in adapter.items()})
             weights.append(float(len(data.shards[k])))
         global_adapter = fedavg(finals, weights)
         # ---- costs: local compute, the adapter (and head) down and up at equal bandwidth, full power
-        clock = population.clock_hz[selected]
-        compute_s = compute_latency_s(device_flops, clock, config.system)
+        plan = planner.plan(round_index, selected, batches)
         up = np.full(len(selected), adapter_bits)
-        problem = _adapter_exchange_problem(config, population.gains(selected, config.seed, round_index), up, up,
-                                         compute_s, compute_energy_j(device_flops, clock, config.system))
-        plan = RoundPlan(selected, equal_allocation(problem, 32), np.array([len(data.shards[k]) for k in selected]),
-                         compute_s, 0.0)
         metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
                                samples=seen, uplink_bits=int(up.sum()), downlink_bits=int(up.sum()),
                                wall_s=0.0)
@@ -179,6 +157,8 @@ def _evaluate_whole(config: ExperimentConfig, data, model: nn.Module, server_par
 def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None) -> RunResult:
     started = time.perf_counter()
     exp = Experiment.build(config)
+    p = exp.planner
+    sequential = RoundPlanner(config, p.flops, p.adapter_bits, p.trains_device, schedule="sequential")
     adapter = exp.device.initial_adapter()
     rounds: list[RoundMetrics] = []
     accuracy, loss = float("nan"), float("nan")
@@ -189,7 +169,6 @@ def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
         exp.server.set_lr_factor(lr)
         batches = device_round_batches(config, exp.data, round_index, selected)
         losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
-        plans = []
         for k in selected:  # one device after another, each handing its adapter to the next
             state = exp.device.start(int(k), adapter, lr)
             for step, batch in enumerate(batches[int(k)]):
@@ -201,18 +180,10 @@ def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
                 uplink += message.payload_bits
                 downlink += sum(result.downlink_bits)
             adapter = exp.device.final_adapter(state)
-            # ---- its costs: alone on the channel, whole band, full power
-            problem, samples, compute_s, server_s = exp.planner.problem(round_index, np.array([k]),
-                                                                        {int(k): batches[int(k)]})
-            plans.append(RoundPlan(np.array([k]), equal_allocation(problem, 32), samples, compute_s, server_s))
         metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
                                samples=seen, uplink_bits=uplink, downlink_bits=downlink, wall_s=0.0)
-        allocations = [p.allocation for p in plans]
-        metrics.round_latency_s = float(sum(a.round_latency_s for a in allocations))  # sequential
-        metrics.comm_latency_s = float(sum(float(a.comm_latency_s.sum()) for a in allocations))
-        metrics.compute_latency_s = float(sum(float(p.compute_s.sum()) + p.server_s for p in plans))
-        metrics.energy_j = float(sum(a.total_energy_j for a in allocations))
-        metrics.bits_mean = metrics.bits_min = metrics.bits_max = 32.0
+        # ---- costs: each device alone with the server on the whole band, one after another
+        apply_plan(metrics, sequential.plan(round_index, selected, batches))
         evaluated = _finish_round(config, round_index, metrics, round_started, rounds, progress,
                                   partial(exp.evaluate, adapter))
         accuracy, loss = evaluated or (accuracy, loss)

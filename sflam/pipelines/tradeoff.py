@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sflam.platform.allocation import AllocationProblem, allocate, equal_allocation, reference_costs
+from sflam.platform.allocation import Allocation, AllocationProblem, allocate, equal_allocation, reference_costs
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.runtime import Experiment, round_batches, select_devices
 from sflam.platform.system import LN2
@@ -47,14 +47,23 @@ class TradeoffResult:
 
 
 def floors(problem: AllocationProblem, bits_index: np.ndarray) -> tuple[float, float]:
-    """(round latency floor, device energy floor) of a round at given bits (DESIGN §6)."""
-    uplink = problem.uplink_bits[np.arange(problem.size), bits_index]
-    B, g, n0 = problem.bandwidth_hz, problem.gain, problem.n0
+    """(round latency floor, device energy floor) of a lockstep round at given bits (DESIGN §6).
+
+    Latency: every transmission of every stage on the whole band at full power (no device can be faster);
+    energy: the compute energy plus every uplink bit at N0 ln2 / g (infinite time).
+    """
+    uplink = problem.stage_uplink(bits_index)
+    B, g, n0 = problem.bandwidth_hz, problem.gain[:, None], problem.n0
     up = uplink / (B * np.log2(1 + problem.max_power_w * g / (n0 * B)))
     down = problem.downlink_bits / (B * np.log2(1 + problem.server_power_w * g / (n0 * B)))
-    latency = float(np.max(problem.fixed_latency_s + up + down))
-    energy = float(np.sum(problem.compute_energy_j + uplink * n0 * LN2 / g))
+    latency = float(np.sum(np.max(problem.compute_s + up + down, axis=0)) + problem.server_s)
+    energy = float(np.sum(problem.compute_energy_j) + np.sum(uplink * n0 * LN2 / g))
     return latency, energy
+
+
+def comm_latency_s(problem: AllocationProblem, allocation: Allocation) -> float:
+    """The time the radio adds to the round: the makespan minus the makespan with instantaneous transmissions."""
+    return allocation.round_latency_s - float(np.sum(np.max(problem.compute_s, axis=0)) + problem.server_s)
 
 
 def run_tradeoff(config: ExperimentConfig, points: int = 21, experiment: Experiment | None = None,
@@ -65,14 +74,14 @@ def run_tradeoff(config: ExperimentConfig, points: int = 21, experiment: Experim
     front: list[TradeoffPoint] = []
     problem = None
     for lam in np.linspace(0.0, 1.0, points):
-        problem, _, _, _ = exp.planner.problem(0, selected, batches, lam=float(lam))
+        problem = exp.planner.problem(0, selected, batches, lam=float(lam))
         a = allocate(problem, config.allocation.bits_search)
-        front.append(TradeoffPoint(float(lam), a.round_latency_s, a.total_energy_j, float(np.max(a.comm_latency_s)),
+        front.append(TradeoffPoint(float(lam), a.round_latency_s, a.total_energy_j, comm_latency_s(problem, a),
                                    float(np.mean(a.bits)), a.objective))
     assert problem is not None
     ref = reference_costs(problem)
     eq = equal_allocation(problem, config.quant.activation_bits, ref)
-    equal = TradeoffPoint(float("nan"), eq.round_latency_s, eq.total_energy_j, float(np.max(eq.comm_latency_s)),
+    equal = TradeoffPoint(float("nan"), eq.round_latency_s, eq.total_energy_j, comm_latency_s(problem, eq),
                           float(config.quant.activation_bits), eq.objective)
     lowest_bits = np.full(problem.size, int(np.argmin(problem.bits_options)))
     latency_floor, energy_floor = floors(problem, lowest_bits)

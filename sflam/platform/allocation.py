@@ -1,22 +1,34 @@
 """Joint allocation of activation bits, transmit power and bandwidth per device in a round (DESIGN §7).
 
     minimise  lam * T / T0 + (1 - lam) * E / E0
-    over      q_k in Q, p_k in [0, P_max], b_k >= 0,   sum_k b_k <= B,
+    over      q_k in Q, p_kj in [0, P_max], b_kj >= 0,   sum_k b_kj <= B in every stage j,
               sum_k w_k D(q_k) <= eps,  optional per-device energy caps,  T <= T_max,
 
-with T the round latency (max over devices) and E the devices' energy; T0, E0 are the values of the
-equal allocation at fp32 (b = B/K, P_max, q = 32), so lam is unit-free.
+with T the makespan of the lockstep round the runtime executes (DESIGN §5-6) and E the devices'
+energy; T0, E0 are the values of the equal allocation at fp32 (b = B/K, P_max, q = 32), so lam is
+unit-free.
 
-For fixed bits the power/bandwidth block is convex in (uplink time tau_k, b_k, T): the uplink energy
-tau (N0 b / g)(2^(S / (tau b)) - 1) is the perspective of an exponential, jointly convex; the power cap
-is tau >= S / (b log2(1 + P_max g / (N0 b))), the downlink time at server power is convex decreasing
-in b. Energy falls with time, so every device uses its whole slack: tau_k = T - c_k - D_k(b_k). For a
-given T the problem is a separable convex resource allocation over b, solved exactly through its
-bandwidth price nu (each device: e_k'(b_k) = -nu; sum b_k = B); the optimal value is convex in T,
-minimised by Brent's method on [T_min, T_max]. Every one-dimensional root is bracketed and found with
-vectorised Illinois false position. The bits block alternates with it (block coordinate descent):
-given (b, T), each device's uplink energy at each bit width is known; a Lagrangian price on distortion
-picks the bits, a greedy pass spends what budget is left, and the block is kept when the objective falls.
+The lockstep round is a chain of J = E + 1 stages separated by the server's barriers: stage 0 is the
+adapter download, the first forward and the first uplink; stage e is the gradient download of step e,
+the backward, the next forward and its uplink; the last stage is the last gradient download, the last
+backward and the adapter upload. A stage lasts as long as its slowest device, so
+
+    T = sum_j max_k (c_kj + D_kj(b_kj) + tau_kj) + server time,
+
+a sum of maxima of convex functions of (tau, b). The base station assigns each stage's transmissions
+their own bandwidth share and power (as it re-assigns resource blocks every scheduling interval), so
+for fixed bits the block separates into one convex problem per stage, coupled only through a round
+deadline (a latency price eta found by bisection). Each stage is solved exactly: the uplink energy
+tau (N0 b / g)(2^(S / (tau b)) - 1) is jointly convex in (tau, b), the power cap is
+tau >= S / (b log2(1 + P_max g / (N0 b))), the downlink time at server power is convex decreasing in b.
+Energy falls with time, so every device uses its whole slack: tau_kj = m_j - c_kj - D_kj(b_kj). For a
+stage length m the problem is a separable convex resource allocation over b, solved through its
+bandwidth price nu (each device: e_k'(b_k) = -nu; sum b_k = B); the optimal value is convex in m and
+Brent's method finds where its slope vanishes (envelope theorem). Every one-dimensional root is
+bracketed and found with vectorised Illinois false position. The bits block alternates with it (block
+coordinate descent): given the stages' (b, m), each device's uplink energy at each bit width is known;
+a Lagrangian price on distortion picks the bits, a greedy pass spends what budget is left, and the
+block is kept when the objective falls.
 """
 
 from __future__ import annotations
@@ -28,10 +40,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
+from sflam.platform.config import EXHAUSTIVE_LIMIT
 from sflam.platform.errors import SflamError
 from sflam.platform.system import LN2
 
-EXHAUSTIVE_LIMIT = 4096
 MAX_X = 1000.0  # spectral efficiency cap (bit/s/Hz) that keeps 2^x finite
 
 
@@ -39,24 +51,28 @@ class AllocationError(SflamError):
     """No allocation satisfies the constraints (deadline, energy caps, bandwidth)."""
 
 
-def distortion(bits: np.ndarray | int) -> np.ndarray:
-    """Per-element variance bound of the codec relative to the row range squared: Δ²/4 / range² (0 at 32 bits)."""
+def distortion(bits: np.ndarray | float) -> np.ndarray:
+    """The codec's per-element variance bound relative to the row range squared: Δ²/4 / range² (0 at 32 bits).
+
+    Δ = range / (2^q - 1) is the codec's actual step (its side information never widens it, DESIGN §4).
+    """
     q = np.asarray(bits, dtype=np.float64)
     return np.where(q >= 32, 0.0, 1.0 / (4.0 * (2.0 ** np.minimum(q, 31) - 1.0) ** 2))
 
 
 @dataclass(frozen=True)
 class AllocationProblem:
-    """One round's selected devices and what they must send; all arrays are per device (length K)."""
+    """One round's selected devices, stage by stage; arrays are per device (K) and per stage (J = E + 1)."""
 
-    gain: np.ndarray                 # channel power gain g_k
-    uplink_bits: np.ndarray          # (K, Q): round uplink payload at each bit option (smashed data + adapter)
-    downlink_bits: np.ndarray        # gradients + adapter down at the server power
-    fixed_latency_s: np.ndarray      # compute and server time (do not depend on the allocation)
-    compute_energy_j: np.ndarray     # device compute energy of the round
+    gain: np.ndarray                 # (K,) channel power gain g_k
+    uplink_bits: np.ndarray          # (K, J, Q): each stage's uplink payload at each bit option
+    downlink_bits: np.ndarray        # (K, J): each stage's download at the server power
+    compute_s: np.ndarray            # (K, J): device computation inside each stage
+    server_s: float                  # the server's steps, on the critical path between the stages
+    compute_energy_j: np.ndarray     # (K,) device compute energy of the round
     bits_options: np.ndarray         # (Q,) allowed activation bit widths
-    raw_uplink_bits: np.ndarray      # uplink payload at fp32 (for the reference T0, E0)
-    distortion_weight: np.ndarray    # w_k, sums to 1 (share of the round's activation elements)
+    raw_uplink_bits: np.ndarray      # (K, J) uplink payload at fp32 (for the reference T0, E0)
+    distortion_weight: np.ndarray    # (K,) w_k, sums to 1 (share of the round's activation elements)
     distortion_budget: float         # eps
     bandwidth_hz: float
     max_power_w: float
@@ -71,33 +87,53 @@ class AllocationProblem:
     def size(self) -> int:
         return int(self.gain.shape[0])
 
+    @property
+    def stages(self) -> int:
+        return int(self.downlink_bits.shape[1])
+
     def option_index(self, bits: int) -> int:
         matches = np.flatnonzero(self.bits_options == bits)
         if matches.size == 0:
             raise ValueError(f"{bits} bits is not among the options {self.bits_options.tolist()}")
         return int(matches[0])
 
+    def stage_uplink(self, bits_index: np.ndarray) -> np.ndarray:
+        """(K, J) uplink payloads at the chosen bit options."""
+        return self.uplink_bits[np.arange(self.size), :, bits_index]
+
 
 @dataclass(frozen=True)
 class Allocation:
-    """A round's plan and what it costs, per device and in total."""
+    """A round's plan and what it costs, per device and stage, and in total."""
 
-    bits: np.ndarray
-    power_w: np.ndarray
-    bandwidth_hz: np.ndarray
-    uplink_s: np.ndarray
-    downlink_s: np.ndarray
-    latency_s: np.ndarray
-    uplink_energy_j: np.ndarray
-    energy_j: np.ndarray             # compute + uplink, per device
-    round_latency_s: float
+    bits: np.ndarray                 # (K,)
+    stage_power_w: np.ndarray        # (K, J) transmit power in each stage's uplink
+    stage_bandwidth_hz: np.ndarray   # (K, J) bandwidth share in each stage
+    uplink_s: np.ndarray             # (K, J) uplink transmission time per stage
+    downlink_s: np.ndarray           # (K, J) download time per stage
+    stage_s: np.ndarray              # (J,) stage lengths (the slowest device of each stage)
+    latency_s: np.ndarray            # (K,) when each device finishes the round (its adapter is up)
+    uplink_energy_j: np.ndarray      # (K,)
+    energy_j: np.ndarray             # (K,) compute + uplink
+    round_latency_s: float           # the lockstep makespan
     total_energy_j: float
     objective: float
     reference: tuple[float, float] = field(default=(1.0, 1.0))  # (T0, E0)
 
     @property
+    def power_w(self) -> np.ndarray:
+        """Each device's mean transmit power over its uplink time (energy / time)."""
+        time = self.uplink_s.sum(axis=1)
+        return np.where(time > 0, self.uplink_energy_j / np.where(time > 0, time, 1.0), 0.0)
+
+    @property
+    def bandwidth_hz(self) -> np.ndarray:
+        """Each device's bandwidth share averaged over the stages it transmits in."""
+        return self.stage_bandwidth_hz.mean(axis=1)
+
+    @property
     def comm_latency_s(self) -> np.ndarray:
-        return self.uplink_s + self.downlink_s
+        return self.uplink_s.sum(axis=1) + self.downlink_s.sum(axis=1)
 
 
 # --------------------------------------------------------------------------- vectorised 1-D roots
@@ -150,25 +186,31 @@ def f_sub(f: Callable[[np.ndarray], np.ndarray], active: np.ndarray, template: n
     return f(full)[active]
 
 
-# --------------------------------------------------------------------------- the power/bandwidth block
+# --------------------------------------------------------------------------- one stage's power/bandwidth block
 
 
 class _Links:
-    """Per-device link quantities for fixed uplink payloads S (vectorised over devices)."""
+    """One stage's per-device link quantities for fixed uplink payloads S (vectorised over devices)."""
 
-    def __init__(self, problem: AllocationProblem, uplink_bits: np.ndarray) -> None:
+    def __init__(self, problem: AllocationProblem, uplink_bits: np.ndarray, downlink_bits: np.ndarray,
+                 compute_s: np.ndarray, uplink_cap_j: np.ndarray, weights: tuple[float, float]) -> None:
         self.p = problem
         self.g = problem.gain.astype(np.float64)
         self.S = uplink_bits.astype(np.float64)
-        self.Sd = problem.downlink_bits.astype(np.float64)
-        self.c = problem.fixed_latency_s.astype(np.float64)
+        self.Sd = downlink_bits.astype(np.float64)
+        self.c = compute_s.astype(np.float64)
         self.a_up = problem.max_power_w * self.g / problem.n0
         self.a_dn = problem.server_power_w * self.g / problem.n0
         self.coef = problem.n0 / self.g  # energy = coef * u * (2^(S/u) - 1), u = tau * b
-        cap = np.inf if problem.energy_cap_j is None else problem.energy_cap_j
-        self.uplink_cap = cap - problem.compute_energy_j  # uplink energy allowed by the cap
+        self.uplink_cap = uplink_cap_j  # uplink energy the device's cap leaves to this stage
         self.b_floor = problem.bandwidth_hz * 1e-12
+        self.weights = weights  # (latency weight per second, energy weight per joule)
         self.nu_hint: float | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing travels in this stage: its length is the slowest computation."""
+        return not (self.S.any() or self.Sd.any())
 
     # rates and times ---------------------------------------------------------
     @staticmethod
@@ -194,7 +236,7 @@ class _Links:
     def energy(self, tau: np.ndarray, b: np.ndarray) -> np.ndarray:
         u = tau * b
         x = np.minimum(self.S / np.where(u > 0, u, 1e-300), MAX_X)
-        return np.where(u > 0, self.coef * u * np.expm1(x * LN2), np.inf)
+        return np.where(u > 0, self.coef * u * np.expm1(x * LN2), np.where(self.S > 0, np.inf, 0.0))
 
     def energy_at(self, b: np.ndarray, T: float | np.ndarray) -> np.ndarray:
         return self.energy(self.uplink_time(b, T), b)
@@ -210,8 +252,8 @@ class _Links:
         return np.where(u > 0, self.coef * phi * du, -np.inf)
 
     def power(self, tau: np.ndarray, b: np.ndarray) -> np.ndarray:
-        x = np.minimum(self.S / (tau * b), MAX_X)
-        return self.coef * b * np.expm1(x * LN2)
+        x = np.minimum(self.S / np.where(tau * b > 0, tau * b, 1e-300), MAX_X)
+        return np.where(self.S > 0, self.coef * b * np.expm1(x * LN2), 0.0)
 
     # feasibility -------------------------------------------------------------
     def min_bandwidth(self, T: float) -> np.ndarray:
@@ -220,12 +262,13 @@ class _Links:
         lo = np.full_like(self.g, np.log(self.b_floor))
         hi = np.full_like(self.g, np.log(B))
 
-        def slack(log_b: np.ndarray) -> np.ndarray:  # log(available time / time at full power), increasing
+        def slack(log_b: np.ndarray) -> np.ndarray:  # log(available time / time needed), increasing
             b = np.exp(log_b)
             available = self.uplink_time(b, T)
+            needed = self.full_power_s(b)
             with np.errstate(divide="ignore", invalid="ignore"):
-                return np.where(available > 0, np.log(np.maximum(available, 1e-300)) - np.log(self.full_power_s(b)),
-                                -np.inf)
+                return np.where(available > 0, np.log(np.maximum(available, 1e-300))
+                                - np.log(np.maximum(needed, 1e-300)), -np.inf)
 
         need = np.exp(_root_increasing(slack, lo, hi, rtol=1e-9))
         feasible = slack(np.log(np.full_like(self.g, B))) >= -1e-12
@@ -243,7 +286,7 @@ class _Links:
         return np.where(feasible, need, np.inf)
 
     def latency_lower_bound(self) -> float:
-        """No T below this is feasible: infinite bandwidth at full power up and down."""
+        """No stage length below this is feasible: infinite bandwidth at full power up and down."""
         up = self.S * self.p.n0 * LN2 / (self.p.max_power_w * self.g)
         down = self.Sd * self.p.n0 * LN2 / (self.p.server_power_w * self.g)
         return float(np.max(self.c + up + down))
@@ -266,17 +309,16 @@ class _BlockSolution:
     bandwidth: np.ndarray
     uplink_energy: np.ndarray
     objective: float
-    slope: float = float("nan")  # sign of dJ/dT as log(lam/T0) - log(-(1-lam)/E0 dE/dT); nan where unknown
+    slope: float = float("nan")  # sign of dJ/dT as log(latency weight) - log(energy value of time); nan: unknown
 
 
-def _objective(problem: AllocationProblem, T: float, uplink_energy: np.ndarray, ref: tuple[float, float]) -> float:
-    T0, E0 = ref
-    energy = float(np.sum(problem.compute_energy_j) + np.sum(uplink_energy))
-    return problem.lam * T / T0 + (1.0 - problem.lam) * energy / E0
+def _stage_objective(links: _Links, T: float, uplink_energy: np.ndarray) -> float:
+    w_time, w_energy = links.weights
+    return w_time * T + w_energy * float(np.sum(uplink_energy))
 
 
 def _split_bandwidth(links: _Links, T: float, b_min: np.ndarray) -> tuple[np.ndarray, float]:
-    """Optimal bandwidth shares at round latency T and their price nu (the shares sum to B)."""
+    """Optimal bandwidth shares at stage length T and their price nu (the shares sum to B)."""
     B = links.p.bandwidth_hz
     if links.p.size == 1:
         return np.array([B]), float(-links.energy_slope(np.array([B]), T)[0])
@@ -298,10 +340,10 @@ def _split_bandwidth(links: _Links, T: float, b_min: np.ndarray) -> tuple[np.nda
             lower[:] = np.maximum(lower, b)
         return float(np.log(B) - np.log(total))
 
-    lo, hi = float(np.log(nu_lo)), float(np.log(nu_hi))
+    lo, hi = float(np.log(max(nu_lo, 1e-300))), float(np.log(nu_hi))
     log_nu: float | None = None
     if links.nu_hint is not None and lo < np.log(links.nu_hint) < hi:
-        # warm start: the price moves little between the round latencies the outer search tries
+        # warm start: the price moves little between the stage lengths the outer search tries
         centre = float(np.log(links.nu_hint))
         try:
             log_nu = brentq(excess, max(lo, centre - 0.25), min(hi, centre + 0.25), xtol=1e-6, rtol=1e-8)
@@ -319,12 +361,11 @@ def _split_bandwidth(links: _Links, T: float, b_min: np.ndarray) -> tuple[np.nda
     return b * min(1.0, B / float(np.sum(b))), nu
 
 
-def _latency_slope(links: _Links, T: float, b: np.ndarray, b_min: np.ndarray, nu: float,
-                   ref: tuple[float, float]) -> float:
+def _latency_slope(links: _Links, T: float, b: np.ndarray, b_min: np.ndarray, nu: float) -> float:
     """dJ/dT at the optimum for T (envelope theorem): the devices' marginal energy of time, plus the
     multipliers of the power caps that bind (a device held at its minimum bandwidth)."""
     tau = links.uplink_time(b, T)
-    x = np.minimum(links.S / (tau * b), MAX_X)
+    x = np.minimum(links.S / np.where(tau * b > 0, tau * b, 1e-300), MAX_X)
     two_x = np.exp2(x)
     de_dT = links.coef * b * (two_x - 1.0 - x * LN2 * two_x)
     bound = b <= b_min * (1 + 1e-9)
@@ -332,27 +373,28 @@ def _latency_slope(links: _Links, T: float, b: np.ndarray, b_min: np.ndarray, nu
         cap = links._capacity(b, links.a_up)
         d_cap = np.log2(1.0 + links.a_up / b) - links.a_up / (LN2 * (b + links.a_up))
         g_slope = -links.S * d_cap / cap**2 + links.downlink_slope(b)
-        rho = np.clip(-(links.energy_slope(b, T) + nu) / g_slope, 0.0, None)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rho = np.clip(np.nan_to_num(-(links.energy_slope(b, T) + nu) / g_slope), 0.0, None)
         de_dT = de_dT - np.where(bound, rho, 0.0)
-    T0, E0 = ref
-    marginal_energy = -(1.0 - links.p.lam) / E0 * float(np.sum(de_dT))  # value of one more second, >= 0
+    w_time, w_energy = links.weights
+    marginal_energy = -w_energy * float(np.sum(de_dT))  # value of one more second, >= 0
     # log of (latency weight / energy value): increasing in T, zero at the optimum
     with np.errstate(divide="ignore"):
-        return float(np.log(links.p.lam / T0) - np.log(marginal_energy)) if links.p.lam > 0 else -np.inf
+        return float(np.log(w_time) - np.log(marginal_energy)) if w_time > 0 else -np.inf
 
 
-def _solve_at(links: _Links, T: float, ref: tuple[float, float]) -> _BlockSolution:
+def _solve_at(links: _Links, T: float) -> _BlockSolution:
     b_min = links.min_bandwidth(T)
     if not np.all(np.isfinite(b_min)) or float(np.sum(b_min)) > links.p.bandwidth_hz * (1 + 1e-9):
         return _BlockSolution(T, b_min, np.full_like(b_min, np.inf), np.inf)
     b, nu = _split_bandwidth(links, T, b_min)
     energy = links.energy_at(b, T)
-    slope = _latency_slope(links, T, b, b_min, nu, ref) if links.p.energy_cap_j is None else float("nan")
-    return _BlockSolution(T, b, energy, _objective(links.p, T, energy, ref), slope)
+    slope = _latency_slope(links, T, b, b_min, nu) if links.p.energy_cap_j is None else float("nan")
+    return _BlockSolution(T, b, energy, _stage_objective(links, T, energy), slope)
 
 
 def _min_latency(links: _Links, horizon: float) -> float:
-    """The least feasible round latency: the smallest T whose minimum bandwidths fit in B."""
+    """The least feasible stage length: the smallest T whose minimum bandwidths fit in B."""
     B = links.p.bandwidth_hz
     lower = links.latency_lower_bound()
 
@@ -360,7 +402,7 @@ def _min_latency(links: _Links, horizon: float) -> float:
         need = np.minimum(links.min_bandwidth(float(np.exp(log_T))), 2 * B)
         return float(np.log(B) - np.log(float(np.sum(need))))
 
-    if fits(np.log(horizon)) < 0:
+    if horizon <= lower or fits(np.log(horizon)) < 0:
         raise AllocationError(f"no allocation finishes the round within {horizon:.4g} s under the bandwidth, "
                               "power and energy caps; raise allocation.deadline_s or allocation.energy_cap_j")
     if fits(np.log(lower)) >= 0:
@@ -373,8 +415,8 @@ def _min_latency(links: _Links, horizon: float) -> float:
     return T
 
 
-def _minimise_latency_objective(links: _Links, T_min: float, horizon: float, at_min: _BlockSolution,
-                                ref: tuple[float, float]) -> _BlockSolution:
+def _minimise_latency_objective(links: _Links, T_min: float, horizon: float, at_min: _BlockSolution
+                                ) -> _BlockSolution:
     """J(T) is convex: its minimiser is T_min, the horizon, or the root of dJ/dT between them."""
     if at_min.slope >= 0:
         return at_min
@@ -382,7 +424,7 @@ def _minimise_latency_objective(links: _Links, T_min: float, horizon: float, at_
 
     def solve(log_gap: float) -> _BlockSolution:
         if log_gap not in seen:
-            seen[log_gap] = _solve_at(links, T_min + float(np.exp(log_gap)), ref)
+            seen[log_gap] = _solve_at(links, T_min + float(np.exp(log_gap)))
         return seen[log_gap]
 
     def slope(log_gap: float) -> float:  # in log(T - T_min): the energy's marginal value is steep near T_min
@@ -399,44 +441,130 @@ def _minimise_latency_objective(links: _Links, T_min: float, horizon: float, at_
     return min([best, at_min, at_end], key=lambda sol: sol.objective)
 
 
+def _solve_stage(links: _Links, T_min: float, horizon: float) -> _BlockSolution:
+    """One stage's optimal length, bandwidth shares and uplink energies."""
+    best = _solve_at(links, T_min)
+    if links.weights[1] <= 0 or horizon <= T_min * (1 + 1e-9):
+        return best
+    if np.isfinite(best.slope):
+        return _minimise_latency_objective(links, T_min, horizon, best)
+    # energy caps make the slope unknown: a bounded scalar search of the convex stage objective
+    found = minimize_scalar(lambda T: _solve_at(links, float(T)).objective, bounds=(T_min, horizon),
+                            method="bounded", options={"xatol": T_min * 1e-7, "maxiter": 200})
+    return min([best, _solve_at(links, float(found.x)), _solve_at(links, horizon)], key=lambda s: s.objective)
+
+
+@dataclass
+class _Stages:
+    """The stages of a round for fixed bits, with what does not change while the latency price moves."""
+
+    links: list[_Links]
+    T_min: np.ndarray
+    cap: float
+
+
+def _stages(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, float]) -> _Stages:
+    T0, E0 = ref
+    weights = (problem.lam / T0, (1.0 - problem.lam) / E0)
+    allowed = np.inf if problem.energy_cap_j is None else problem.energy_cap_j
+    spare_energy = allowed - problem.compute_energy_j
+    total_up = np.maximum(uplink.sum(axis=1), 1e-300)
+    links = [_Links(problem, uplink[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j],
+                    spare_energy * uplink[:, j] / total_up, weights) for j in range(problem.stages)]
+    cap = problem.deadline_s if problem.deadline_s is not None else problem.max_latency_factor * T0
+    T_min = np.array([float(np.max(lk.c)) if lk.idle else _min_latency(lk, cap) for lk in links])
+    if float(T_min.sum()) + problem.server_s > cap * (1 + 1e-12):
+        raise AllocationError(f"no allocation finishes the round within {cap:.4g} s (the least is "
+                              f"{float(T_min.sum()) + problem.server_s:.4g} s); raise allocation.deadline_s")
+    return _Stages(links, T_min, cap)
+
+
+def _solve_stages(stages: _Stages, server_s: float, extra_weight: float) -> list[_BlockSolution]:
+    spare = stages.cap - server_s - float(stages.T_min.sum())
+    out = []
+    for links, T_min in zip(stages.links, stages.T_min, strict=True):
+        if links.idle:
+            K = links.g.shape[0]
+            out.append(_BlockSolution(T_min, np.full(K, links.p.bandwidth_hz / K), np.zeros(K), 0.0))
+            continue
+        base = links.weights
+        links.weights = (base[0] + extra_weight, base[1])
+        try:
+            out.append(_solve_stage(links, T_min, T_min + spare))
+        finally:
+            links.weights = base
+    return out
+
+
+def _solve_block(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, float]) -> list[_BlockSolution]:
+    """Every stage for fixed bits; a latency price eta >= 0 keeps the makespan within the deadline (or cap)."""
+    stages = _stages(problem, uplink, ref)
+
+    def total(sols: list[_BlockSolution]) -> float:
+        return float(sum(s.T for s in sols)) + problem.server_s
+
+    if problem.lam > 0:
+        sols = _solve_stages(stages, problem.server_s, 0.0)
+        if total(sols) <= stages.cap * (1 + 1e-9):
+            return sols
+    # the deadline binds: raise the price of time until the stages fit (the makespan falls as eta rises)
+    T0 = ref[0]
+    hi = 1.0 / T0
+    sols = _solve_stages(stages, problem.server_s, hi)
+    while total(sols) > stages.cap * (1 + 1e-9):
+        hi *= 4.0
+        sols = _solve_stages(stages, problem.server_s, hi)
+    lo = 0.0
+    for _ in range(60):
+        mid = np.sqrt(lo * hi) if lo > 0 else hi / 64.0
+        trial = _solve_stages(stages, problem.server_s, mid)
+        if total(trial) <= stages.cap * (1 + 1e-9):
+            hi, sols = mid, trial
+        else:
+            lo = mid
+        if hi - lo <= 1e-6 * hi:
+            break
+    return sols
+
+
 def solve_power_bandwidth(problem: AllocationProblem, bits_index: np.ndarray,
                           reference: tuple[float, float] | None = None) -> Allocation:
     """The optimal power and bandwidth for fixed bits (the convex block), as a full allocation."""
     ref = reference or reference_costs(problem)
-    uplink = problem.uplink_bits[np.arange(problem.size), bits_index]
-    links = _Links(problem, uplink)
-    horizon = problem.deadline_s if problem.deadline_s is not None else problem.max_latency_factor * ref[0]
-    T_min = _min_latency(links, horizon)
-    best = _solve_at(links, T_min, ref)
-    if problem.lam < 1.0 and horizon > T_min * (1 + 1e-9) and np.isfinite(best.slope):
-        best = _minimise_latency_objective(links, T_min, horizon, best, ref)
-    elif problem.lam < 1.0 and horizon > T_min * (1 + 1e-9):
-        found = minimize_scalar(lambda T: _solve_at(links, float(T), ref).objective, bounds=(T_min, horizon),
-                                method="bounded", options={"xatol": T_min * 1e-7, "maxiter": 200})
-        candidate = _solve_at(links, float(found.x), ref)
-        if candidate.objective < best.objective:
-            best = candidate
-        end = _solve_at(links, horizon, ref)
-        if end.objective < best.objective:
-            best = end
-    return _assemble(problem, links, problem.bits_options[bits_index], best, ref)
+    uplink = problem.stage_uplink(np.asarray(bits_index))
+    sols = _solve_block(problem, uplink, ref)
+    links = [_Links(problem, uplink[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j],
+                    np.full(problem.size, np.inf), (0.0, 0.0)) for j in range(problem.stages)]
+    return _assemble(problem, links, problem.bits_options[np.asarray(bits_index)], sols, ref)
 
 
-def _assemble(problem: AllocationProblem, links: _Links, bits: np.ndarray, sol: _BlockSolution,
+def _assemble(problem: AllocationProblem, links: list[_Links], bits: np.ndarray, sols: list[_BlockSolution],
               ref: tuple[float, float]) -> Allocation:
-    b = sol.bandwidth
-    down = links.downlink_s(b)
-    tau = sol.T - links.c - down
-    power = np.minimum(links.power(tau, b), problem.max_power_w)
-    tau = np.maximum(tau, links.full_power_s(b))  # rounding at the cap: never faster than full power
-    up_energy = power * tau
-    latency = links.c + tau + down
+    K, J = problem.size, problem.stages
+    power, band, up, down, busy = (np.zeros((K, J)) for _ in range(5))
+    for j, (lk, sol) in enumerate(zip(links, sols, strict=True)):
+        b = sol.bandwidth
+        d = lk.downlink_s(b)
+        tau = np.where(lk.S > 0, sol.T - lk.c - d, 0.0)
+        p = np.minimum(lk.power(tau, b), problem.max_power_w)
+        tau = np.maximum(tau, lk.full_power_s(b))  # rounding at the cap: never faster than full power
+        power[:, j], band[:, j], up[:, j], down[:, j] = p, b, tau, d
+        busy[:, j] = lk.c + d + tau
+    return _priced(problem, bits, power, band, up, down, busy, ref)
+
+
+def _priced(problem: AllocationProblem, bits: np.ndarray, power: np.ndarray, band: np.ndarray, up: np.ndarray,
+            down: np.ndarray, busy: np.ndarray, ref: tuple[float, float]) -> Allocation:
+    """Costs of a stage-by-stage plan under the lockstep: stages last as long as their slowest device."""
+    stage = busy.max(axis=0)
+    T = float(stage.sum()) + problem.server_s
+    finish = float(stage[:-1].sum()) + problem.server_s + busy[:, -1]
+    up_energy = (power * up).sum(axis=1)
     energy = problem.compute_energy_j + up_energy
-    T = float(np.max(latency))
-    total = float(np.sum(energy))
+    total = float(energy.sum())
     objective = problem.lam * T / ref[0] + (1 - problem.lam) * total / ref[1]
-    return Allocation(bits.astype(np.int64), power, b, tau, down, latency, up_energy, energy, T, total, objective,
-                      ref)
+    return Allocation(np.asarray(bits, dtype=np.int64).copy(), power, band, up, down, stage, finish, up_energy,
+                      energy, T, total, objective, ref)
 
 
 # --------------------------------------------------------------------------- baselines and reference
@@ -445,24 +573,24 @@ def _assemble(problem: AllocationProblem, links: _Links, bits: np.ndarray, sol: 
 def equal_allocation(problem: AllocationProblem, bits: int | np.ndarray,
                      reference: tuple[float, float] | None = None, uplink_bits: np.ndarray | None = None
                      ) -> Allocation:
-    """Equal bandwidth B/K, full power, fixed bits: the baselines' allocation."""
+    """Equal bandwidth B/K in every stage, full power, fixed bits: the baselines' allocation."""
     K = problem.size
     bits_arr = np.broadcast_to(np.asarray(bits, dtype=np.int64), (K,))
     if uplink_bits is None:
-        idx = np.array([problem.option_index(int(q)) for q in bits_arr])
-        uplink_bits = problem.uplink_bits[np.arange(K), idx]
-    links = _Links(problem, uplink_bits)
-    b = np.full(K, problem.bandwidth_hz / K)
-    up = links.full_power_s(b)
-    down = links.downlink_s(b)
-    power = np.full(K, problem.max_power_w)
-    latency = links.c + up + down
-    up_energy = power * up
-    energy = problem.compute_energy_j + up_energy
-    T, total = float(np.max(latency)), float(np.sum(energy))
-    ref = reference or (T, total)
-    objective = problem.lam * T / ref[0] + (1 - problem.lam) * total / ref[1]
-    return Allocation(bits_arr.copy(), power, b, up, down, latency, up_energy, energy, T, total, objective, ref)
+        uplink_bits = problem.stage_uplink(np.array([problem.option_index(int(q)) for q in bits_arr]))
+    b = np.full((K, problem.stages), problem.bandwidth_hz / K)
+    power, up, down = np.zeros_like(b), np.zeros_like(b), np.zeros_like(b)
+    for j in range(problem.stages):
+        lk = _Links(problem, uplink_bits[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j],
+                   np.full(K, np.inf), (0.0, 0.0))
+        up[:, j], down[:, j] = lk.full_power_s(b[:, j]), lk.downlink_s(b[:, j])
+        power[:, j] = np.where(lk.S > 0, problem.max_power_w, 0.0)
+    busy = problem.compute_s + up + down
+    allocation = _priced(problem, bits_arr, power, b, up, down, busy, reference or (1.0, 1.0))
+    if reference is None:  # its own reference: objective 1
+        allocation = _priced(problem, bits_arr, power, b, up, down, busy,
+                             (allocation.round_latency_s, allocation.total_energy_j))
+    return allocation
 
 
 def reference_costs(problem: AllocationProblem) -> tuple[float, float]:
@@ -496,17 +624,20 @@ def _start_bits(problem: AllocationProblem) -> np.ndarray:
 
 
 def _bits_block(problem: AllocationProblem, current: Allocation) -> np.ndarray:
-    """Bits given (b, T): each device's uplink energy per bit option, a distortion price, then greedy fill."""
+    """Bits given the stages' (b, m): each device's uplink energy per bit option, a distortion price, then greedy."""
     K, Q = problem.size, len(problem.bits_options)
-    T = current.round_latency_s
-    cost = np.full((K, Q), np.inf)
-    for j in range(Q):
-        links = _Links(problem, problem.uplink_bits[:, j])
-        tau = T - links.c - links.downlink_s(current.bandwidth_hz)
-        ok = tau >= links.full_power_s(current.bandwidth_hz) * (1 - 1e-12)
-        e = links.energy(np.maximum(tau, 1e-300), current.bandwidth_hz)
-        ok &= e <= links.uplink_cap
-        cost[:, j] = np.where(ok, e, np.inf)
+    cost = np.zeros((K, Q))
+    for q in range(Q):
+        for j in range(problem.stages):
+            lk = _Links(problem, problem.uplink_bits[:, j, q], problem.downlink_bits[:, j], problem.compute_s[:, j],
+                       np.full(K, np.inf), (0.0, 0.0))
+            b = current.stage_bandwidth_hz[:, j]
+            tau = current.stage_s[j] - lk.c - lk.downlink_s(b)
+            ok = tau >= lk.full_power_s(b) * (1 - 1e-12)
+            e = lk.energy(np.maximum(tau, 1e-300), b)
+            cost[:, q] += np.where(ok, e, np.inf)
+    if problem.energy_cap_j is not None:
+        cost = np.where(cost + problem.compute_energy_j[:, None] <= problem.energy_cap_j * (1 + 1e-9), cost, np.inf)
     weight = problem.distortion_weight[:, None] * distortion(problem.bits_options)[None, :]
 
     def pick(eta: float) -> np.ndarray:
@@ -559,9 +690,14 @@ def allocate(problem: AllocationProblem, search: str = "greedy", max_iters: int 
     return best
 
 
+def exhaustive_fits(options: int, devices: int) -> bool:
+    """Whether enumerating every bit combination stays within EXHAUSTIVE_LIMIT."""
+    return options**devices <= EXHAUSTIVE_LIMIT
+
+
 def _exhaustive(problem: AllocationProblem, ref: tuple[float, float]) -> Allocation:
     Q, K = len(problem.bits_options), problem.size
-    if Q**K > EXHAUSTIVE_LIMIT:
+    if not exhaustive_fits(Q, K):
         raise AllocationError(f"exhaustive bit search over {Q}^{K} combinations exceeds {EXHAUSTIVE_LIMIT}; "
                               "use allocation.bits_search=greedy")
     best: Allocation | None = None

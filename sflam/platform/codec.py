@@ -16,6 +16,10 @@ import torch
 from sflam.platform.errors import CodecError
 
 SIDE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Activation gradients of a mean loss over many devices are ~1e-6 and smaller, where fp16 side
+# information underflows and widens the step: they always travel with fp32 side information.
+GRADIENT_SIDE_DTYPE = "fp32"
+FP16_STEP_SLACK = 2.0**-10  # fp16 rounds the scale up by at most one ulp (relative 2^-10) of a normal value
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,12 @@ def _side_range(rows: torch.Tensor, bits: int, side: torch.dtype) -> tuple[torch
     scale = ((high - offset.float()) / levels).to(side)
     too_small = offset.float() + scale.float() * levels < high
     scale = torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    ideal = (high - low) / levels
+    wide = scale.float() > ideal * (1 + FP16_STEP_SLACK) + torch.finfo(torch.float32).tiny
+    if bool(wide.any()):  # subnormal fp16 side information: the step would no longer meet the bound
+        worst = float((scale.float()[wide] / ideal[wide].clamp_min(torch.finfo(torch.float32).tiny)).max())
+        raise CodecError(f"fp16 side information would widen the quantization step {worst:.3g}x for rows of range "
+                         f"{float(ideal[wide].min() * levels):.3g} (fp16 underflow); use quant.side_dtype=fp32")
     return offset.float(), scale.float()
 
 

@@ -22,6 +22,7 @@ ENGINES = ("torch", "deepspeed")
 ALLOCATION_POLICIES = ("sflam", "equal")
 BITS_SEARCHES = ("greedy", "exhaustive")
 SIDE_DTYPES = ("fp32", "fp16")
+EXHAUSTIVE_LIMIT = 4096  # bit combinations the exhaustive allocator may enumerate
 
 
 def _allowed_bits(value: int) -> bool:
@@ -193,8 +194,9 @@ class AllocationConfig:
     lam: float = field(default=0.5, metadata={"help": "weight of latency in lam*T/T0 + (1-lam)*E/E0"})
     bits: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32],
                             metadata={"help": "activation bit widths the allocator may choose"})
-    distortion_bits: int | None = field(default=None, metadata={
-        "help": "distortion budget = all devices at this many bits (None: quant.activation_bits)"})
+    distortion_bits: float = field(default=6.0, metadata={
+        "help": "distortion budget stated as an average bit width: sum_k w_k D(q_k) <= D(this), D = the codec's "
+                "variance bound (6: poor channels may send fewer bits, good ones more)"})
     deadline_s: float | None = field(default=None, metadata={"help": "round deadline T_max in seconds"})
     max_latency_factor: float = field(default=10.0, metadata={
         "help": "without a deadline, the round latency is capped at this multiple of T0"})
@@ -208,8 +210,10 @@ class AllocationConfig:
         _check(bool(self.bits), "allocation.bits", self.bits, "a non-empty list of bit widths")
         for value in self.bits:
             _check(_allowed_bits(value), "allocation.bits", value, "bit widths in 1..16, or 32 for raw fp32")
-        _check(self.distortion_bits is None or _allowed_bits(self.distortion_bits), "allocation.distortion_bits",
-               self.distortion_bits, "an integer in 1..16, or 32")
+        _check(1.0 <= self.distortion_bits <= 16.0 or self.distortion_bits == 32, "allocation.distortion_bits",
+               self.distortion_bits, "a bit width in [1, 16], or 32 (no distortion: every device at fp32)")
+        _check(min(self.bits) <= self.distortion_bits, "allocation.distortion_bits", self.distortion_bits,
+               f"at least the smallest of allocation.bits={sorted(self.bits)}, else no bit width meets the budget")
         _check(self.deadline_s is None or self.deadline_s > 0, "allocation.deadline_s", self.deadline_s,
                "a number > 0, or null for none")
         _check(self.max_latency_factor > 1.0, "allocation.max_latency_factor", self.max_latency_factor,
@@ -360,6 +364,15 @@ class ExperimentConfig:
                self.train.devices_per_round, f"at most data.num_devices={self.data.num_devices}")
         _check(self.server.ranks <= self.train.devices_per_round, "server.ranks", self.server.ranks,
                f"at most train.devices_per_round={self.train.devices_per_round} (every rank needs a device)")
+        rc, K = self.ray, self.train.devices_per_round
+        per_worker = -(-K // min(max(rc.workers, 1), K))  # devices each of ray.workers must serve
+        _check(not (rc.workers and rc.devices_per_worker) or per_worker <= rc.devices_per_worker,
+               "ray.devices_per_worker", rc.devices_per_worker,
+               f"at least {per_worker} (train.devices_per_round={K} over ray.workers={rc.workers}), or 0")
+        options = len(set(self.allocation.bits) | {self.quant.activation_bits})
+        _check(self.allocation.bits_search != "exhaustive" or options**K <= EXHAUSTIVE_LIMIT,
+               "allocation.bits_search", self.allocation.bits_search,
+               f"greedy when {options} bit options ^ {K} devices per round exceeds {EXHAUSTIVE_LIMIT} combinations")
         _check(self.runtime == "ray" or self.server.engine == "torch", "server.engine", self.server.engine,
                "torch with runtime=local (deepspeed runs in the Ray runtime)")
 
@@ -412,14 +425,17 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         raise ConfigError(key, value, "an integer")
     if annotation is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(key, value, "a number")
+        if number is None or not math.isfinite(number):
+            raise ConfigError(key, value, "a finite number")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value

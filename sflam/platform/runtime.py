@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sflam.platform import codec
 from sflam.platform.build import DataBundle, build_parts, prepare_data, quiet_libraries, validate
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.costs import DeviceMemory, FlopTable, RoundPlan, RoundPlanner, measure_device_memory
@@ -75,8 +76,8 @@ def build_executors(config: ExperimentConfig) -> tuple[DataBundle, DeviceExecuto
     q = config.quant
     device = DeviceExecutor(device_part, q.activation_bits, q.gradient_bits, q.side_dtype,
                             config.train.device_lr, config.seed)
-    server = ServerExecutor(server_part, q.gradient_bits, q.side_dtype, config.train.server_lr, config.seed,
-                            send_gradients=device.trains)
+    server = ServerExecutor(server_part, q.gradient_bits, codec.GRADIENT_SIDE_DTYPE, config.train.server_lr,
+                            config.seed, send_gradients=device.trains)
     return data, device, server
 
 

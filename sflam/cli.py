@@ -53,6 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_progress(metrics, config.train.rounds)
 
     out_dir = Path(config.output_dir) / config.name
+    if args.seeds > 1:
+        return _run_seeds(config, args, progress)
     try:
         result = train(config, progress=progress, announce=_announce)
     except SflamError as failure:
@@ -65,6 +67,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         result.write_json(args.json)
     print(format_table(result))
     print(f"outputs in {out_dir}; MLflow run {result.mlflow_run_id or '-'}", file=sys.stderr)
+    return 0
+
+
+def _run_seeds(config: ExperimentConfig, args: argparse.Namespace, progress: Callable[..., None]) -> int:
+    """`sflam run --seeds N`: the run repeated over N seeds, each its own MLflow run; means and 95 % intervals."""
+    from sflam.pipelines.seeds import aggregate, seed_configs, with_ci
+    from sflam.pipelines.train import train
+
+    summaries = []
+    for seeded in seed_configs(config, args.seeds):
+        _announce(f"== seed {seeded.seed}")
+        summaries.append({"seed": seeded.seed, **train(seeded, progress=progress, announce=_announce).summary()})
+    summary = aggregate(summaries)
+    if args.json:
+        _write_json(args.json, {**summary, "runs": summaries})
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        if key.endswith("_ci95"):
+            continue
+        text = with_ci(summary, key, ".6g") if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {text}")
     return 0
 
 
@@ -94,7 +117,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     validate(config)
     _announce(f"sflam compare: {config.name} — fl, sl, sfl, sfl-q and sflam on the same devices, data and channels")
     result = run_compare(config, progress=lambda method, m: print_progress(m, config.train.rounds),
-                         announce=_announce)
+                         announce=_announce, seeds=args.seeds)
     if args.json:
         _write_json(args.json, result.rows)
     print("\n".join(format_rows(result.rows)))
@@ -171,6 +194,16 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 }
 
 
+def _seeds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--seeds={text!r}: allowed is an integer >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sflam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("-c", "--config", default=None, help="YAML experiment file (default: built-in)")
             command.add_argument("--json", default=None, help="write the summary JSON here")
+        if name in ("run", "compare"):
+            command.add_argument("--seeds", type=_seeds, default=1,
+                                 help="repeat over N seeds (seed, seed+1, ...) and report means with 95%% intervals")
         if name == "study":
             command.add_argument("--resume", action="store_true", help="add trials to an existing study")
         if name == "scale":

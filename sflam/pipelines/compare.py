@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sflam.pipelines.baselines import METHODS, RUNNERS, method_config
+from sflam.pipelines.seeds import aggregate, mean_ci, seed_configs, with_ci
 from sflam.pipelines.train import train
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.results import RoundMetrics, RunResult
@@ -48,33 +51,46 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
 
 def run_compare(config: ExperimentConfig, methods: tuple[str, ...] = METHODS,
                 progress: Callable[[str, RoundMetrics], None] | None = None,
-                announce: Callable[[str], None] | None = None) -> CompareResult:
+                announce: Callable[[str], None] | None = None, seeds: int = 1) -> CompareResult:
+    """Every method on the same devices, data and channels; with several seeds, each seed in turn and the
+    table of means with 95 % confidence intervals (ratios paired within a seed)."""
     target = Path(config.output_dir) / f"{config.name}-compare"
     target.mkdir(parents=True, exist_ok=True)
-    parent = Tracker(config, run_name=f"{config.name}-compare", tags={"sflam.pipeline": "compare"})
-    rows: list[dict[str, Any]] = []
+    parent = Tracker(config, run_name=f"{config.name}-compare", tags={"sflam.pipeline": "compare",
+                                                                       "sflam.seeds": str(seeds)})
+    per_seed: list[list[dict[str, Any]]] = []
+    curves: dict[str, list[Curve]] = {m: [] for m in methods}
     try:
-        for method in methods:
-            child = method_config(config, method)
-            if announce is not None:
-                announce(f"== {method}: {child.quant.weights} weights, {child.quant.activation_bits}-bit smashed data, "
-                         f"allocation {child.allocation.policy}")
-            on_round: Callable[[RoundMetrics], None] | None = None
-            if progress is not None:
-                def on_round(m: RoundMetrics, name: str = method) -> None:
-                    progress(name, m)
-            result: RunResult = train(child, run_name=method, parent_run_id=parent.run_id, progress=on_round,
-                                      out_dir=target / method, runner=RUNNERS.get(method),
-                                      experiment_name=config.tracking.experiment or config.name)
-            rows.append({"method": method, **result.summary()})
+        for seed_config in seed_configs(config, seeds):
+            rows: list[dict[str, Any]] = []
+            for method in methods:
+                child = method_config(seed_config, method)
+                if announce is not None:
+                    announce(f"== {method} (seed {seed_config.seed}): {child.quant.weights} weights, "
+                             f"{child.quant.activation_bits}-bit smashed data, allocation {child.allocation.policy}")
+                on_round: Callable[[RoundMetrics], None] | None = None
+                if progress is not None:
+                    def on_round(m: RoundMetrics, name: str = method) -> None:
+                        progress(name, m)
+                name = method if seeds == 1 else f"{method}-seed{seed_config.seed}"
+                out_dir = target / method if seeds == 1 else target / f"seed{seed_config.seed}" / method
+                result: RunResult = train(child, run_name=name, parent_run_id=parent.run_id, progress=on_round,
+                                          out_dir=out_dir, runner=RUNNERS.get(method),
+                                          experiment_name=config.tracking.experiment or config.name)
+                rows.append({"method": method, "seed": seed_config.seed, **result.summary()})
+                curves[method].append(Curve.of(result))
+            _ratios(rows)
+            per_seed.append(rows)
     except BaseException:
         parent.close("FAILED", spill_dir=target)
         raise
-    _ratios(rows)
+    rows = [aggregate([seed_rows[i] for seed_rows in per_seed]) for i in range(len(methods))]
     table_path = write_table(rows, target)
     (target / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_path = plot_compare(rows, target / "compare.png", title=f"{config.name}: methods compared")
-    for path in (table_path, table_path.with_suffix(".md"), target / "compare.json", plot_path):
+    curves_path = plot_curves(curves, target / "compare_curves.png",
+                              title=f"{config.name}: test accuracy against simulated time and device energy")
+    for path in (table_path, table_path.with_suffix(".md"), target / "compare.json", plot_path, curves_path):
         parent.log_artifact(path)
     best = max(rows, key=lambda r: r["accuracy"])
     parent.set_tags({"sflam.best_accuracy_method": best["method"]})
@@ -84,20 +100,70 @@ def run_compare(config: ExperimentConfig, methods: tuple[str, ...] = METHODS,
     return CompareResult(rows, parent.run_id, table_path, plot_path)
 
 
+@dataclass(frozen=True)
+class Curve:
+    """One run's test accuracy at its evaluated rounds against cumulative simulated time and device energy."""
+
+    rounds: list[int]
+    time_s: list[float]
+    energy_j: list[float]
+    accuracy: list[float]
+
+    @classmethod
+    def of(cls, result: RunResult) -> Curve:
+        time_s = np.cumsum([r.round_latency_s or 0.0 for r in result.rounds])
+        energy = np.cumsum([r.energy_j or 0.0 for r in result.rounds])
+        at = [i for i, r in enumerate(result.rounds) if r.eval_accuracy is not None]
+        return cls([result.rounds[i].round for i in at], [float(time_s[i]) for i in at],
+                   [float(energy[i]) for i in at], [float(result.rounds[i].eval_accuracy) for i in at])  # type: ignore[arg-type]
+
+
+def plot_curves(curves: dict[str, list[Curve]], path: Path, title: str) -> Path:
+    """Accuracy against cumulative simulated time and energy, one line per method (mean over seeds, 95 % band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
+    for method, runs in curves.items():
+        if not runs or not runs[0].rounds:
+            continue
+        n = min(len(c.rounds) for c in runs)
+        acc = np.array([c.accuracy[:n] for c in runs])
+        mean = acc.mean(axis=0)
+        half = np.array([mean_ci(list(acc[:, i]))[1] for i in range(n)]) if len(runs) > 1 else np.zeros(n)
+        for ax, xs in ((axes[0], [c.time_s[:n] for c in runs]), (axes[1], [c.energy_j[:n] for c in runs])):
+            x = np.mean(np.array(xs), axis=0)
+            line, = ax.plot(x, mean, "o-", label=method, markersize=3)
+            if len(runs) > 1:
+                ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+    for ax, label in zip(axes, ("cumulative simulated time (s)", "cumulative device energy (J)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def format_rows(rows: list[dict[str, Any]]) -> list[str]:
-    header = ("| method | accuracy | device memory MiB | comm latency s/round | round latency s | energy J/round "
-              "| samples/J | memory vs fl | comm vs sfl | efficiency vs sfl |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def fmt(value: Any, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
+    header = ("| method | seeds | accuracy | device memory MiB | comm latency s/round | round latency s | "
+              "energy J/round | samples/J | memory vs fl | comm vs sfl | efficiency vs sfl |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {fmt(r['accuracy'], '.4f')} | {fmt(r['device_memory_bytes'] / 2**20, '.2f')} "
-                     f"| {fmt(r['comm_latency_s'], '.4g')} | {fmt(r['round_latency_s'], '.4g')} "
-                     f"| {fmt(r['energy_j'], '.4g')} | {fmt(r['energy_efficiency_samples_per_j'], '.4g')} "
-                     f"| {fmt(r.get('memory_vs_fl'), '.3f')} | {fmt(r.get('comm_latency_vs_sfl'), '.3f')} "
-                     f"| {fmt(r.get('energy_efficiency_vs_sfl'), '.2f')} |")
+        mib = {**r, "mib": r["device_memory_bytes"] / 2**20 if r.get("device_memory_bytes") is not None else None,
+               "mib_ci95": (r.get("device_memory_bytes_ci95") or float("nan")) / 2**20}
+        lines.append(f"| {r['method']} | {r.get('seeds', 1)} | {with_ci(r, 'accuracy', '.4f')} "
+                     f"| {with_ci(mib, 'mib', '.2f')} | {with_ci(r, 'comm_latency_s', '.4g')} "
+                     f"| {with_ci(r, 'round_latency_s', '.4g')} | {with_ci(r, 'energy_j', '.4g')} "
+                     f"| {with_ci(r, 'energy_efficiency_samples_per_j', '.4g')} "
+                     f"| {with_ci(r, 'memory_vs_fl', '.3f')} | {with_ci(r, 'comm_latency_vs_sfl', '.3f')} "
+                     f"| {with_ci(r, 'energy_efficiency_vs_sfl', '.2f')} |")
     return lines
 
 
@@ -127,7 +193,9 @@ def plot_compare(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     colors = ["tab:gray", "tab:brown", "tab:orange", "tab:olive", "tab:blue"]
     for ax, (label, key, scale) in zip(axes.flat, panels, strict=True):
         values = [(r[key] or 0) * scale for r in rows]
-        bars = ax.bar(names, values, color=colors[: len(names)])
+        errors = [(r.get(f"{key}_ci95") or 0) * scale for r in rows]
+        errors = [e if np.isfinite(e) else 0 for e in errors]
+        bars = ax.bar(names, values, yerr=errors if any(errors) else None, capsize=4, color=colors[: len(names)])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from sflam.platform.config import ExperimentConfig, save_config
 from sflam.platform.results import RoundMetrics, RunResult
 from sflam.platform.tracking import Tracker
@@ -98,8 +100,11 @@ def write_outputs(result: RunResult, config: ExperimentConfig, target: Path, tra
         files.append(allocation)
     try:
         files.append(plot_rounds(result, target / "rounds.png", title=f"{config.name} ({config.model.name})"))
+        if any(r.plan is not None for r in result.rounds):
+            files.append(plot_bits_vs_gain(result, target / "bits_vs_gain.png",
+                                           title=f"{config.name}: activation bits against channel gain"))
     except Exception as exc:  # a plot is never worth a failed run
-        print(f"sflam: warning: could not draw the round plot ({exc})", file=sys.stderr)
+        print(f"sflam: warning: could not draw the round plots ({exc})", file=sys.stderr)
     files.extend(save_adapters(result, target))
     for path in files:
         tracker.log_artifact(path)
@@ -183,6 +188,39 @@ def plot_rounds(result: RunResult, path: Path, title: str) -> Path:
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_bits_vs_gain(result: RunResult, path: Path, title: str) -> Path:
+    """Every round's chosen bits against each device's channel gain (the allocator gives poor channels fewer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    planned = [r for r in result.rounds if r.plan is not None]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    cmap = plt.get_cmap("viridis")
+    rng = np.random.default_rng(0)
+    for i, r in enumerate(planned):
+        bits = np.asarray(r.plan.allocation.bits, dtype=float)
+        jitter = rng.uniform(-0.15, 0.15, bits.shape)  # overlapping points stay visible
+        ax.scatter(r.plan.gain, bits + jitter, s=14, color=cmap(i / max(len(planned) - 1, 1)), alpha=0.7,
+                   label=f"round {r.round}" if len(planned) <= 8 else None)
+    ax.set_xscale("log")
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("channel power gain g_k")
+    ax.set_ylabel("activation bits q_k")
+    if len(planned) > 8:
+        scalar = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(planned[0].round, planned[-1].round))
+        fig.colorbar(scalar, ax=ax, label="round")
+    else:
+        ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

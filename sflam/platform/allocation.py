@@ -300,7 +300,7 @@ class _Links:
             with np.errstate(divide="ignore"):
                 return log_nu - np.log(-self.energy_slope(np.exp(log_b), T))
 
-        return np.exp(_root_increasing(marginal, np.log(lower), np.log(upper), rtol=1e-8))
+        return np.exp(_root_increasing(marginal, np.log(lower), np.log(upper), rtol=1e-6))
 
 
 @dataclass
@@ -330,32 +330,38 @@ def _split_bandwidth(links: _Links, T: float, b_min: np.ndarray) -> tuple[np.nda
     nu_lo = max(float(np.min(slope_max)) * 1e-3, nu_hi * 1e-300)
     # b(nu) falls as nu rises: every evaluated price narrows the bracket of each device's share
     lower, upper = b_min.copy(), np.full_like(b_min, B)
-
-    def excess(log_nu: float) -> float:  # increasing in nu: log B - log sum b(nu)
-        b = links.bandwidth_at_price(float(np.exp(log_nu)), T, lower, upper)
+    # Safeguarded Newton on log nu: f = log B - log sum b(nu) rises with nu, f' = nu sum(1 / e_k'') / sum b
+    # over the devices not at a bound; a step outside the bracket [a, z] bisects instead.
+    a, z = float(np.log(max(nu_lo, 1e-300))), float(np.log(nu_hi))
+    x = float(np.log(links.nu_hint)) if links.nu_hint is not None and a < np.log(links.nu_hint) < z else 0.5 * (a + z)
+    for _ in range(100):
+        nu = float(np.exp(x))
+        b = links.bandwidth_at_price(nu, T, lower, upper)
         total = float(np.sum(b))
-        if total > B:
+        if total > B:  # b(nu) falls as nu rises: every evaluated price narrows each device's bracket
             upper[:] = np.minimum(upper, b)
         else:
             lower[:] = np.maximum(lower, b)
-        return float(np.log(B) - np.log(total))
-
-    lo, hi = float(np.log(max(nu_lo, 1e-300))), float(np.log(nu_hi))
-    log_nu: float | None = None
-    if links.nu_hint is not None and lo < np.log(links.nu_hint) < hi:
-        # warm start: the price moves little between the stage lengths the outer search tries
-        centre = float(np.log(links.nu_hint))
-        try:
-            log_nu = brentq(excess, max(lo, centre - 0.25), min(hi, centre + 0.25), xtol=1e-6, rtol=1e-8)
-        except ValueError:  # not bracketed there: search the whole range
-            log_nu = None
-    if log_nu is None:
-        f_lo, f_hi = excess(lo), excess(hi)
-        if f_lo >= 0 or f_hi <= 0:
-            log_nu = lo if f_lo >= 0 else hi
+        f = float(np.log(B) - np.log(total))
+        if abs(f) <= 1e-6:  # the shares are found to ~1e-6; errors here cost the objective only squared
+            break
+        if f > 0:
+            z = x
         else:
-            log_nu = brentq(excess, lo, hi, xtol=1e-6, rtol=1e-8)  # errors here cost the objective only squared
-    nu = float(np.exp(log_nu))
+            a = x
+        free = (b > b_min * (1 + 1e-7)) & (b < B * (1 - 1e-9))
+        h = 1e-5
+        with np.errstate(divide="ignore", invalid="ignore"):
+            curvature = (links.energy_slope(b * (1 + h), T) - links.energy_slope(b, T)) / (b * h)
+            slope = nu * float(np.sum(np.where(free & (curvature > 0), 1.0 / curvature, 0.0))) / total
+        step = x - f / slope if slope > 0 and np.isfinite(slope) else float("nan")
+        if not a < step < z:
+            step = 0.5 * (a + z)
+        if abs(step - x) <= 1e-7 or z - a <= 1e-9:
+            x = step
+            break
+        x = step
+    nu = float(np.exp(x))
     links.nu_hint = nu
     b = links.bandwidth_at_price(nu, T, lower, upper)
     return b * min(1.0, B / float(np.sum(b))), nu
@@ -407,7 +413,7 @@ def _min_latency(links: _Links, horizon: float) -> float:
                               "power and energy caps; raise allocation.deadline_s or allocation.energy_cap_j")
     if fits(np.log(lower)) >= 0:
         return lower
-    T = float(np.exp(brentq(fits, np.log(lower), np.log(horizon), xtol=1e-12, rtol=1e-10)))
+    T = float(np.exp(brentq(fits, np.log(lower), np.log(horizon), xtol=1e-10, rtol=1e-9)))
     for step in range(60):  # step onto the feasible side of the root
         if fits(np.log(T)) >= 0:
             break
@@ -437,7 +443,7 @@ def _minimise_latency_objective(links: _Links, T_min: float, horizon: float, at_
         return at_end
     if slope(low) >= 0:
         return at_min
-    best = solve(brentq(slope, low, high, xtol=1e-6, rtol=1e-8))
+    best = solve(brentq(slope, low, high, xtol=1e-4, rtol=1e-6))  # J is flat at its minimum
     return min([best, at_min, at_end], key=lambda sol: sol.objective)
 
 

@@ -26,6 +26,7 @@ from sflam.platform.data import (
     tokenize,
     train_test_split,
 )
+from sflam.platform.errors import ConfigError
 from sflam.platform.models import ModelSpec, check_model_task, load_model, load_tokenizer, resolve_model
 from sflam.platform.quantization import quantize_weights
 from sflam.platform.split import DevicePart, ServerPart, split_model
@@ -69,12 +70,31 @@ def validate(cfg: ExperimentConfig) -> ModelSpec:
     """Every check that needs more than one field, before any weights load; returns the model spec."""
     spec = resolve_model(cfg.model)
     check_model_task(spec, cfg.model.task, cfg.split.cut_layer)
+    check_lora_targets(spec, cfg.lora.target_modules)
     if cfg.data.dataset == "rotten_tomatoes":
         from sflam.platform.data import rotten_tomatoes_path
 
         if cfg.data.path is None:
             rotten_tomatoes_path()
     return spec
+
+
+def check_lora_targets(spec: ModelSpec, targets: list[str]) -> None:
+    """Every configured LoRA target must name a linear layer of the model (built on the meta device: no weights)."""
+    if not targets:
+        return
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModel.from_config(spec.hf_config)
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, (nn.Linear, Conv1D)) and name})
+    missing = [target for target in targets if target not in names]
+    if missing:
+        raise ConfigError("lora.target_modules", missing,
+                          f"names of linear layers of {spec.name}: {', '.join(names)}")
 
 
 def prepare_data(cfg: ExperimentConfig, spec: ModelSpec) -> DataBundle:

@@ -97,6 +97,9 @@ def plan_costs(config: ExperimentConfig, data: DataBundle, device: DeviceExecuto
     flops = FlopTable(device.part, server.part, adapter, hidden)
     adapter_bits = 32 * sum(t.numel() for t in adapter.values())
     planner = RoundPlanner(config, flops, adapter_bits, trains_device=device.trains)
+    if config.allocation.deadline_s is not None:  # a deadline no allocation can meet fails before any training
+        selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)
+        planner.plan(0, selected, device_round_batches(config, data, 0, selected))
     # a full-length mini-batch of real training sentences: the step that needs the most activation memory
     longest = np.argsort([-len(s) for s in data.train.input_ids])[: config.train.batch_size]
     memory = measure_device_memory(device.part, adapter, collate(data.train, longest, data.pad_token_id))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -67,3 +68,37 @@ def test_scale_runs_each_size_as_a_child(tmp_path: Path) -> None:
     children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(children) == 3
+
+
+def test_compare_over_seeds_reports_means_and_paired_intervals(tmp_path: Path) -> None:
+    import json
+
+    from scipy import stats
+
+    config = tiny_config(f"output_dir={tmp_path}", "train.rounds=2", "train.eval_every=1", "quant.weights=nf4",
+                         "quant.activation_bits=8")
+    result = run_compare(config, methods=("sfl", "sflam"), seeds=3)
+    rows = {r["method"]: r for r in result.rows}
+    target = tmp_path / f"{config.name}-compare"
+    per_seed = {m: [json.loads((target / f"seed{s}" / m / "summary.json").read_text()) for s in (0, 1, 2)]
+                for m in ("sfl", "sflam")}
+    for method, summaries in per_seed.items():
+        values = np.array([s["energy_j"] for s in summaries])
+        assert len(set(values.tolist())) == 3  # each seed places, fades and partitions anew
+        half = stats.t.ppf(0.975, 2) * values.std(ddof=1) / np.sqrt(3)
+        assert rows[method]["seeds"] == 3
+        assert rows[method]["energy_j"] == pytest.approx(values.mean(), rel=1e-12)
+        assert rows[method]["energy_j_ci95"] == pytest.approx(half, rel=1e-9)
+    # ratios are paired: formed within each seed, then averaged
+    ratios = [a["comm_latency_s"] / b["comm_latency_s"] for a, b in zip(per_seed["sflam"], per_seed["sfl"],
+                                                                        strict=True)]
+    assert rows["sflam"]["comm_latency_vs_sfl"] == pytest.approx(np.mean(ratios), rel=1e-12)
+    assert (target / "compare_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "±" in result.table_path.with_suffix(".md").read_text()
+
+
+def test_mean_and_interval_match_the_textbook() -> None:
+    from sflam.pipelines.seeds import mean_ci
+
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302652729911275 / np.sqrt(3), rel=1e-12)

@@ -33,6 +33,7 @@ block is kept when the objective falls.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class AllocationProblem:
     deadline_s: float | None = None
     max_latency_factor: float = 10.0
     energy_cap_j: float | None = None
+    subchannels: int | None = None  # OFDMA: N equal subchannels, whole ones per device; None: FDMA shares
 
     @property
     def size(self) -> int:
@@ -119,6 +121,8 @@ class Allocation:
     total_energy_j: float
     objective: float
     reference: tuple[float, float] = field(default=(1.0, 1.0))  # (T0, E0)
+    stage_subchannels: np.ndarray | None = None  # (K, J) whole subchannels per device and stage (OFDMA)
+    relaxation_gap: float | None = None  # objective / continuous FDMA optimum - 1 (OFDMA)
 
     @property
     def power_w(self) -> np.ndarray:
@@ -502,8 +506,11 @@ def _solve_stages(stages: _Stages, server_s: float, extra_weight: float) -> list
     return out
 
 
-def _solve_block(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, float]) -> list[_BlockSolution]:
-    """Every stage for fixed bits; a latency price eta >= 0 keeps the makespan within the deadline (or cap)."""
+def _solve_block(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, float]
+                 ) -> tuple[list[_BlockSolution], _Stages, float]:
+    """Every stage for fixed bits; a latency price eta >= 0 keeps the makespan within the deadline (or cap).
+
+    Returns the stages' solutions, the stages and eta."""
     stages = _stages(problem, uplink, ref)
 
     def total(sols: list[_BlockSolution]) -> float:
@@ -512,7 +519,7 @@ def _solve_block(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[floa
     if problem.lam > 0:
         sols = _solve_stages(stages, problem.server_s, 0.0)
         if total(sols) <= stages.cap * (1 + 1e-9):
-            return sols
+            return sols, stages, 0.0
     # the deadline binds: raise the price of time until the stages fit (the makespan falls as eta rises)
     T0 = ref[0]
     hi = 1.0 / T0
@@ -530,18 +537,44 @@ def _solve_block(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[floa
             lo = mid
         if hi - lo <= 1e-6 * hi:
             break
-    return sols
+    return sols, stages, hi
 
 
 def solve_power_bandwidth(problem: AllocationProblem, bits_index: np.ndarray,
                           reference: tuple[float, float] | None = None) -> Allocation:
-    """The optimal power and bandwidth for fixed bits (the convex block), as a full allocation."""
+    """The optimal power and bandwidth for fixed bits (the convex block), as a full allocation; with OFDMA,
+    whole subchannels matched from the continuous optimum (its objective is then a lower bound)."""
     ref = reference or reference_costs(problem)
     uplink = problem.stage_uplink(np.asarray(bits_index))
-    sols = _solve_block(problem, uplink, ref)
+    bits = problem.bits_options[np.asarray(bits_index)]
+    sols, stages, eta = _solve_block(problem, uplink, ref)
     links = [_Links(problem, uplink[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j],
                     np.full(problem.size, np.inf), (0.0, 0.0)) for j in range(problem.stages)]
-    return _assemble(problem, links, problem.bits_options[np.asarray(bits_index)], sols, ref)
+    relaxed = _assemble(problem, links, bits, sols, ref)
+    if problem.subchannels is None:
+        return relaxed
+    from sflam.platform.subchannels import equal_counts, match_stage
+
+    N = problem.subchannels
+    spare = stages.cap - problem.server_s - float(stages.T_min.sum())
+    matched, counts = [], np.zeros((problem.size, problem.stages), dtype=np.int64)
+    for j, (lk, sol, T_min) in enumerate(zip(stages.links, sols, stages.T_min, strict=True)):
+        if lk.idle:
+            counts[:, j] = equal_counts(problem.size, N)
+            matched.append(_BlockSolution(sol.T, counts[:, j] * problem.bandwidth_hz / N, sol.uplink_energy, 0.0))
+            continue
+        base = lk.weights
+        lk.weights = (base[0] + eta, base[1])
+        try:
+            solution, counts[:, j] = match_stage(lk, sol, N, T_min + spare)
+        finally:
+            lk.weights = base
+        matched.append(solution)
+    if float(sum(s.T for s in matched)) + problem.server_s > stages.cap * (1 + 1e-9):
+        raise AllocationError(f"whole subchannels miss the round deadline of {stages.cap:.4g} s; raise "
+                              "allocation.deadline_s or system.subchannels")
+    whole = _assemble(problem, links, bits, matched, ref)
+    return dataclasses.replace(whole, stage_subchannels=counts, relaxation_gap=whole.objective / relaxed.objective - 1)
 
 
 def _assemble(problem: AllocationProblem, links: list[_Links], bits: np.ndarray, sols: list[_BlockSolution],
@@ -584,7 +617,14 @@ def equal_allocation(problem: AllocationProblem, bits: int | np.ndarray,
     bits_arr = np.broadcast_to(np.asarray(bits, dtype=np.int64), (K,))
     if uplink_bits is None:
         uplink_bits = problem.stage_uplink(np.array([problem.option_index(int(q)) for q in bits_arr]))
-    b = np.full((K, problem.stages), problem.bandwidth_hz / K)
+    counts = None
+    if problem.subchannels is None:
+        b = np.full((K, problem.stages), problem.bandwidth_hz / K)
+    else:
+        from sflam.platform.subchannels import equal_counts
+
+        counts = np.repeat(equal_counts(K, problem.subchannels)[:, None], problem.stages, axis=1)
+        b = counts * (problem.bandwidth_hz / problem.subchannels)
     power, up, down = np.zeros_like(b), np.zeros_like(b), np.zeros_like(b)
     for j in range(problem.stages):
         lk = _Links(problem, uplink_bits[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j],
@@ -596,7 +636,7 @@ def equal_allocation(problem: AllocationProblem, bits: int | np.ndarray,
     if reference is None:  # its own reference: objective 1
         allocation = _priced(problem, bits_arr, power, b, up, down, busy,
                              (allocation.round_latency_s, allocation.total_energy_j))
-    return allocation
+    return dataclasses.replace(allocation, stage_subchannels=counts)
 
 
 def reference_costs(problem: AllocationProblem) -> tuple[float, float]:

@@ -22,6 +22,7 @@ ENGINES = ("torch", "deepspeed")
 ALLOCATION_POLICIES = ("sflam", "equal")
 BITS_SEARCHES = ("greedy", "exhaustive")
 SIDE_DTYPES = ("fp32", "fp16")
+ACCESS_MODES = ("fdma", "ofdma")
 EXHAUSTIVE_LIMIT = 4096  # bit combinations the exhaustive allocator may enumerate
 
 
@@ -172,6 +173,9 @@ class SystemConfig:
     flops_per_cycle: float = field(default=16.0, metadata={"help": "device FLOPs per cycle phi"})
     kappa: float = field(default=1e-28, metadata={"help": "effective switched capacitance (energy = kappa C f^2)"})
     server_flops: float = field(default=100e12, metadata={"help": "server throughput F_s in FLOP/s"})
+    access: str = field(default="fdma", metadata={
+        "help": "fdma (continuous bandwidth shares) | ofdma (whole subchannels of B/N, assigned by matching)"})
+    subchannels: int = field(default=50, metadata={"help": "N equal subchannels of the band (ofdma)"})
 
     def __post_init__(self) -> None:
         for key in ("bandwidth_hz", "max_power_w", "server_power_w", "min_distance_m", "min_clock_hz",
@@ -183,6 +187,8 @@ class SystemConfig:
         _check(self.max_clock_hz >= self.min_clock_hz, "system.max_clock_hz", self.max_clock_hz,
                f"a number >= system.min_clock_hz={self.min_clock_hz}")
         _check(self.shadowing_db >= 0, "system.shadowing_db", self.shadowing_db, "a number >= 0 (0 = off)")
+        _check(self.access in ACCESS_MODES, "system.access", self.access, f"one of {', '.join(ACCESS_MODES)}")
+        _check(self.subchannels >= 1, "system.subchannels", self.subchannels, "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -369,6 +375,8 @@ class ExperimentConfig:
         _check(not (rc.workers and rc.devices_per_worker) or per_worker <= rc.devices_per_worker,
                "ray.devices_per_worker", rc.devices_per_worker,
                f"at least {per_worker} (train.devices_per_round={K} over ray.workers={rc.workers}), or 0")
+        _check(self.system.access == "fdma" or self.system.subchannels >= K, "system.subchannels",
+               self.system.subchannels, f"at least train.devices_per_round={K} with system.access=ofdma")
         options = len(set(self.allocation.bits) | {self.quant.activation_bits})
         _check(self.allocation.bits_search != "exhaustive" or options**K <= EXHAUSTIVE_LIMIT,
                "allocation.bits_search", self.allocation.bits_search,

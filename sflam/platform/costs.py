@@ -255,11 +255,15 @@ class RoundPlan:
         """One row per device: the per-device allocation CSV (power and bandwidth averaged over the stages)."""
         a = self.allocation
         compute = self.compute_s
-        return [{"device": int(k), "samples": int(self.samples[i]), "gain": float(self.gain[i]),
+        rows = [{"device": int(k), "samples": int(self.samples[i]), "gain": float(self.gain[i]),
                  "bits": int(a.bits[i]), "power_w": float(a.power_w[i]), "bandwidth_hz": float(a.bandwidth_hz[i]),
                  "uplink_s": float(a.uplink_s[i].sum()), "downlink_s": float(a.downlink_s[i].sum()),
                  "compute_s": float(compute[i]), "finish_s": float(a.latency_s[i]),
                  "energy_j": float(a.energy_j[i])} for i, k in enumerate(self.devices)]
+        if a.stage_subchannels is not None:  # OFDMA: whole subchannels in each stage
+            for i, row in enumerate(rows):
+                row["subchannels"] = " ".join(str(int(n)) for n in a.stage_subchannels[i])
+        return rows
 
 
 @dataclass(frozen=True)
@@ -368,7 +372,8 @@ class RoundPlanner:
             distortion_weight=weight, distortion_budget=self.budget, bandwidth_hz=sysc.bandwidth_hz,
             max_power_w=sysc.max_power_w, server_power_w=sysc.server_power_w,
             n0=noise_w_per_hz(sysc.noise_dbm_per_hz), lam=alloc.lam if lam is None else lam,
-            deadline_s=alloc.deadline_s, max_latency_factor=alloc.max_latency_factor, energy_cap_j=alloc.energy_cap_j)
+            deadline_s=alloc.deadline_s, max_latency_factor=alloc.max_latency_factor, energy_cap_j=alloc.energy_cap_j,
+            subchannels=sysc.subchannels if sysc.access == "ofdma" and self.schedule != "sequential" else None)
 
     def plan(self, round_index: int, devices: np.ndarray, batches: dict[int, list[Batch]]) -> RoundPlan:
         devices = np.asarray(devices)

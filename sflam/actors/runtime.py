@@ -234,8 +234,8 @@ class RayRuntime:
                                 recover_with(steps, lambda w, i: w.finish.remote()))
         total = sum(finished[i][1] for i in active)
         names = list(global_adapter)
-        new_global = {n: sum((finished[i][0][n] for i in active[1:]), finished[active[0]][0][n]) / total
-                      for n in names}
+        new_global = {n: (sum((finished[i][0][n] for i in active[1:]), finished[active[0]][0][n]) / total)
+                      .to(global_adapter[n].dtype) for n in names}
         metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
                                samples=seen, uplink_bits=uplink, downlink_bits=downlink,
                                wall_s=time.perf_counter() - started, step_losses=[float(v) for v in losses])

@@ -61,17 +61,18 @@ def trainable_state(module: torch.nn.Module) -> Adapter:
 
 
 def weighted_sum(adapters: list[Adapter], weights: list[float]) -> Adapter:
-    """Sum of adapters weighted by sample count (a Ray worker's share of FedAvg)."""
+    """Sum of adapters weighted by sample count (a Ray worker's share of FedAvg), accumulated in float64:
+    however the devices are grouped into partial sums, the fp32 average comes out the same."""
     if not adapters or not adapters[0]:
         return {}
-    return {name: torch.stack([w * a[name] for a, w in zip(adapters, weights, strict=True)]).sum(0)
+    return {name: torch.stack([w * a[name].double() for a, w in zip(adapters, weights, strict=True)]).sum(0)
             for name in adapters[0]}
 
 
 def fedavg(adapters: list[Adapter], weights: list[float]) -> Adapter:
     """Average adapters weighted by sample count (FedAvg)."""
     total = float(sum(weights))
-    return {name: t / total for name, t in weighted_sum(adapters, weights).items()}
+    return {name: (t / total).to(adapters[0][name].dtype) for name, t in weighted_sum(adapters, weights).items()}
 
 
 def _rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

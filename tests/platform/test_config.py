@@ -77,6 +77,17 @@ BAD = [
     (["allocation.deadline_s=0"], "allocation.deadline_s=0"),
     (["system.bandwidth_hz=-1"], "system.bandwidth_hz=-1"),
     (["system.max_distance_m=10"], "system.max_distance_m=10"),
+    # non-finite numbers, LoRA targets that match nothing, and what used to fail only after loading
+    (["allocation.lam=.inf"], "allocation.lam=inf"),
+    (["system.max_power_w=.nan"], "system.max_power_w=nan"),
+    (["train.device_lr=-.inf"], "train.device_lr=-inf"),
+    (["lora.target_modules=[query, qkv]"], "lora.target_modules=['qkv']"),
+    (["allocation.bits_search=exhaustive"], "allocation.bits_search='exhaustive'"),
+    (["ray.workers=2", "ray.devices_per_worker=3"], "ray.devices_per_worker=3"),
+    (["allocation.distortion_bits=0.5"], "allocation.distortion_bits=0.5"),
+    (["allocation.bits=[4, 8]", "allocation.distortion_bits=3"], "allocation.distortion_bits=3.0"),
+    (["system.access=tdma"], "system.access='tdma'"),
+    (["system.access=ofdma", "system.subchannels=4"], "system.subchannels=4"),
 ]
 
 
@@ -125,3 +136,18 @@ def test_console_exit_status_and_no_traceback() -> None:
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert "fp32, bf16, int8, nf4, fp4" in proc.stderr
+
+
+def test_an_impossible_deadline_stops_before_training(capsys) -> None:
+    status = cli.main(["run", "-c", str(ROOT / "configs" / "smoke.yaml"), "allocation.deadline_s=1e-6",
+                       "train.rounds=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert "deadline" in err[-1] and "round 1/" not in "\n".join(err)
+
+
+def test_bad_seed_counts_are_usage_errors(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", "-c", str(ROOT / "configs" / "smoke.yaml"), "--seeds", "0"])
+    assert exit_info.value.code == 2
+    assert "--seeds" in capsys.readouterr().err

@@ -13,9 +13,9 @@ sflam   quantized and allocated (bits, power, bandwidth).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,22 +24,19 @@ from torch import nn
 from sflam.platform.allocation import AllocationProblem, equal_allocation
 from sflam.platform.build import build_parts, prepare_data, quiet_libraries, validate
 from sflam.platform.config import ExperimentConfig, config_from_dict
-from sflam.platform.costs import FlopTable, RoundPlan, measure_device_memory
-from sflam.platform.data import collate
-from sflam.platform.executors import Adapter, fedavg, trainable_state
+from sflam.platform.costs import FlopTable, RoundPlan, RoundPlanner, measure_device_memory
+from sflam.platform.data import Batch, collate
+from sflam.platform.engine import Engine, Executor, Resume, RoundOutcome, RoundTask
+from sflam.platform.executors import Adapter, trainable_state
 from sflam.platform.quantization import stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult
-from sflam.platform.runtime import (
-    Experiment,
-    apply_plan,
-    device_round_batches,
-    evaluation_batches,
-    select_devices,
-)
-from sflam.platform.system import Population, compute_energy_j, compute_latency_s, noise_w_per_hz
+from sflam.platform.runtime import Experiment, evaluation_batches
+from sflam.platform.strategies import weighted_sum
+from sflam.platform.system import compute_energy_j, compute_latency_s, noise_w_per_hz
 
 METHODS = ("fl", "sl", "sfl", "sfl-q", "sflam")
 ProgressFn = Callable[[RoundMetrics], None]
+Checkpoint = Callable[[Resume], None]
 
 
 def method_config(config: ExperimentConfig, method: str) -> ExperimentConfig:
@@ -57,19 +54,102 @@ def method_config(config: ExperimentConfig, method: str) -> ExperimentConfig:
     return config_from_dict(tree)
 
 
-def _finish_round(config: ExperimentConfig, round_index: int, metrics: RoundMetrics, round_started: float,
-                  rounds: list[RoundMetrics], progress: ProgressFn | None,
-                  evaluate: Callable[[], tuple[float, float]]) -> tuple[float, float] | None:
-    """Evaluate when due, time the round, keep it and report it; returns (accuracy, loss) when evaluated."""
-    evaluated = None
-    if (round_index + 1) % config.train.eval_every == 0 or round_index == config.train.rounds - 1:
-        evaluated = evaluate()
-        metrics.eval_accuracy, metrics.eval_loss = evaluated
-    metrics.wall_s = time.perf_counter() - round_started
-    rounds.append(metrics)
-    if progress is not None:
-        progress(metrics)
-    return evaluated
+# --------------------------------------------------------------------------- the planners of fl and sl
+
+
+def build_planner(method: str, config: ExperimentConfig, flops: FlopTable, adapter_bits: int,
+                  trains_device: bool, shards: list[np.ndarray] | None = None) -> Any:
+    """The one place a method gets its round planner: `.plan(round, devices, batches)` -> plan.
+
+    sfl, sfl-q and sflam: the cost model's RoundPlanner (lockstep split). fl and sl: today's pricing of
+    their schedules (whole model on the device; devices one after another), kept here until the cost
+    model plans every schedule (RoundPlanner's `schedule` keyword: "local" for fl, "sequential" for sl).
+    """
+    planner = RoundPlanner(config, flops, adapter_bits, trains_device=trains_device)
+    if method == "fl":
+        assert shards is not None
+        return LocalTrainingPlanner(planner, shards)
+    if method == "sl":
+        return SequentialPlanner(planner)
+    return planner
+
+
+def _adapter_exchange_problem(config: ExperimentConfig, gain: np.ndarray, up: np.ndarray, down: np.ndarray,
+                              fixed: np.ndarray, compute_j: np.ndarray) -> AllocationProblem:
+    sysc = config.system
+    K = len(gain)
+    return AllocationProblem(
+        gain=gain, uplink_bits=up[:, None].astype(float), downlink_bits=down.astype(float), fixed_latency_s=fixed,
+        compute_energy_j=compute_j, bits_options=np.array([32]), raw_uplink_bits=up.astype(float),
+        distortion_weight=np.full(K, 1.0 / K), distortion_budget=0.0, bandwidth_hz=sysc.bandwidth_hz,
+        max_power_w=sysc.max_power_w, server_power_w=sysc.server_power_w,
+        n0=noise_w_per_hz(sysc.noise_dbm_per_hz), lam=config.allocation.lam)
+
+
+@dataclass
+class LocalTrainingPlanner:
+    """fl: each device trains the whole model on its batches, then the adapter (and head) goes down and up
+    at equal bandwidth and full power; no smashed data."""
+
+    planner: RoundPlanner
+    shards: list[np.ndarray]
+
+    def plan(self, round_index: int, devices: np.ndarray, batches: dict[int, list[Batch]]) -> RoundPlan:
+        p, cfg = self.planner, self.planner.config
+        device_flops = np.zeros(len(devices))
+        for i, k in enumerate(devices):
+            for batch in batches[int(k)]:
+                fwd, bwd = p.flops.device(int(batch.input_ids.shape[1]))
+                device_flops[i] += len(batch) * (fwd + bwd)
+        clock = p.population.clock_hz[devices]
+        compute_s = compute_latency_s(device_flops, clock, cfg.system)
+        up = np.full(len(devices), p.adapter_bits)
+        problem = _adapter_exchange_problem(cfg, p.population.gains(devices, cfg.seed, round_index), up, up,
+                                            compute_s, compute_energy_j(device_flops, clock, cfg.system))
+        return RoundPlan(np.asarray(devices), equal_allocation(problem, 32),
+                         np.array([len(self.shards[k]) for k in devices]), compute_s, 0.0)
+
+
+@dataclass
+class SequentialAllocation:
+    bits: np.ndarray
+    latency_s: np.ndarray  # each device's own time on the channel (alone, whole band)
+
+
+@dataclass
+class SequentialPlan:
+    """sl: the devices one after another, each alone on the channel: the round takes the sum of their times."""
+
+    plans: list[RoundPlan]
+
+    @property
+    def allocation(self) -> SequentialAllocation:
+        return SequentialAllocation(np.concatenate([p.allocation.bits for p in self.plans]),
+                                    np.array([p.allocation.round_latency_s for p in self.plans]))
+
+    def metrics(self) -> dict[str, float]:
+        allocations = [p.allocation for p in self.plans]
+        return {"round_latency_s": float(sum(a.round_latency_s for a in allocations)),
+                "comm_latency_s": float(sum(float(a.comm_latency_s.sum()) for a in allocations)),
+                "compute_latency_s": float(sum(float(p.compute_s.sum()) + p.server_s for p in self.plans)),
+                "energy_j": float(sum(a.total_energy_j for a in allocations)),
+                "bits_mean": 32.0, "bits_min": 32.0, "bits_max": 32.0}
+
+    def table(self) -> list[dict[str, float]]:
+        return [row for p in self.plans for row in p.table()]
+
+
+@dataclass
+class SequentialPlanner:
+    planner: RoundPlanner
+
+    def plan(self, round_index: int, devices: np.ndarray, batches: dict[int, list[Batch]]) -> SequentialPlan:
+        plans = []
+        for k in devices:  # its costs: alone on the channel, whole band, full power
+            problem, samples, compute_s, server_s = self.planner.problem(round_index, np.array([k]),
+                                                                         {int(k): batches[int(k)]})
+            plans.append(RoundPlan(np.array([k]), equal_allocation(problem, 32), samples, compute_s, server_s))
+        return SequentialPlan(plans)
 
 
 # --------------------------------------------------------------------------- FL
@@ -87,140 +167,135 @@ class WholeModel(nn.Module):
         return self.server_part(self.device_part(input_ids, attention_mask), attention_mask)
 
 
-def _adapter_exchange_problem(config: ExperimentConfig, gain: np.ndarray, up: np.ndarray, down: np.ndarray,
-                           fixed: np.ndarray, compute_j: np.ndarray) -> AllocationProblem:
-    sysc = config.system
-    K = len(gain)
-    return AllocationProblem(
-        gain=gain, uplink_bits=up[:, None].astype(float), downlink_bits=down.astype(float), fixed_latency_s=fixed,
-        compute_energy_j=compute_j, bits_options=np.array([32]), raw_uplink_bits=up.astype(float),
-        distortion_weight=np.full(K, 1.0 / K), distortion_budget=0.0, bandwidth_hz=sysc.bandwidth_hz,
-        max_power_w=sysc.max_power_w, server_power_w=sysc.server_power_w,
-        n0=noise_w_per_hz(sysc.noise_dbm_per_hz), lam=config.allocation.lam)
+class LocalTrainingExecutor(Executor):
+    """fl: every device trains the whole model (LoRA everywhere, the head too) on its own batches."""
 
+    def __init__(self, config: ExperimentConfig) -> None:
+        quiet_libraries()
+        spec = validate(config)
+        self.config = config
+        self.data = prepare_data(config, spec)
+        whole_cut = config_from_dict({**config.to_dict(), "split": {"cut_layer": spec.num_layers}})
+        device_part, self.server_part = build_parts(whole_cut, spec, self.data)
+        self.model = WholeModel(device_part, self.server_part)
+        self.initial = trainable_state(self.model)
+        self.adapter_bits = 32 * sum(t.numel() for t in self.initial.values())
+        flops = FlopTable(self.model, nn.Identity(), self.initial, int(device_part.config.hidden_size))
+        longest = np.argsort([-len(s) for s in self.data.train.input_ids])[: config.train.batch_size]
+        self.memory = measure_device_memory(self.model, self.initial,
+                                            collate(self.data.train, longest, self.data.pad_token_id))
+        self.planner = build_planner("fl", config, flops, self.adapter_bits, True, self.data.shards)
 
-def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None) -> RunResult:
-    started = time.perf_counter()
-    quiet_libraries()
-    spec = validate(config)
-    data = prepare_data(config, spec)
-    whole_cut = config_from_dict({**config.to_dict(), "split": {"cut_layer": spec.num_layers}})
-    device_part, server_part = build_parts(whole_cut, spec, data)
-    model = WholeModel(device_part, server_part)
-    global_adapter = trainable_state(model)
-    adapter_bits = 32 * sum(t.numel() for t in global_adapter.values())
-    flops = FlopTable(model, nn.Identity(), global_adapter, int(device_part.config.hidden_size))
-    longest = np.argsort([-len(s) for s in data.train.input_ids])[: config.train.batch_size]
-    memory = measure_device_memory(model, global_adapter, collate(data.train, longest, data.pad_token_id))
-    population = Population.place(config.system, config.data.num_devices, config.seed)
-    rounds: list[RoundMetrics] = []
-    accuracy, loss = float("nan"), float("nan")
-    for round_index in range(config.train.rounds):
-        round_started = time.perf_counter()
-        selected = select_devices(config.seed, round_index, config.data.num_devices, config.train.devices_per_round)
-        batches = device_round_batches(config, data, round_index, selected)
-        lr = config.train.device_lr * config.train.lr_factor(round_index)
+    def initial_adapter(self) -> Adapter:
+        return {n: t.clone() for n, t in self.initial.items()}
+
+    def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
+        lr = self.config.train.device_lr * task.lr_factor
         finals, weights, losses, correct, seen = [], [], [], 0, 0
-        device_flops = np.zeros(len(selected))
-        for i, k in enumerate(selected):
-            adapter = {n: t.detach().clone().requires_grad_(True) for n, t in global_adapter.items()}
-            optimizer = torch.optim.AdamW(adapter.values(), lr=lr, weight_decay=0.0)
-            for batch in batches[int(k)]:
+        for i, k in enumerate(task.devices):
+            adapter = {n: t.detach().clone().requires_grad_(not task.fit.is_frozen(n))
+                       for n, t in global_adapter.items()}
+            trained = [t for t in adapter.values() if t.requires_grad]
+            optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+            for batch in task.batches[int(k)][:task.steps[i]]:
                 with torch.enable_grad():
-                    logits = torch.func.functional_call(model, adapter, (batch.input_ids, batch.attention_mask),
+                    logits = torch.func.functional_call(self.model, adapter, (batch.input_ids, batch.attention_mask),
                                                         strict=False)
-                    batch_loss, batch_correct = server_part.loss_and_correct(logits, batch.labels)
+                    batch_loss, batch_correct = self.server_part.loss_and_correct(logits, batch.labels)
                     batch_loss.backward()
+                if task.fit.proximal_mu > 0:  # FedProx: + mu (w - w_global)
+                    with torch.no_grad():
+                        for n, t in adapter.items():
+                            if t.grad is not None:
+                                t.grad += task.fit.proximal_mu * (t - global_adapter[n])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(batch_loss.detach()))
                 correct, seen = correct + int(batch_correct), seen + len(batch)
-                fwd, bwd = flops.device(int(batch.input_ids.shape[1]))
-                device_flops[i] += len(batch) * (fwd + bwd)
-            finals.append({n: t.detach().clone() for n, t in adapter.items()})
-            weights.append(float(len(data.shards[k])))
-        global_adapter = fedavg(finals, weights)
-        # ---- costs: local compute, the adapter (and head) down and up at equal bandwidth, full power
-        clock = population.clock_hz[selected]
-        compute_s = compute_latency_s(device_flops, clock, config.system)
-        up = np.full(len(selected), adapter_bits)
-        problem = _adapter_exchange_problem(config, population.gains(selected, config.seed, round_index), up, up,
-                                         compute_s, compute_energy_j(device_flops, clock, config.system))
-        plan = RoundPlan(selected, equal_allocation(problem, 32), np.array([len(data.shards[k]) for k in selected]),
-                         compute_s, 0.0)
-        metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
-                               samples=seen, uplink_bits=int(up.sum()), downlink_bits=int(up.sum()),
-                               wall_s=0.0)
-        apply_plan(metrics, plan)
-        evaluated = _finish_round(config, round_index, metrics, round_started, rounds, progress,
-                                  partial(_evaluate_whole, config, data, model, server_part, global_adapter))
-        accuracy, loss = evaluated or (accuracy, loss)
-    return RunResult(config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
-                     wall_s=time.perf_counter() - started, devices=config.data.num_devices,
-                     devices_per_round=config.train.devices_per_round, device_weight_bytes=stored_weight_bytes(model),
-                     device_adapter=global_adapter, server_state={}, device_memory_bytes=memory.total, memory=memory)
+            if task.weights[i] > 0:
+                finals.append({n: t.detach().clone() for n, t in adapter.items()})
+                weights.append(task.weights[i])
+        # only the adapters travel: each device's global adapter down, the finished ones' up
+        return RoundOutcome(weighted_sum(finals, weights), float(sum(weights)), losses, correct, seen,
+                            self.adapter_bits * len(finals), self.adapter_bits * len(task.devices))
+
+    @torch.no_grad()
+    def evaluate(self, adapter: Adapter) -> tuple[float, float]:
+        total_loss, correct, total = 0.0, 0, 0
+        for _, batch in evaluation_batches(self.config, self.data):
+            logits = torch.func.functional_call(self.model, adapter, (batch.input_ids, batch.attention_mask),
+                                                strict=False)
+            batch_loss, batch_correct = self.server_part.loss_and_correct(logits, batch.labels)
+            total_loss += float(batch_loss) * len(batch)
+            correct, total = correct + int(batch_correct), total + len(batch)
+        return correct / total, total_loss / total
+
+    def result_fields(self) -> dict[str, Any]:
+        return {"device_weight_bytes": stored_weight_bytes(self.model), "device_memory_bytes": self.memory.total,
+                "memory": self.memory}
 
 
-@torch.no_grad()
-def _evaluate_whole(config: ExperimentConfig, data, model: nn.Module, server_part, adapter: Adapter
-                    ) -> tuple[float, float]:
-    total_loss, correct, total = 0.0, 0, 0
-    for _, batch in evaluation_batches(config, data):
-        logits = torch.func.functional_call(model, adapter, (batch.input_ids, batch.attention_mask), strict=False)
-        batch_loss, batch_correct = server_part.loss_and_correct(logits, batch.labels)
-        total_loss += float(batch_loss) * len(batch)
-        correct, total = correct + int(batch_correct), total + len(batch)
-    return correct / total, total_loss / total
+def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None,
+           checkpoint: Checkpoint | None = None, resume: Resume | None = None) -> RunResult:
+    return Engine(config, LocalTrainingExecutor(config)).run(progress, checkpoint, resume)
 
 
 # --------------------------------------------------------------------------- SL
 
 
-def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None) -> RunResult:
-    started = time.perf_counter()
-    exp = Experiment.build(config)
-    adapter = exp.device.initial_adapter()
-    rounds: list[RoundMetrics] = []
-    accuracy, loss = float("nan"), float("nan")
-    for round_index in range(config.train.rounds):
-        round_started = time.perf_counter()
-        selected = select_devices(config.seed, round_index, config.data.num_devices, config.train.devices_per_round)
-        lr = config.train.lr_factor(round_index)
-        exp.server.set_lr_factor(lr)
-        batches = device_round_batches(config, exp.data, round_index, selected)
+class SequentialExecutor(Executor):
+    """sl: the round's devices one after another, each training the device part for its steps against the
+    server and handing its adapter to the next; a device that drops out hands on nothing."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.exp = Experiment.build(config)
+        self.config, self.data = config, self.exp.data
+        base = self.exp.planner  # the FLOP table measured once on the real parts
+        self.planner = build_planner("sl", config, base.flops, base.adapter_bits, self.exp.device.trains)
+
+    def initial_adapter(self) -> Adapter:
+        return self.exp.device.initial_adapter()
+
+    def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
+        exp, r = self.exp, task.round_index
+        exp.server.set_lr_factor(task.lr_factor)
+        adapter = global_adapter
         losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
-        plans = []
-        for k in selected:  # one device after another, each handing its adapter to the next
-            state = exp.device.start(int(k), adapter, lr)
-            for step, batch in enumerate(batches[int(k)]):
-                message = exp.device.forward(state, batch, round_index, step, 32)
-                result = exp.server.step([message], round_index, step)
+        for i, k in enumerate(task.devices):
+            state = exp.device.start(int(k), adapter, task.lr_factor, task.fit)
+            for step, batch in enumerate(task.batches[int(k)][:task.steps[i]]):
+                message = exp.device.forward(state, batch, r, step, task.bits[i])
+                result = exp.server.step([message], r, step)
                 exp.device.backward(state, step, result.gradients[0])
                 losses.append(result.loss)
                 correct, seen = correct + result.correct, seen + result.samples
                 uplink += message.payload_bits
                 downlink += sum(result.downlink_bits)
-            adapter = exp.device.final_adapter(state)
-            # ---- its costs: alone on the channel, whole band, full power
-            problem, samples, compute_s, server_s = exp.planner.problem(round_index, np.array([k]),
-                                                                        {int(k): batches[int(k)]})
-            plans.append(RoundPlan(np.array([k]), equal_allocation(problem, 32), samples, compute_s, server_s))
-        metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
-                               samples=seen, uplink_bits=uplink, downlink_bits=downlink, wall_s=0.0)
-        allocations = [p.allocation for p in plans]
-        metrics.round_latency_s = float(sum(a.round_latency_s for a in allocations))  # sequential
-        metrics.comm_latency_s = float(sum(float(a.comm_latency_s.sum()) for a in allocations))
-        metrics.compute_latency_s = float(sum(float(p.compute_s.sum()) + p.server_s for p in plans))
-        metrics.energy_j = float(sum(a.total_energy_j for a in allocations))
-        metrics.bits_mean = metrics.bits_min = metrics.bits_max = 32.0
-        evaluated = _finish_round(config, round_index, metrics, round_started, rounds, progress,
-                                  partial(exp.evaluate, adapter))
-        accuracy, loss = evaluated or (accuracy, loss)
-    return RunResult(config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
-                     wall_s=time.perf_counter() - started, devices=config.data.num_devices,
-                     devices_per_round=config.train.devices_per_round,
-                     device_weight_bytes=stored_weight_bytes(exp.device.part), device_adapter=adapter,
-                     server_state=exp.server.state(), device_memory_bytes=exp.memory.total, memory=exp.memory)
+            if task.weights[i] > 0:
+                adapter = exp.device.final_adapter(state)
+        # the chain's last adapter is the round's result (weight 1: nothing to average)
+        return RoundOutcome(adapter, 1.0, losses, correct, seen, uplink, downlink)
+
+    def evaluate(self, adapter: Adapter) -> tuple[float, float]:
+        return self.exp.evaluate(adapter)
+
+    def server_state(self) -> Adapter:
+        return self.exp.server.state()
+
+    def server_checkpoint(self) -> dict[str, Any] | None:
+        return self.exp.server.checkpoint()
+
+    def restore_server(self, state: dict[str, Any]) -> None:
+        self.exp.server.restore(state)
+
+    def result_fields(self) -> dict[str, Any]:
+        return {"device_weight_bytes": stored_weight_bytes(self.exp.device.part),
+                "device_memory_bytes": self.exp.memory.total, "memory": self.exp.memory}
+
+
+def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None,
+           checkpoint: Checkpoint | None = None, resume: Resume | None = None) -> RunResult:
+    return Engine(config, SequentialExecutor(config)).run(progress, checkpoint, resume)
 
 
 RUNNERS: dict[str, Callable[..., RunResult]] = {"fl": run_fl, "sl": run_sl}

@@ -30,7 +30,7 @@ from sflam.platform.engine import Engine, Executor, Resume, RoundOutcome, RoundT
 from sflam.platform.executors import Adapter, trainable_state
 from sflam.platform.quantization import stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult
-from sflam.platform.runtime import Experiment, evaluation_batches
+from sflam.platform.runtime import Experiment, LocalExecutor, evaluation_batches
 from sflam.platform.strategies import weighted_sum
 from sflam.platform.system import compute_energy_j, compute_latency_s, noise_w_per_hz
 
@@ -243,18 +243,14 @@ def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
 # --------------------------------------------------------------------------- SL
 
 
-class SequentialExecutor(Executor):
+class SequentialExecutor(LocalExecutor):
     """sl: the round's devices one after another, each training the device part for its steps against the
     server and handing its adapter to the next; a device that drops out hands on nothing."""
 
     def __init__(self, config: ExperimentConfig) -> None:
-        self.exp = Experiment.build(config)
-        self.config, self.data = config, self.exp.data
+        super().__init__(Experiment.build(config))
         base = self.exp.planner  # the FLOP table measured once on the real parts
         self.planner = build_planner("sl", config, base.flops, base.adapter_bits, self.exp.device.trains)
-
-    def initial_adapter(self) -> Adapter:
-        return self.exp.device.initial_adapter()
 
     def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
         exp, r = self.exp, task.round_index
@@ -275,22 +271,6 @@ class SequentialExecutor(Executor):
                 adapter = exp.device.final_adapter(state)
         # the chain's last adapter is the round's result (weight 1: nothing to average)
         return RoundOutcome(adapter, 1.0, losses, correct, seen, uplink, downlink)
-
-    def evaluate(self, adapter: Adapter) -> tuple[float, float]:
-        return self.exp.evaluate(adapter)
-
-    def server_state(self) -> Adapter:
-        return self.exp.server.state()
-
-    def server_checkpoint(self) -> dict[str, Any] | None:
-        return self.exp.server.checkpoint()
-
-    def restore_server(self, state: dict[str, Any]) -> None:
-        self.exp.server.restore(state)
-
-    def result_fields(self) -> dict[str, Any]:
-        return {"device_weight_bytes": stored_weight_bytes(self.exp.device.part),
-                "device_memory_bytes": self.exp.memory.total, "memory": self.exp.memory}
 
 
 def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None,

@@ -1,11 +1,14 @@
-"""The Ray runtime (`runtime: ray`): the reference runtime's round semantics on a pool of actors (DESIGN §5, §8).
+"""The Ray runtime (`runtime: ray`): the round engine's executor on a pool of actors (DESIGN §5, §8).
 
-The driver plans (allocation, device assignment) and the actors execute: edge workers run the device
-part for contiguous chunks of the round's selected devices, the server-part group runs each local step
-on all of them. Data moves as object references (the global adapter is put once per round, smashed
-data and gradients go actor to actor); the driver waits with `ray.wait`. A lost edge worker is replaced
-and its devices replayed from the gradients the server already sent, so the round's result equals the
-fault-free one; a lost server rank stops the run with a clear error and the completed rounds kept.
+The engine on the driver decides (devices, batches, bits, dropouts, weights) and the actors execute:
+edge workers run the device part for contiguous chunks of the round's devices, the server-part group
+runs each local step on all of them. Data moves as object references (the global adapter is put once
+per round, smashed data and gradients go actor to actor); the driver waits with `ray.wait` and awaits
+every call's result. A lost edge worker is replaced and its devices replayed from the gradients the
+server already sent, so the round's result equals the fault-free one; an exception inside a worker or
+a lost server rank stops the run with one line (its traceback in the actor's log file) and the
+completed rounds and their checkpoint kept. A local cluster this driver starts is guarded by a watchdog
+process that ends it if the driver is killed.
 """
 
 from __future__ import annotations
@@ -72,12 +75,12 @@ def connect(config: ExperimentConfig, needed_cpus: float) -> tuple[bool, str]:
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": str(config.ray.threads_per_worker), "TOKENIZERS_PARALLELISM": "false",
                         "HF_HUB_OFFLINE": "1"}}
+    # failed calls the run has already reported in one line must not print tracebacks when their references drop
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if address:  # a job's own runtime environment (working dir, env vars) applies: add nothing to it
         ray.init(address=address, log_to_driver=False)
         return True, f"cluster at {address}"
     cpus = config.ray.local_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
-    # failed calls the run has already reported must not print again when their references are dropped
-    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     return True, f"local cluster, {cpus} CPUs"

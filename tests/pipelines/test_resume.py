@@ -39,7 +39,7 @@ def env() -> dict[str, str]:
 
 
 def run_to_end(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(sflam("run", *TINY, *extra, f"output_dir={out}"), cwd=ROOT, env=env(), text=True,
+    proc = subprocess.run(sflam("run", *TINY, f"output_dir={out}", *extra), cwd=ROOT, env=env(), text=True,
                           capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

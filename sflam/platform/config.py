@@ -307,6 +307,18 @@ class AggregationConfig:
         _check(self.tau > 0, "aggregation.tau", self.tau, "a number > 0")
 
 
+def _valid_trace(path: str) -> bool:
+    import csv
+
+    if not Path(path).is_file():
+        return False
+    with Path(path).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not {"device", "round"} <= set(reader.fieldnames or ()):
+            return False
+        return all(row["device"].strip().isdigit() and row["round"].strip().isdigit() for row in reader)
+
+
 @dataclass(frozen=True)
 class ParticipationConfig:
     """Which devices take part in a round: availability, mid-round dropouts, over-selection (DESIGN §5)."""
@@ -322,8 +334,8 @@ class ParticipationConfig:
 
     def __post_init__(self) -> None:
         _check(0 < self.availability <= 1, "participation.availability", self.availability, "a number in (0, 1]")
-        _check(self.trace is None or Path(self.trace).is_file(), "participation.trace", self.trace,
-               "an existing CSV file with columns device,round")
+        _check(self.trace is None or _valid_trace(self.trace), "participation.trace", self.trace,
+               "an existing CSV file with columns device,round of integers >= 0")
         _check(0 <= self.dropout < 1, "participation.dropout", self.dropout, "a number in [0, 1)")
         _check(self.over_selection >= 0, "participation.over_selection", self.over_selection, "a number >= 0")
 

@@ -70,7 +70,11 @@ def test_fedprox_and_ffa_lora_instruct_the_devices() -> None:
     assert not ffa.is_frozen("model.layers.0.self_attn.q_proj.lora_B.default.weight")
 
 
-def test_bad_aggregation_values_name_the_key() -> None:
+def test_bad_aggregation_values_name_the_key(tmp_path) -> None:
+    bad = tmp_path / "trace.csv"
+    bad.write_text("device,round\n3,first\n")
+    with pytest.raises(ConfigError, match=r"participation\.trace=.* columns device,round of integers"):
+        load_config(None, [f"participation.trace={bad}"])
     with pytest.raises(ConfigError, match=r"aggregation\.strategy='fedsgd' is invalid: one of fedavg"):
         load_config(None, ["aggregation.strategy=fedsgd"])
     with pytest.raises(ConfigError, match=r"aggregation\.weights='equal' is invalid: trained or shard"):

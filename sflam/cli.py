@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sflam.platform.config import ExperimentConfig, load_config
-from sflam.platform.errors import ConfigError, SflamError
+from sflam.platform.errors import ConfigError, RunFailed, SflamError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -56,12 +56,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.seeds > 1:
         return _run_seeds(config, args, progress)
     try:
-        result = train(config, progress=progress, announce=_announce)
-    except SflamError as failure:
-        if getattr(failure, "partial", None) is None:
-            raise
-        kept = len(failure.partial.rounds)  # type: ignore[attr-defined]
-        print(f"sflam run: error: {failure}; the {kept} completed round(s) are in {out_dir}", file=sys.stderr)
+        result = train(config, progress=progress, announce=_announce, resume=args.resume)
+    except RunFailed as failure:
+        kept = len(failure.partial.rounds) if failure.partial is not None else 0  # type: ignore[attr-defined]
+        print(f"sflam run: error: {failure}; the {kept} completed round(s) and the checkpoint are in {out_dir} "
+              f"(continue with --resume)", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         result.write_json(args.json)
@@ -138,11 +137,24 @@ def cmd_scale(args: argparse.Namespace) -> int:
         raise ConfigError("--sizes", list(sizes), "positive numbers of devices per round")
     _announce(f"sflam scale: {config.name} at {', '.join(map(str, sizes))} devices per round")
     result = run_scale(config, sizes, progress=lambda k, m: print_progress(m, config.train.rounds),
-                       announce=_announce)
+                       announce=_announce, resume=args.resume)
     if args.json:
         _write_json(args.json, result.rows)
     print("\n".join(format_scale(result.rows)))
     _announce(f"table in {result.table_path}, plot {result.plot_path}; MLflow parent run {result.parent_run_id}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from sflam.platform.tracking import clean_runs
+
+    config = _load(args)
+    if not args.clean:
+        raise ConfigError("runs", "(no action)", "--clean: mark FAILED the RUNNING runs whose process has ended")
+    uri, cleaned = clean_runs(config)
+    for run_id in cleaned:
+        print(run_id)
+    _announce(f"{len(cleaned)} run(s) left RUNNING by a process that ended are now FAILED in {uri}")
     return 0
 
 
@@ -185,6 +197,7 @@ def _write_json(path: str, payload: object) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "train one experiment and print its round table"),
+    "runs": (cmd_runs, "manage recorded runs: --clean marks FAILED the runs left RUNNING by a dead process"),
     "compare": (cmd_compare, "run fl, sl, sfl, sfl-q and sflam on the same scenario and compare them"),
     "scale": (cmd_scale, "the same experiment at 10, 100 and 1,000 devices per round"),
     "study": (cmd_study, "explore the design space with Optuna (multi-objective by default)"),
@@ -229,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="repeat over N seeds (seed, seed+1, ...) and report means with 95%% intervals")
         if name == "study":
             command.add_argument("--resume", action="store_true", help="add trials to an existing study")
+        if name in ("run", "scale"):
+            command.add_argument("--resume", action="store_true",
+                                 help="continue an interrupted run from its last completed round (same MLflow run)")
+        if name == "runs":
+            command.add_argument("--clean", action="store_true",
+                                 help="mark FAILED every RUNNING run of this host whose process has ended")
         if name == "scale":
             command.add_argument("--sizes", type=int, nargs="+", default=None,
                                  help="devices per round to run (default: 10 100 1000)")
@@ -243,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     handler, _ = COMMANDS[args.command]
     try:
         return handler(args)
+    except RunFailed as exc:  # the run could not go on: a failure, not a usage error
+        print(f"sflam {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except SflamError as exc:
         print(f"sflam {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,6 +1,8 @@
 """Edge worker: a Ray actor that loads the model and its quantized device part once and serves many
 virtual devices. A device is data (an id, its shard, its adapter and optimizer for the round), so one
-worker carries any number of them; the driver decides, the worker executes (DESIGN §8)."""
+worker carries any number of them; the driver decides (devices, batches, bits, dropouts, weights,
+instructions), the worker executes (DESIGN §8). A failure inside a call is written with its traceback
+to the worker's log file and raised as one line that names it."""
 
 from __future__ import annotations
 
@@ -10,72 +12,88 @@ from typing import Any
 import numpy as np
 import torch
 
+from sflam.actors.failures import logged
 from sflam.platform.codec import Encoded
 from sflam.platform.config import config_from_dict
-from sflam.platform.executors import Adapter, DeviceState, Smashed, codec_generator, weighted_sum
-from sflam.platform.runtime import EVAL_DEVICE, build_executors, device_round_batches
+from sflam.platform.data import collate
+from sflam.platform.executors import Adapter, DeviceState, Smashed, codec_generator
+from sflam.platform.runtime import EVAL_DEVICE, build_executors
+from sflam.platform.strategies import FitInstructions, weighted_sum
 
 
 class EdgeWorker:
-    """Runs the device part for a chunk of the round's selected devices, step by step."""
+    """Runs the device part for a chunk of the round's devices, step by step."""
 
-    def __init__(self, config: dict[str, Any], threads: int = 1) -> None:
+    def __init__(self, config: dict[str, Any], threads: int = 1, log_file: str = "edge-worker.log") -> None:
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        self.log_file = log_file
         self.config = config_from_dict(config)
         self.data, self.device, _ = build_executors(self.config)
         self.states: list[DeviceState] = []
         self.batches: dict[int, list] = {}
         self.bits: dict[int, int] = {}
+        self.steps: list[int] = []
+        self.weights: list[float] = []
         self.round_index = -1
 
     def ready(self) -> int:
         return os.getpid()
 
     # ------------------------------------------------------------------ a round
-    def start(self, round_index: int, devices: list[int], bits: list[int], global_adapter: Adapter,
-              lr_factor: float) -> None:
-        """Every device of the chunk starts from the global adapter with a fresh optimizer."""
+    @logged
+    def start(self, round_index: int, devices: list[int], bits: list[int], steps: list[int], weights: list[float],
+              indices: dict[int, list[np.ndarray]], global_adapter: Adapter, lr_factor: float,
+              fit: FitInstructions) -> None:
+        """Every device of the chunk starts from the global adapter with a fresh optimizer, on the driver's batches."""
         self.round_index = round_index
-        self.states = [self.device.start(k, global_adapter, lr_factor) for k in devices]
-        self.batches = device_round_batches(self.config, self.data, round_index, np.asarray(devices))
+        self.states = [self.device.start(k, global_adapter, lr_factor, fit) for k in devices]
+        self.batches = {k: [collate(self.data.train, idx, self.data.pad_token_id) for idx in indices[k]]
+                        for k in devices}
         self.bits = dict(zip(devices, bits, strict=True))
+        self.steps, self.weights = list(steps), list(weights)
 
+    def _live(self, step: int) -> list[DeviceState]:
+        return [state for state, s in zip(self.states, self.steps, strict=True) if s > step]
+
+    @logged
     def forward(self, step: int) -> tuple[list[Smashed], int]:
-        """The chunk's smashed data of a step, and its size in bits (a small second return the driver waits on,
-        while the messages go to the server by reference)."""
+        """The live devices' smashed data of a step, and its size in bits (a small second return the driver
+        waits on, while the messages go to the server by reference)."""
         messages = [self.device.forward(state, self.batches[state.device][step], self.round_index, step,
-                                        self.bits[state.device]) for state in self.states]
+                                        self.bits[state.device]) for state in self._live(step)]
         return messages, sum(m.payload_bits for m in messages)
 
+    @logged
     def backward(self, step: int, offset: int, *gradient_shards: list[Encoded | None]) -> None:
         """Apply the server's gradients: the shards of all server ranks in device order, ours from `offset`."""
-        gradients = [g for shard in gradient_shards for g in shard][offset:offset + len(self.states)]
-        for state, gradient in zip(self.states, gradients, strict=True):
+        live = self._live(step)
+        gradients = [g for shard in gradient_shards for g in shard][offset:offset + len(live)]
+        for state, gradient in zip(live, gradients, strict=True):
             self.device.backward(state, step, gradient)
 
+    @logged
     def finish(self) -> tuple[Adapter, float, int]:
-        """The chunk's sample-weighted adapter sum, its total weight and the samples trained (for FedAvg)."""
-        weights = [float(len(self.data.shards[state.device])) for state in self.states]
-        adapters = [self.device.final_adapter(state) for state in self.states]
-        total = float(sum(weights))
-        partial = weighted_sum(adapters, weights)
+        """The chunk's weighted adapter sum over the devices that finished, its total weight, samples trained."""
+        kept = [(state, w) for state, w in zip(self.states, self.weights, strict=True) if w > 0]
+        partial = weighted_sum([self.device.final_adapter(s) for s, _ in kept], [w for _, w in kept])
         samples = sum(state.samples_trained for state in self.states)
         self.states = []
-        return partial, total, samples
+        return partial, float(sum(w for _, w in kept)), samples
 
-    def replay(self, round_index: int, devices: list[int], bits: list[int], global_adapter: Adapter,
-               lr_factor: float, gradients: list[list[Encoded | None]]) -> None:
+    @logged
+    def replay(self, gradients: list[list[Encoded | None]], *start_args: Any) -> None:
         """Rebuild a lost worker's devices: rerun the steps whose gradients the server already sent.
 
         Forward passes and codec draws are seeded by (round, step, device), so the states equal the lost ones.
         """
-        self.start(round_index, devices, bits, global_adapter, lr_factor)
+        self.start(*start_args)
         for step, step_gradients in enumerate(gradients):
             self.forward(step)
             self.backward(step, 0, step_gradients)
 
     # ------------------------------------------------------------------ evaluation
+    @logged
     def infer(self, adapter: Adapter, numbers: list[int]) -> list[Smashed]:
         """Device-side inference of evaluation batches (numbered as in the reference runtime)."""
         from sflam.platform.runtime import evaluation_batches

@@ -1,11 +1,14 @@
-"""The Ray runtime (`runtime: ray`): the reference runtime's round semantics on a pool of actors (DESIGN §5, §8).
+"""The Ray runtime (`runtime: ray`): the round engine's executor on a pool of actors (DESIGN §5, §8).
 
-The driver plans (allocation, device assignment) and the actors execute: edge workers run the device
-part for contiguous chunks of the round's selected devices, the server-part group runs each local step
-on all of them. Data moves as object references (the global adapter is put once per round, smashed
-data and gradients go actor to actor); the driver waits with `ray.wait`. A lost edge worker is replaced
-and its devices replayed from the gradients the server already sent, so the round's result equals the
-fault-free one; a lost server rank stops the run with a clear error and the completed rounds kept.
+The engine on the driver decides (devices, batches, bits, dropouts, weights) and the actors execute:
+edge workers run the device part for contiguous chunks of the round's devices, the server-part group
+runs each local step on all of them. Data moves as object references (the global adapter is put once
+per round, smashed data and gradients go actor to actor); the driver waits with `ray.wait` and awaits
+every call's result. A lost edge worker is replaced and its devices replayed from the gradients the
+server already sent, so the round's result equals the fault-free one; an exception inside a worker or
+a lost server rank stops the run with one line (its traceback in the actor's log file) and the
+completed rounds and their checkpoint kept. A local cluster this driver starts is guarded by a watchdog
+process that ends it if the driver is killed.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 import math
 import os
 import socket
+import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,30 +29,19 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from sflam.actors.edge import EdgeWorker
+from sflam.actors.failures import WorkerError
 from sflam.actors.server import ServerRank
 from sflam.platform.config import ExperimentConfig
-from sflam.platform.errors import SflamError
+from sflam.platform.engine import Engine, Executor, ProgressFn, Resume, RoundOutcome, RoundTask
+from sflam.platform.errors import RunFailed, SflamError
 from sflam.platform.executors import Adapter
+from sflam.platform.quantization import stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult
-from sflam.platform.runtime import (
-    Experiment,
-    ProgressFn,
-    apply_plan,
-    evaluation_batches,
-    round_batches,
-    select_devices,
-)
+from sflam.platform.runtime import Experiment, evaluation_batches
 
 Hook = Callable[["RayRuntime", int, int], None]
 ACTOR_FAILURES = (RayActorError,)
-
-
-class RunFailed(SflamError):
-    """The run could not go on (a server rank failed); `partial` holds every completed round."""
-
-    def __init__(self, message: str, partial: RunResult | None = None) -> None:
-        super().__init__(message)
-        self.partial = partial
+__all__ = ["RayRuntime", "RunFailed", "connect", "run_ray"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +75,8 @@ def connect(config: ExperimentConfig, needed_cpus: float) -> tuple[bool, str]:
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": str(config.ray.threads_per_worker), "TOKENIZERS_PARALLELISM": "false",
                         "HF_HUB_OFFLINE": "1"}}
+    # failed calls the run has already reported in one line must not print tracebacks when their references drop
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if address:  # a job's own runtime environment (working dir, env vars) applies: add nothing to it
         ray.init(address=address, log_to_driver=False)
         return True, f"cluster at {address}"
@@ -90,14 +86,27 @@ def connect(config: ExperimentConfig, needed_cpus: float) -> tuple[bool, str]:
     return True, f"local cluster, {cpus} CPUs"
 
 
-class RayRuntime:
-    """Owns the actor pool for one experiment and runs its rounds."""
+def start_watchdog() -> subprocess.Popen[bytes]:
+    """A process outside this one's fate that ends the local cluster's processes if this driver is killed."""
+    from ray._private.worker import _global_node  # the session folder names this cluster's processes
+
+    session_dir = _global_node.get_session_dir_path() if _global_node is not None else ""
+    return subprocess.Popen([sys.executable, "-m", "sflam.actors.watchdog", str(os.getpid()), session_dir],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+class RayRuntime(Executor):
+    """The Ray executor: owns the actor pool for one experiment and carries out its rounds' plans."""
 
     def __init__(self, config: ExperimentConfig, experiment: Experiment | None = None,
                  hooks: dict[str, Hook] | None = None) -> None:
         self.config = config
         self.exp = experiment or Experiment.build(config)
+        self.data, self.planner = self.exp.data, self.exp.planner
         self.hooks = hooks or {}
+        self.log_dir = Path(config.output_dir).resolve() / config.name / "logs"
+        self.watchdog: subprocess.Popen[bytes] | None = None
         rc, srv = config.ray, config.server
         K = config.train.devices_per_round
         ranks = srv.ranks if srv.engine == "deepspeed" else 1
@@ -109,6 +118,8 @@ class RayRuntime:
             workers = max(1, int((os.cpu_count() or 1) / rc.cpus_per_worker))
         workers = min(workers, K)
         self.owns_ray, cluster = connect(config, workers * rc.cpus_per_worker + ranks)
+        if self.owns_ray and "local" in cluster:
+            self.watchdog = start_watchdog()
         if not (rc.workers or rc.devices_per_worker) and "local" not in cluster:
             available = float(ray.cluster_resources().get("CPU", 1))
             workers = min(K, max(1, int((available - ranks) / rc.cpus_per_worker)))
@@ -121,21 +132,41 @@ class RayRuntime:
         self.config_dict = config.to_dict()
         self._edge_cls = ray.remote(EdgeWorker)
         self._server_cls = ray.remote(ServerRank)
-        self.workers = [self._new_worker() for _ in range(workers)]
+        self.workers = [self._new_worker(i) for i in range(workers)]
         port = _free_port()
         gpus = srv.gpus_per_rank
         self.ranks: list[Any] = [self._server_cls.options(num_cpus=1, num_gpus=gpus, max_concurrency=1).remote(
-            self.config_dict, rank, ranks, "127.0.0.1", port, rc.threads_per_worker) for rank in range(ranks)]
+            self.config_dict, rank, ranks, "127.0.0.1", port, rc.threads_per_worker,
+            self.log_file("server-rank", rank)) for rank in range(ranks)]
         ray.get([w.ready.remote() for w in self.workers] + [r.ready.remote() for r in self.ranks])
         self.replaced = 0
 
-    def _new_worker(self) -> Any:
-        rc = self.config.ray
-        return self._edge_cls.options(num_cpus=rc.cpus_per_worker).remote(self.config_dict, rc.threads_per_worker)
+    def log_file(self, kind: str, index: int) -> str:
+        """Where an actor writes the tracebacks of its failures (on the node it runs on)."""
+        return str(self.log_dir / f"{kind}-{index}.log")
 
-    # ------------------------------------------------------------------ waiting with recovery
-    def _gather(self, refs: dict[int, Any], recover: Callable[[int], Any]) -> dict[int, Any]:
-        """Results of one call per worker; a worker that died is replaced and its call resubmitted."""
+    def _new_worker(self, i: int) -> Any:
+        rc = self.config.ray
+        return self._edge_cls.options(num_cpus=rc.cpus_per_worker).remote(self.config_dict, rc.threads_per_worker,
+                                                                          self.log_file("edge-worker", i))
+
+    # ------------------------------------------------------------------ waiting: every result is awaited
+    @staticmethod
+    def _cause(exc: Exception) -> str:
+        """One line for a failed call: the worker's own summary (naming its log file), else Ray's first line."""
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, WorkerError):
+            return str(cause)[:600]
+        first = (str(exc).splitlines() or [""])[0].strip()[:200]
+        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+    def _fail(self, exc: Exception, where: str) -> RunFailed:
+        return RunFailed(f"{where} failed: {self._cause(exc)}; the run stopped")
+
+    def _gather(self, refs: dict[int, Any], recover: Callable[[int], Any], where: Callable[[int], str]
+                ) -> dict[int, Any]:
+        """Results of one call per worker; a worker that died is replaced and its call resubmitted,
+        an exception inside a worker stops the run with one line (`where` names the round, step and devices)."""
         pending = {ref: i for i, ref in refs.items()}
         out: dict[int, Any] = {}
         while pending:
@@ -148,60 +179,87 @@ class RayRuntime:
                     print(f"edge worker {i} lost ({type(exc).__name__}); replacing it and replaying its devices",
                           file=sys.stderr, flush=True)
                     pending[recover(i)] = i
+                except RayTaskError as exc:
+                    raise self._fail(exc, where(i)) from None
         return out
 
-    def _replace(self, i: int, round_index: int, chunk: list[int], bits: list[int], global_ref: Any, lr: float,
-                 offsets: list[int], history: list[list[Any]]) -> None:
+    def _await(self, refs: dict[int, Any], where: Callable[[int], str]) -> None:
+        """Results of calls whose value nobody needs (start, backward): failures still stop the run. A worker
+        that died here is replaced by the next call on it, which `_gather` sees."""
+        for i, ref in refs.items():
+            try:
+                ray.get(ref)
+            except ACTOR_FAILURES:
+                pass
+            except RayTaskError as exc:
+                raise self._fail(exc, where(i)) from None
+
+    def _replace(self, i: int, start_args: tuple[Any, ...], history: list[list[Any]],
+                 slices: list[list[tuple[int, int]]]) -> None:
         try:
             ray.kill(self.workers[i])
         except Exception:  # it is already gone
             pass
-        worker = self._new_worker()
+        worker = self._new_worker(i)
         self.workers[i] = worker
         self.replaced += 1
+        mine: list[list[Any]] = []
         if history:
             flat = ray.get([ref for step_refs in history for ref in step_refs])
             ranks = len(history[0])
-            gradients = [flat[s * ranks:(s + 1) * ranks] for s in range(len(history))]
-            mine = [[g for shard in step for g in shard][offsets[i]:offsets[i] + len(chunk)] for step in gradients]
-        else:
-            mine = []
-        ray.get(worker.replay.remote(round_index, chunk, bits, global_ref, lr, mine))
+            for s in range(len(history)):
+                step_gradients = [g for shard in flat[s * ranks:(s + 1) * ranks] for g in shard]
+                offset, count = slices[s][i]
+                mine.append(step_gradients[offset:offset + count])
+        ray.get(worker.replay.remote(mine, *start_args))  # top-level: Ray resolves the global adapter's reference
 
     def _server_call(self, round_index: int, what: str, refs: list[Any]) -> list[Any]:
         try:
             return ray.get(refs)
         except (RayActorError, RayTaskError) as exc:
-            raise RunFailed(f"the server part failed during {what} of round {round_index + 1} "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the run stopped") from None
+            where = what + (f" of round {round_index + 1}" if round_index >= 0 else "")
+            raise RunFailed(f"the server part failed during {where} ({self._cause(exc)}); the run stopped") from None
 
     # ------------------------------------------------------------------ a round
-    def run_round(self, round_index: int, global_adapter: Adapter) -> tuple[Adapter, RoundMetrics]:
-        cfg = self.config
-        started = time.perf_counter()
-        selected = select_devices(cfg.seed, round_index, cfg.data.num_devices, cfg.train.devices_per_round)
-        lr = cfg.train.lr_factor(round_index)
-        # ---- plan on the driver: allocation from the channels and the exact payloads
-        plan = self.exp.planner.plan(round_index, selected, round_batches(self.exp, round_index, selected))
-        bits = [int(q) for q in plan.allocation.bits]  # in the order of `selected`
-        edges = np.linspace(0, len(selected), len(self.workers) + 1).round().astype(int)
-        chunks = [[int(k) for k in selected[edges[i]:edges[i + 1]]] for i in range(len(self.workers))]
-        chunk_bits = [bits[edges[i]:edges[i + 1]] for i in range(len(self.workers))]
-        offsets = [int(e) for e in edges[:-1]]
-        active = [i for i, chunk in enumerate(chunks) if chunk]
+    def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
+        """Carry out the driver's plan of a round on the actors; the weighted partial sums come back."""
+        cfg, r = self.config, task.round_index
+        devices = [int(k) for k in task.devices]
+        edges = np.linspace(0, len(devices), len(self.workers) + 1).round().astype(int)
+        spans = [range(int(edges[i]), int(edges[i + 1])) for i in range(len(self.workers))]
+        active = [i for i, span in enumerate(spans) if len(span)]
         global_ref = ray.put(global_adapter)  # once per round, shared by every worker
-        for i in active:
-            self.workers[i].start.remote(round_index, chunks[i], chunk_bits[i], global_ref, lr)
+        start_args = {i: (r, [devices[j] for j in spans[i]], [task.bits[j] for j in spans[i]],
+                          [task.steps[j] for j in spans[i]], [task.weights[j] for j in spans[i]],
+                          {devices[j]: task.indices[devices[j]] for j in spans[i]}, global_ref, task.lr_factor,
+                          task.fit) for i in active}
+        # each worker's slice (offset, count) of every step's gradients: its devices still taking part
+        slices: list[list[tuple[int, int]]] = []
+        for step in range(cfg.train.local_steps):
+            counts = [sum(task.steps[j] > step for j in spans[i]) for i in range(len(self.workers))]
+            slices.append([(int(sum(counts[:i])), counts[i]) for i in range(len(self.workers))])
+
+        def where(i: int, step: int | None = None, call: str = "") -> str:
+            chunk = [devices[j] for j in spans[i]]
+            at = f", local step {step + 1}" if step is not None else ""
+            return f"edge worker {i} ({call}, round {r + 1}{at}, devices {chunk[0]}..{chunk[-1]})"
+
+        starts = {i: self.workers[i].start.remote(*start_args[i]) for i in active}
         history: list[list[Any]] = []
+        pending: dict[int, Any] = {}
+        previous = partial(where, step=None, call="start")  # names the previous call on every worker
         losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
 
         def recover_with(step: int, call: Callable[[Any, int], Any]) -> Callable[[int], Any]:
             def recover(i: int) -> Any:
-                self._replace(i, round_index, chunks[i], chunk_bits[i], global_ref, lr, offsets, history[:step])
+                self._replace(i, start_args[i], history[:step], slices)
                 return call(self.workers[i], i)
             return recover
 
+        pending = starts
         for step in range(cfg.train.local_steps):
+            if not sum(c for _, c in slices[step]):
+                break  # every device has dropped out
             # ---- devices: forward and encode the smashed data (every worker in parallel)
             message_refs: dict[int, Any] = {}
 
@@ -212,34 +270,38 @@ class RayRuntime:
 
             sizes = {i: submit(self.workers[i], i) for i in active}
             if "after_forward" in self.hooks:
-                self.hooks["after_forward"](self, round_index, step)
-            sizes = self._gather(sizes, recover_with(step, submit))
+                self.hooks["after_forward"](self, r, step)
+            sizes = self._gather(sizes, recover_with(step, submit), partial(where, step=step, call="forward"))
+            self._await(pending, previous)
             uplink += sum(sizes.values())
             # ---- server: every rank runs the step on its shard; smashed data and gradients go by reference
-            outs = [rank.step.options(num_returns=2).remote(round_index, step, lr, *[message_refs[i] for i in active])
+            outs = [rank.step.options(num_returns=2).remote(r, step, task.lr_factor,
+                                                             *[message_refs[i] for i in active])
                     for rank in self.ranks]
-            stats = self._server_call(round_index, f"local step {step + 1}", [o[0] for o in outs])
+            stats = self._server_call(r, f"local step {step + 1}", [o[0] for o in outs])
             grad_refs = [o[1] for o in outs]
             history.append(grad_refs)
             step_samples = sum(s[2] for s in stats)
             losses.append(sum(s[0] for s in stats) / step_samples)
             correct, seen = correct + sum(s[1] for s in stats), seen + step_samples
             downlink += sum(s[3] for s in stats)
-            # ---- devices: backward with their slice of the gradients (the driver does not wait for it)
-            for i in active:
-                self.workers[i].backward.remote(step, offsets[i], *grad_refs)
-        # ---- aggregation: sample-weighted partial sums from every worker (FedAvg)
-        steps = cfg.train.local_steps
+            # ---- devices: backward with their slice of the gradients (awaited with the next call's results)
+            pending = {i: self.workers[i].backward.remote(step, slices[step][i][0], *grad_refs) for i in active}
+            previous = partial(where, step=step, call="backward")
+        # ---- aggregation: weighted partial sums from every worker
+        steps = len(history)
         finished = self._gather({i: self.workers[i].finish.remote() for i in active},
-                                recover_with(steps, lambda w, i: w.finish.remote()))
+                                recover_with(steps, lambda w, i: w.finish.remote()),
+                                partial(where, step=None, call="finish"))
+        self._await(pending, previous)
         total = sum(finished[i][1] for i in active)
-        names = list(global_adapter)
-        new_global = {n: (sum((finished[i][0][n] for i in active[1:]), finished[active[0]][0][n]) / total)
-                      .to(global_adapter[n].dtype) for n in names}
-        metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
-                               samples=seen, uplink_bits=uplink, downlink_bits=downlink,
-                               wall_s=time.perf_counter() - started, step_losses=[float(v) for v in losses])
-        return new_global, apply_plan(metrics, plan)
+        summed = [finished[i][0] for i in active if finished[i][1] > 0]
+        new_sum = {n: sum((s[n] for s in summed[1:]), summed[0][n]) for n in summed[0]} if summed else {}
+        return RoundOutcome(new_sum, float(total), losses, correct, seen, uplink, downlink)
+
+    def run_round(self, round_index: int, global_adapter: Adapter) -> tuple[Adapter, RoundMetrics]:
+        """One round through the engine on this pool (the new global adapter and the round's metrics)."""
+        return Engine(self.config, self).run_round(round_index, global_adapter)
 
     def evaluate(self, adapter: Adapter) -> tuple[float, float]:
         numbers = [n for n, _ in evaluation_batches(self.config, self.exp.data)]
@@ -247,19 +309,33 @@ class RayRuntime:
         groups = np.array_split(np.array(numbers), len(self.workers))
         refs = {i: self.workers[i].infer.remote(adapter_ref, [int(n) for n in g]) for i, g in enumerate(groups)
                 if len(g)}
-        messages = self._gather(refs, lambda i: self._new_and_infer(i, adapter_ref, groups[i]))
+        messages = self._gather(refs, lambda i: self._new_and_infer(i, adapter_ref, groups[i]),
+                                lambda i: f"edge worker {i} (evaluation)")
         message_refs = [ray.put(messages[i]) for i in sorted(messages)]
         results = self._server_call(-1, "evaluation", [r.evaluate.remote(*message_refs) for r in self.ranks])
         total_loss, total_correct, total = results[0]
         return total_correct / total, total_loss / total
 
     def _new_and_infer(self, i: int, adapter_ref: Any, numbers: np.ndarray) -> Any:
-        self.workers[i] = self._new_worker()
+        self.workers[i] = self._new_worker(i)
         self.replaced += 1
         return self.workers[i].infer.remote(adapter_ref, [int(n) for n in numbers])
 
+    def initial_adapter(self) -> Adapter:
+        return self.exp.device.initial_adapter()
+
     def server_state(self) -> Adapter:
         return self._server_call(-1, "state", [r.state.remote() for r in self.ranks])[0]
+
+    def server_checkpoint(self) -> dict[str, Any] | None:
+        return self._server_call(-1, "checkpoint", [self.ranks[0].checkpoint.remote()])[0]
+
+    def restore_server(self, state: dict[str, Any]) -> None:
+        self._server_call(-1, "restore", [r.restore.remote(state) for r in self.ranks])
+
+    def result_fields(self) -> dict[str, Any]:
+        return {"device_weight_bytes": stored_weight_bytes(self.exp.device.part),
+                "device_memory_bytes": self.exp.memory.total, "memory": self.exp.memory}
 
     def shutdown(self) -> None:
         for actor in self.workers + self.ranks:
@@ -269,45 +345,21 @@ class RayRuntime:
                 pass
         if self.owns_ray:
             ray.shutdown()
+        if self.watchdog is not None:  # the cluster is gone: nothing left to guard
+            self.watchdog.terminate()
+            self.watchdog.wait()
+
+    close = shutdown
 
 
 def run_ray(config: ExperimentConfig, progress: ProgressFn | None = None, experiment: Experiment | None = None,
-            hooks: dict[str, Hook] | None = None, announce: Callable[[str], None] | None = None) -> RunResult:
+            hooks: dict[str, Hook] | None = None, announce: Callable[[str], None] | None = None,
+            checkpoint: Callable[[Resume], None] | None = None, resume: Resume | None = None) -> RunResult:
     """Every round of an experiment on the Ray runtime; the same result as `run_local` for the same seed."""
-    started = time.perf_counter()
     runtime = RayRuntime(config, experiment, hooks)
     if announce is not None:
         announce(runtime.layout.describe())
-    exp = runtime.exp
-    global_adapter = exp.device.initial_adapter()
-    rounds: list[RoundMetrics] = []
-    accuracy, loss = float("nan"), float("nan")
-
-    def result(server_state: Adapter) -> RunResult:
-        from sflam.platform.quantization import stored_weight_bytes
-
-        return RunResult(config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
-                         wall_s=time.perf_counter() - started, devices=config.data.num_devices,
-                         devices_per_round=config.train.devices_per_round,
-                         device_weight_bytes=stored_weight_bytes(exp.device.part), device_adapter=global_adapter,
-                         server_state=server_state, device_memory_bytes=exp.memory.total, memory=exp.memory)
-
     try:
-        total = config.train.rounds
-        for round_index in range(total):
-            try:
-                global_adapter, metrics = runtime.run_round(round_index, global_adapter)
-                if (round_index + 1) % config.train.eval_every == 0 or round_index == total - 1:
-                    eval_started = time.perf_counter()
-                    accuracy, loss = runtime.evaluate(global_adapter)
-                    metrics.eval_accuracy, metrics.eval_loss = accuracy, loss
-                    metrics.wall_s += time.perf_counter() - eval_started
-            except RunFailed as failure:
-                failure.partial = result({})
-                raise
-            rounds.append(metrics)
-            if progress is not None:
-                progress(metrics)
-        return result(runtime.server_state())
+        return Engine(config, runtime).run(progress, checkpoint, resume)
     finally:
         runtime.shutdown()

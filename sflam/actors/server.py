@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sflam.actors.failures import logged
 from sflam.platform import codec
 from sflam.platform.codec import Encoded
 from sflam.platform.config import config_from_dict
@@ -52,8 +53,9 @@ class ServerRank:
     """One rank of the server-part group."""
 
     def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
-                 master_port: int = 29500, threads: int = 1) -> None:
+                 master_port: int = 29500, threads: int = 1, log_file: str = "server-rank.log") -> None:
         torch.set_num_threads(threads)
+        self.log_file = log_file
         self.config = config_from_dict(config)
         self.rank, self.world_size = rank, world_size
         _, device, self.server = build_executors(self.config)
@@ -93,6 +95,7 @@ class ServerRank:
             for group in optimizer.param_groups:
                 group["lr"] = self.config.train.server_lr * factor
 
+    @logged
     def step(self, round_index: int, step: int, lr_factor: float, *message_lists: list[Smashed]
              ) -> tuple[StepStats, list[Encoded | None]]:
         """Forward/backward of this rank's shard of the step's devices, one optimizer step, encoded gradients."""
@@ -136,6 +139,7 @@ class ServerRank:
         bits = sum(g.payload_bits for g in gradients if g is not None)
         return (float(mean_loss.detach()) * shard_samples, int(correct), shard_samples, bits), gradients
 
+    @logged
     def evaluate(self, *message_lists: list[Smashed]) -> tuple[float, int, int]:
         messages = [m for chunk in message_lists for m in chunk]
         if self.engine is None:
@@ -152,6 +156,16 @@ class ServerRank:
                 total += int(labels.shape[0])
         return total_loss, total_correct, total
 
+    @logged
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The server part and its optimizer state for an exact resume (torch engine; None under DeepSpeed)."""
+        return self.server.checkpoint() if self.engine is None else None
+
+    @logged
+    def restore(self, state: dict[str, Any]) -> None:
+        self.server.restore(state)
+
+    @logged
     def state(self) -> Adapter:
         """The server part's trained tensors (gathered from every rank under ZeRO-3)."""
         if self.engine is None or self.config.server.zero_stage < 3:

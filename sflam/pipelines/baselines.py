@@ -13,9 +13,8 @@ sflam   quantized and allocated (bits, power, bandwidth).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,19 +24,16 @@ from sflam.platform.build import build_parts, prepare_data, quiet_libraries, val
 from sflam.platform.config import ExperimentConfig, config_from_dict
 from sflam.platform.costs import FlopTable, RoundPlanner, measure_device_memory
 from sflam.platform.data import collate
-from sflam.platform.executors import Adapter, fedavg, trainable_state
+from sflam.platform.engine import Engine, Executor, Resume, RoundOutcome, RoundTask
+from sflam.platform.executors import Adapter, trainable_state
 from sflam.platform.quantization import stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult
-from sflam.platform.runtime import (
-    Experiment,
-    apply_plan,
-    device_round_batches,
-    evaluation_batches,
-    select_devices,
-)
+from sflam.platform.runtime import Experiment, LocalExecutor, evaluation_batches
+from sflam.platform.strategies import weighted_sum
 
 METHODS = ("fl", "sl", "sfl", "sfl-q", "sflam")
 ProgressFn = Callable[[RoundMetrics], None]
+Checkpoint = Callable[[Resume], None]
 
 
 def method_config(config: ExperimentConfig, method: str) -> ExperimentConfig:
@@ -55,22 +51,18 @@ def method_config(config: ExperimentConfig, method: str) -> ExperimentConfig:
     return config_from_dict(tree)
 
 
-def _finish_round(config: ExperimentConfig, round_index: int, metrics: RoundMetrics, round_started: float,
-                  rounds: list[RoundMetrics], progress: ProgressFn | None,
-                  evaluate: Callable[[], tuple[float, float]]) -> tuple[float, float] | None:
-    """Evaluate when due, time the round, keep it and report it; returns (accuracy, loss) when evaluated."""
-    evaluated = None
-    if (round_index + 1) % config.train.eval_every == 0 or round_index == config.train.rounds - 1:
-        evaluated = evaluate()
-        metrics.eval_accuracy, metrics.eval_loss = evaluated
-    metrics.wall_s = time.perf_counter() - round_started
-    rounds.append(metrics)
-    if progress is not None:
-        progress(metrics)
-    return evaluated
+# --------------------------------------------------------------------------- the planners of fl and sl
 
 
-# --------------------------------------------------------------------------- FL
+def build_planner(method: str, config: ExperimentConfig, flops: FlopTable, adapter_bits: int,
+                  trains_device: bool) -> RoundPlanner:
+    """The one place a method gets its round planner: the cost model under the method's schedule.
+
+    sfl, sfl-q and sflam run the lockstep split; fl trains the whole model on every device in parallel
+    (only adapters travel); sl runs the devices one after another, each alone on the whole band.
+    """
+    schedule = {"fl": "parallel", "sl": "sequential"}.get(method, "lockstep")
+    return RoundPlanner(config, flops, adapter_bits, trains_device=trains_device, schedule=schedule)
 
 
 class WholeModel(nn.Module):
@@ -85,113 +77,115 @@ class WholeModel(nn.Module):
         return self.server_part(self.device_part(input_ids, attention_mask), attention_mask)
 
 
-def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None) -> RunResult:
-    started = time.perf_counter()
-    quiet_libraries()
-    spec = validate(config)
-    data = prepare_data(config, spec)
-    whole_cut = config_from_dict({**config.to_dict(), "split": {"cut_layer": spec.num_layers}})
-    device_part, server_part = build_parts(whole_cut, spec, data)
-    model = WholeModel(device_part, server_part)
-    global_adapter = trainable_state(model)
-    adapter_bits = 32 * sum(t.numel() for t in global_adapter.values())
-    flops = FlopTable(model, nn.Identity(), global_adapter, int(device_part.config.hidden_size))
-    longest = np.argsort([-len(s) for s in data.train.input_ids])[: config.train.batch_size]
-    memory = measure_device_memory(model, global_adapter, collate(data.train, longest, data.pad_token_id))
-    planner = RoundPlanner(config, flops, adapter_bits, trains_device=True, schedule="parallel")
-    rounds: list[RoundMetrics] = []
-    accuracy, loss = float("nan"), float("nan")
-    for round_index in range(config.train.rounds):
-        round_started = time.perf_counter()
-        selected = select_devices(config.seed, round_index, config.data.num_devices, config.train.devices_per_round)
-        batches = device_round_batches(config, data, round_index, selected)
-        lr = config.train.device_lr * config.train.lr_factor(round_index)
+class LocalTrainingExecutor(Executor):
+    """fl: every device trains the whole model (LoRA everywhere, the head too) on its own batches."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        quiet_libraries()
+        spec = validate(config)
+        self.config = config
+        self.data = prepare_data(config, spec)
+        whole_cut = config_from_dict({**config.to_dict(), "split": {"cut_layer": spec.num_layers}})
+        device_part, self.server_part = build_parts(whole_cut, spec, self.data)
+        self.model = WholeModel(device_part, self.server_part)
+        self.initial = trainable_state(self.model)
+        self.adapter_bits = 32 * sum(t.numel() for t in self.initial.values())
+        flops = FlopTable(self.model, nn.Identity(), self.initial, int(device_part.config.hidden_size))
+        longest = np.argsort([-len(s) for s in self.data.train.input_ids])[: config.train.batch_size]
+        self.memory = measure_device_memory(self.model, self.initial,
+                                            collate(self.data.train, longest, self.data.pad_token_id))
+        self.planner = build_planner("fl", config, flops, self.adapter_bits, True)
+
+    def initial_adapter(self) -> Adapter:
+        return {n: t.clone() for n, t in self.initial.items()}
+
+    def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
+        lr = self.config.train.device_lr * task.lr_factor
         finals, weights, losses, correct, seen = [], [], [], 0, 0
-        for k in selected:
-            adapter = {n: t.detach().clone().requires_grad_(True) for n, t in global_adapter.items()}
-            optimizer = torch.optim.AdamW(adapter.values(), lr=lr, weight_decay=0.0)
-            for batch in batches[int(k)]:
+        for i, k in enumerate(task.devices):
+            adapter = {n: t.detach().clone().requires_grad_(not task.fit.is_frozen(n))
+                       for n, t in global_adapter.items()}
+            trained = [t for t in adapter.values() if t.requires_grad]
+            optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+            for batch in task.batches[int(k)][:task.steps[i]]:
                 with torch.enable_grad():
-                    logits = torch.func.functional_call(model, adapter, (batch.input_ids, batch.attention_mask),
+                    logits = torch.func.functional_call(self.model, adapter, (batch.input_ids, batch.attention_mask),
                                                         strict=False)
-                    batch_loss, batch_correct = server_part.loss_and_correct(logits, batch.labels)
+                    batch_loss, batch_correct = self.server_part.loss_and_correct(logits, batch.labels)
                     batch_loss.backward()
+                if task.fit.proximal_mu > 0:  # FedProx: + mu (w - w_global)
+                    with torch.no_grad():
+                        for n, t in adapter.items():
+                            if t.grad is not None:
+                                t.grad += task.fit.proximal_mu * (t - global_adapter[n])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(batch_loss.detach()))
                 correct, seen = correct + int(batch_correct), seen + len(batch)
-            finals.append({n: t.detach().clone() for n, t in adapter.items()})
-            weights.append(float(len(data.shards[k])))
-        global_adapter = fedavg(finals, weights)
-        # ---- costs: local compute, the adapter (and head) down and up at equal bandwidth, full power
-        plan = planner.plan(round_index, selected, batches)
-        up = np.full(len(selected), adapter_bits)
-        metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
-                               samples=seen, uplink_bits=int(up.sum()), downlink_bits=int(up.sum()),
-                               wall_s=0.0)
-        apply_plan(metrics, plan)
-        evaluated = _finish_round(config, round_index, metrics, round_started, rounds, progress,
-                                  partial(_evaluate_whole, config, data, model, server_part, global_adapter))
-        accuracy, loss = evaluated or (accuracy, loss)
-    return RunResult(config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
-                     wall_s=time.perf_counter() - started, devices=config.data.num_devices,
-                     devices_per_round=config.train.devices_per_round, device_weight_bytes=stored_weight_bytes(model),
-                     device_adapter=global_adapter, server_state={}, device_memory_bytes=memory.total, memory=memory)
+            if task.weights[i] > 0:
+                finals.append({n: t.detach().clone() for n, t in adapter.items()})
+                weights.append(task.weights[i])
+        # only the adapters travel: each device's global adapter down, the finished ones' up
+        return RoundOutcome(weighted_sum(finals, weights), float(sum(weights)), losses, correct, seen,
+                            self.adapter_bits * len(finals), self.adapter_bits * len(task.devices))
+
+    @torch.no_grad()
+    def evaluate(self, adapter: Adapter) -> tuple[float, float]:
+        total_loss, correct, total = 0.0, 0, 0
+        for _, batch in evaluation_batches(self.config, self.data):
+            logits = torch.func.functional_call(self.model, adapter, (batch.input_ids, batch.attention_mask),
+                                                strict=False)
+            batch_loss, batch_correct = self.server_part.loss_and_correct(logits, batch.labels)
+            total_loss += float(batch_loss) * len(batch)
+            correct, total = correct + int(batch_correct), total + len(batch)
+        return correct / total, total_loss / total
+
+    def result_fields(self) -> dict[str, Any]:
+        return {"device_weight_bytes": stored_weight_bytes(self.model), "device_memory_bytes": self.memory.total,
+                "memory": self.memory}
 
 
-@torch.no_grad()
-def _evaluate_whole(config: ExperimentConfig, data, model: nn.Module, server_part, adapter: Adapter
-                    ) -> tuple[float, float]:
-    total_loss, correct, total = 0.0, 0, 0
-    for _, batch in evaluation_batches(config, data):
-        logits = torch.func.functional_call(model, adapter, (batch.input_ids, batch.attention_mask), strict=False)
-        batch_loss, batch_correct = server_part.loss_and_correct(logits, batch.labels)
-        total_loss += float(batch_loss) * len(batch)
-        correct, total = correct + int(batch_correct), total + len(batch)
-    return correct / total, total_loss / total
+def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None,
+           checkpoint: Checkpoint | None = None, resume: Resume | None = None) -> RunResult:
+    return Engine(config, LocalTrainingExecutor(config)).run(progress, checkpoint, resume)
 
 
 # --------------------------------------------------------------------------- SL
 
 
-def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None) -> RunResult:
-    started = time.perf_counter()
-    exp = Experiment.build(config)
-    p = exp.planner
-    sequential = RoundPlanner(config, p.flops, p.adapter_bits, p.trains_device, schedule="sequential")
-    adapter = exp.device.initial_adapter()
-    rounds: list[RoundMetrics] = []
-    accuracy, loss = float("nan"), float("nan")
-    for round_index in range(config.train.rounds):
-        round_started = time.perf_counter()
-        selected = select_devices(config.seed, round_index, config.data.num_devices, config.train.devices_per_round)
-        lr = config.train.lr_factor(round_index)
-        exp.server.set_lr_factor(lr)
-        batches = device_round_batches(config, exp.data, round_index, selected)
+class SequentialExecutor(LocalExecutor):
+    """sl: the round's devices one after another, each training the device part for its steps against the
+    server and handing its adapter to the next; a device that drops out hands on nothing."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        super().__init__(Experiment.build(config))
+        base = self.exp.planner  # the FLOP table measured once on the real parts
+        self.planner = build_planner("sl", config, base.flops, base.adapter_bits, self.exp.device.trains)
+
+    def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
+        exp, r = self.exp, task.round_index
+        exp.server.set_lr_factor(task.lr_factor)
+        adapter = global_adapter
         losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
-        for k in selected:  # one device after another, each handing its adapter to the next
-            state = exp.device.start(int(k), adapter, lr)
-            for step, batch in enumerate(batches[int(k)]):
-                message = exp.device.forward(state, batch, round_index, step, 32)
-                result = exp.server.step([message], round_index, step)
+        for i, k in enumerate(task.devices):
+            state = exp.device.start(int(k), adapter, task.lr_factor, task.fit)
+            for step, batch in enumerate(task.batches[int(k)][:task.steps[i]]):
+                message = exp.device.forward(state, batch, r, step, task.bits[i])
+                result = exp.server.step([message], r, step)
                 exp.device.backward(state, step, result.gradients[0])
                 losses.append(result.loss)
                 correct, seen = correct + result.correct, seen + result.samples
                 uplink += message.payload_bits
                 downlink += sum(result.downlink_bits)
-            adapter = exp.device.final_adapter(state)
-        metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
-                               samples=seen, uplink_bits=uplink, downlink_bits=downlink, wall_s=0.0)
-        # ---- costs: each device alone with the server on the whole band, one after another
-        apply_plan(metrics, sequential.plan(round_index, selected, batches))
-        evaluated = _finish_round(config, round_index, metrics, round_started, rounds, progress,
-                                  partial(exp.evaluate, adapter))
-        accuracy, loss = evaluated or (accuracy, loss)
-    return RunResult(config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
-                     wall_s=time.perf_counter() - started, devices=config.data.num_devices,
-                     devices_per_round=config.train.devices_per_round,
-                     device_weight_bytes=stored_weight_bytes(exp.device.part), device_adapter=adapter,
-                     server_state=exp.server.state(), device_memory_bytes=exp.memory.total, memory=exp.memory)
+            if task.weights[i] > 0:
+                adapter = exp.device.final_adapter(state)
+        # the chain's last adapter is the round's result (weight 1: nothing to average)
+        return RoundOutcome(adapter, 1.0, losses, correct, seen, uplink, downlink)
+
+
+def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None,
+           checkpoint: Checkpoint | None = None, resume: Resume | None = None) -> RunResult:
+    return Engine(config, SequentialExecutor(config)).run(progress, checkpoint, resume)
 
 
 RUNNERS: dict[str, Callable[..., RunResult]] = {"fl": run_fl, "sl": run_sl}

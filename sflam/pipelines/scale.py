@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sflam.pipelines.train import train
+from sflam.platform.checkpoint import atomic_path, checkpoint_path, write_text
 from sflam.platform.config import ExperimentConfig, config_from_dict
 from sflam.platform.results import RoundMetrics
 from sflam.platform.tracking import Tracker
@@ -41,10 +42,16 @@ def sized_config(config: ExperimentConfig, devices_per_round: int) -> Experiment
 
 def run_scale(config: ExperimentConfig, sizes: tuple[int, ...] = DEFAULT_SIZES,
               progress: Callable[[int, RoundMetrics], None] | None = None,
-              announce: Callable[[str], None] | None = None) -> ScaleResult:
+              announce: Callable[[str], None] | None = None, resume: bool = False) -> ScaleResult:
+    """Each size as a child run; `resume` continues member by member (finished members are only re-recorded)."""
     target = Path(config.output_dir) / f"{config.name}-scale"
     target.mkdir(parents=True, exist_ok=True)
-    parent = Tracker(config, run_name=f"{config.name}-scale", tags={"sflam.pipeline": "scale"})
+    parent_file = target / "parent_run_id"
+    previous = parent_file.read_text().strip() if resume and parent_file.is_file() else None
+    parent = Tracker(config, run_name=f"{config.name}-scale", tags={"sflam.pipeline": "scale"},
+                     resume_run_id=previous or None)
+    if parent.run_id:
+        write_text(parent_file, parent.run_id)
     rows: list[dict[str, Any]] = []
     try:
         for K in sizes:
@@ -55,8 +62,10 @@ def run_scale(config: ExperimentConfig, sizes: tuple[int, ...] = DEFAULT_SIZES,
             if progress is not None:
                 def on_round(m: RoundMetrics, size: int = K) -> None:
                     progress(size, m)
+            member = target / f"k{K}"
             result = train(child, run_name=f"k={K}", parent_run_id=parent.run_id, progress=on_round,
-                           out_dir=target / f"k{K}", experiment_name=config.tracking.experiment or config.name)
+                           out_dir=member, experiment_name=config.tracking.experiment or config.name,
+                           resume=resume and checkpoint_path(member).is_file())
             summary = result.summary()
             rows.append({"devices_per_round": K, "accuracy": summary["accuracy"],
                          "round_latency_s": summary["round_latency_s"], "comm_latency_s": summary["comm_latency_s"],
@@ -65,15 +74,15 @@ def run_scale(config: ExperimentConfig, sizes: tuple[int, ...] = DEFAULT_SIZES,
                          "wall_s_per_round": float(np.median([r.wall_s for r in result.rounds])),
                          "device_memory_bytes": summary["device_memory_bytes"],
                          "mlflow_run_id": result.mlflow_run_id})
-    except BaseException:
-        parent.close("FAILED", spill_dir=target)
+    except BaseException as failure:
+        parent.close("FAILED", spill_dir=target, reason=f"{type(failure).__name__}: {str(failure)[:1000]}")
         raise
     table_path = target / "scale.csv"
-    with table_path.open("w", newline="") as handle:
+    with atomic_path(table_path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (target / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_text(target / "scale.json", json.dumps(rows, indent=2) + "\n")
     plot_path = plot_scale(rows, target / "scale.png", title=f"{config.name}: scaling the devices per round")
     for path in (table_path, target / "scale.json", plot_path):
         parent.log_artifact(path)
@@ -114,6 +123,7 @@ def plot_scale(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path

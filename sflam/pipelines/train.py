@@ -2,7 +2,8 @@
 
 Outputs in <output_dir>/<name>/: config.yaml (resolved), summary.json, rounds.csv, allocation.csv
 (every device of every round), rounds.png (accuracy, loss, latency and energy per round) and the
-adapters as safetensors; the same files are the MLflow run's artifacts.
+adapters as safetensors; the same files are the MLflow run's artifacts. Every file is written
+atomically; checkpoint.pt (after every round) lets `--resume` continue an interrupted run exactly.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from sflam.platform.checkpoint import atomic_path, checkpoint_path, load_checkpoint, save_checkpoint
 from sflam.platform.config import ExperimentConfig, save_config
+from sflam.platform.engine import Resume
 from sflam.platform.results import RoundMetrics, RunResult
 from sflam.platform.tracking import Tracker
 
 ROUND_METRICS = ("train_loss", "train_accuracy", "samples", "uplink_bits", "downlink_bits", "wall_s",
                  "round_latency_s", "comm_latency_s", "compute_latency_s", "energy_j", "bits_mean", "bits_min",
-                 "bits_max", "power_mean_w", "power_max_w", "bandwidth_min_hz", "bandwidth_max_hz", "objective")
+                 "bits_max", "power_mean_w", "power_max_w", "bandwidth_min_hz", "bandwidth_max_hz", "objective",
+                 "selected", "finished", "dropped", "late")
 
 
 def round_values(metrics: RoundMetrics) -> dict[str, float | None]:
@@ -31,39 +35,63 @@ def round_values(metrics: RoundMetrics) -> dict[str, float | None]:
 
 
 def run_experiment(config: ExperimentConfig, progress: Callable[[RoundMetrics], None] | None = None,
-                   announce: Callable[[str], None] | None = None, experiment=None) -> RunResult:
-    """Run every round on the configured runtime."""
+                   announce: Callable[[str], None] | None = None, experiment=None,
+                   checkpoint: Callable[[Resume], None] | None = None, resume: Resume | None = None) -> RunResult:
+    """Run every round on the configured runtime (from a checkpoint's round when resuming)."""
     from sflam.platform.runtime import Experiment, run_local
 
     exp = experiment or Experiment.build(config)
     if config.runtime == "ray":
         from sflam.actors.runtime import run_ray
 
-        return run_ray(config, progress=progress, experiment=exp, announce=announce)
-    return run_local(config, progress=progress, experiment=exp)
+        return run_ray(config, progress=progress, experiment=exp, announce=announce, checkpoint=checkpoint,
+                       resume=resume)
+    return run_local(config, progress=progress, experiment=exp, checkpoint=checkpoint, resume=resume)
 
 
 def train(config: ExperimentConfig, run_name: str | None = None, parent_run_id: str | None = None,
           progress: Callable[[RoundMetrics], None] | None = None, announce: Callable[[str], None] | None = None,
           out_dir: Path | None = None, experiment_name: str | None = None,
-          runner: Callable[..., RunResult] | None = None, tags: dict[str, str] | None = None) -> RunResult:
-    """Run, track and save one experiment; a failed run is recorded as FAILED with what it completed."""
+          runner: Callable[..., RunResult] | None = None, tags: dict[str, str] | None = None,
+          resume: bool = False) -> RunResult:
+    """Run, track and save one experiment, checkpointing every round; `resume` continues the interrupted run
+    from its checkpoint in the same MLflow run. A failed run is recorded as FAILED (reason tag) with what it
+    completed."""
     target = out_dir or Path(config.output_dir) / config.name
     target.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(config, run_name=run_name, parent_run_id=parent_run_id, experiment=experiment_name, tags=tags)
+    path = checkpoint_path(target)
+    state, run_id = load_checkpoint(path, config) if resume else (None, None)
+    tracker = Tracker(config, run_name=run_name, parent_run_id=parent_run_id, experiment=experiment_name, tags=tags,
+                      resume_run_id=run_id)
+    logged = tracker.logged_steps("train_loss") if state is not None else set()
+    if state is not None:  # rounds the interrupted run completed but never got to the store
+        for metrics in state.rounds:
+            if metrics.round not in logged:
+                tracker.log_metrics(round_values(metrics), step=metrics.round)
+        if announce is not None:
+            announce(f"resuming {config.name} after round {state.next_round} of {config.train.rounds} "
+                     f"(MLflow run {tracker.run_id or '-'})")
 
     def on_round(metrics: RoundMetrics) -> None:
-        tracker.log_metrics(round_values(metrics), step=metrics.round)
+        if metrics.round not in logged:
+            tracker.log_metrics(round_values(metrics), step=metrics.round)
         if progress is not None:
             progress(metrics)
 
+    def checkpoint(round_state: Resume) -> None:
+        save_checkpoint(path, round_state, config, tracker.run_id)
+
     try:
-        result = (runner or run_experiment)(config, on_round, announce)
-    except Exception as failure:
+        result = (runner or run_experiment)(config, on_round, announce, checkpoint=checkpoint, resume=state)
+    except BaseException as failure:
         partial = getattr(failure, "partial", None)
         if partial is not None and partial.rounds:
             write_outputs(partial, config, target, tracker)
-        tracker.close("KILLED" if type(failure).__name__ == "TrialPruned" else "FAILED", spill_dir=target)
+        pruned = type(failure).__name__ == "TrialPruned"
+        interrupted = isinstance(failure, KeyboardInterrupt)
+        reason = "interrupted" if interrupted else f"{type(failure).__name__}: {str(failure)[:1000]}"
+        tracker.close("KILLED" if pruned or interrupted else "FAILED", spill_dir=target,
+                      reason=None if pruned else reason)
         raise
     result.mlflow_run_id = tracker.run_id
     write_outputs(result, config, target, tracker)
@@ -92,7 +120,8 @@ def write_outputs(result: RunResult, config: ExperimentConfig, target: Path, tra
     summary = result.summary()
     tracker.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
                         step=len(result.rounds))
-    save_config(config, target / "config.yaml")
+    with atomic_path(target / "config.yaml") as tmp:
+        save_config(config, tmp)
     result.write_json(target / "summary.json")
     files = [target / "config.yaml", target / "summary.json", write_rounds_csv(result, target / "rounds.csv")]
     allocation = write_allocation_csv(result, target / "allocation.csv")
@@ -112,7 +141,7 @@ def write_outputs(result: RunResult, config: ExperimentConfig, target: Path, tra
 
 def write_rounds_csv(result: RunResult, path: Path) -> Path:
     rows = result.rounds_as_dicts()
-    with path.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "step_losses"] if rows else [])
         writer.writeheader()
         for row in rows:
@@ -124,7 +153,7 @@ def write_allocation_csv(result: RunResult, path: Path) -> Path | None:
     rows = [{"round": r.round, **row} for r in result.rounds if r.plan is not None for row in r.plan.table()]
     if not rows:
         return None
-    with path.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -138,7 +167,8 @@ def save_adapters(result: RunResult, target: Path) -> list[Path]:
     for name, tensors in (("device_adapter", result.device_adapter), ("server_state", result.server_state)):
         if tensors:
             path = target / f"{name}.safetensors"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+            with atomic_path(path) as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
             out.append(path)
     return out
 
@@ -189,7 +219,8 @@ def plot_rounds(result: RunResult, path: Path, title: str) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
 

@@ -24,6 +24,8 @@ BITS_SEARCHES = ("greedy", "exhaustive")
 SIDE_DTYPES = ("fp32", "fp16")
 ACCESS_MODES = ("fdma", "ofdma")
 EXHAUSTIVE_LIMIT = 4096  # bit combinations the exhaustive allocator may enumerate
+AGGREGATION_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa-lora")
+AGGREGATION_WEIGHTS = ("trained", "shard")
 
 
 def _allowed_bits(value: int) -> bool:
@@ -288,6 +290,66 @@ class TrackingConfig:
         _check(self.flush_every >= 1, "tracking.flush_every", self.flush_every, "an integer >= 1")
 
 
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How a round's device adapters become the next global adapter (DESIGN §5)."""
+
+    SECTION: ClassVar[str] = "aggregation"
+    strategy: str = field(default="fedavg", metadata={
+        "help": "fedavg | fedprox (proximal term) | fedadam | fedyogi (server optimizer) | ffa-lora (A frozen)"})
+    weights: str = field(default="trained", metadata={
+        "help": "trained: samples each device trained this round | shard: the device's data size"})
+    proximal_mu: float = field(default=0.01, metadata={"help": "fedprox: mu of mu/2 ||w - w_global||^2"})
+    server_lr: float = field(default=0.01, metadata={"help": "fedadam / fedyogi: server learning rate eta"})
+    beta1: float = field(default=0.9, metadata={"help": "fedadam / fedyogi: first-moment decay"})
+    beta2: float = field(default=0.99, metadata={"help": "fedadam / fedyogi: second-moment decay"})
+    tau: float = field(default=1e-3, metadata={"help": "fedadam / fedyogi: adaptivity tau (Reddi et al. 2021)"})
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in AGGREGATION_STRATEGIES, "aggregation.strategy", self.strategy,
+               f"one of {', '.join(AGGREGATION_STRATEGIES)}")
+        _check(self.weights in AGGREGATION_WEIGHTS, "aggregation.weights", self.weights, "trained or shard")
+        _check(self.proximal_mu >= 0, "aggregation.proximal_mu", self.proximal_mu, "a number >= 0")
+        _check(self.server_lr > 0, "aggregation.server_lr", self.server_lr, "a number > 0")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            _check(0 <= value < 1, f"aggregation.{key}", value, "a number in [0, 1)")
+        _check(self.tau > 0, "aggregation.tau", self.tau, "a number > 0")
+
+
+def _valid_trace(path: str) -> bool:
+    import csv
+
+    if not Path(path).is_file():
+        return False
+    with Path(path).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not {"device", "round"} <= set(reader.fieldnames or ()):
+            return False
+        return all(row["device"].strip().isdigit() and row["round"].strip().isdigit() for row in reader)
+
+
+@dataclass(frozen=True)
+class ParticipationConfig:
+    """Which devices take part in a round: availability, mid-round dropouts, over-selection (DESIGN §5)."""
+
+    SECTION: ClassVar[str] = "participation"
+    availability: float = field(default=1.0, metadata={"help": "probability a device is available in a round"})
+    trace: str | None = field(default=None, metadata={
+        "help": "availability trace: CSV of device,round rows (0-based) listing when each device is available"})
+    dropout: float = field(default=0.0, metadata={
+        "help": "probability a selected device drops out mid-round (its adapter is discarded)"})
+    over_selection: float = field(default=0.0, metadata={
+        "help": "select ceil(K (1 + x)) devices and keep the K that finish first by the cost model"})
+
+    def __post_init__(self) -> None:
+        _check(0 < self.availability <= 1, "participation.availability", self.availability, "a number in (0, 1]")
+        _check(self.trace is None or _valid_trace(self.trace), "participation.trace", self.trace,
+               "an existing CSV file with columns device,round of integers >= 0")
+        _check(0 <= self.dropout < 1, "participation.dropout", self.dropout, "a number in [0, 1)")
+        _check(self.over_selection >= 0, "participation.over_selection", self.over_selection, "a number >= 0")
+
+
 OBJECTIVES = {"accuracy": "maximize", "loss": "minimize", "round_latency_s": "minimize",
               "comm_latency_s": "minimize", "energy_j": "minimize", "device_memory_bytes": "minimize",
               "energy_efficiency_samples_per_j": "maximize"}
@@ -362,6 +424,8 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {', '.join(RUNTIMES)}")

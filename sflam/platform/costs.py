@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -227,6 +228,7 @@ class RoundPlan:
     phases: Phases
     schedule: str
     gain: np.ndarray
+    solo_s: np.ndarray  # each device's own chain of phases at an equal share and full power: its speed
 
     @property
     def compute_s(self) -> np.ndarray:
@@ -251,11 +253,11 @@ class RoundPlan:
             "objective": a.objective,
         }
 
-    def table(self) -> list[dict[str, float]]:
+    def table(self) -> list[dict[str, Any]]:
         """One row per device: the per-device allocation CSV (power and bandwidth averaged over the stages)."""
         a = self.allocation
         compute = self.compute_s
-        rows = [{"device": int(k), "samples": int(self.samples[i]), "gain": float(self.gain[i]),
+        rows: list[dict[str, Any]] = [{"device": int(k), "samples": int(self.samples[i]), "gain": float(self.gain[i]),
                  "bits": int(a.bits[i]), "power_w": float(a.power_w[i]), "bandwidth_hz": float(a.bandwidth_hz[i]),
                  "uplink_s": float(a.uplink_s[i].sum()), "downlink_s": float(a.downlink_s[i].sum()),
                  "compute_s": float(compute[i]), "finish_s": float(a.latency_s[i]),
@@ -388,14 +390,20 @@ class RoundPlanner:
             phases = Phases(adapter_down=allocation.downlink_s[:, 0], forward=work.forward_s, uplink=zeros,
                             server=np.zeros(0), downlink=zeros, backward=work.backward_s,
                             adapter_up=allocation.uplink_s[:, 0])
+            solo = phases.chains()
         else:
+            ref = reference_costs(problem)
             if self.config.allocation.policy == "equal":
-                allocation = equal_allocation(problem, self.config.quant.activation_bits, reference_costs(problem))
+                allocation = equal_allocation(problem, self.config.quant.activation_bits, ref)
             else:
                 allocation = allocate(problem, self.config.allocation.bits_search)
             phases = lockstep_phases(allocation.uplink_s, allocation.downlink_s, work.forward_s, work.backward_s,
                                      work.server_s)
-        return RoundPlan(devices, allocation, work.samples, phases, self.schedule, work.gain)
+            # a device's speed, independent of the allocator's equalised stages: its bits at an equal share
+            equal = equal_allocation(problem, allocation.bits, ref)
+            solo = lockstep_phases(equal.uplink_s, equal.downlink_s, work.forward_s, work.backward_s,
+                                   work.server_s).chains()
+        return RoundPlan(devices, allocation, work.samples, phases, self.schedule, work.gain, solo)
 
     def _sequential(self, round_index: int, devices: np.ndarray, batches: dict[int, list[Batch]],
                     work: RoundInputs) -> RoundPlan:
@@ -419,4 +427,4 @@ class RoundPlanner:
             stage_s=np.sum([a.stage_s for a in parts], axis=0), latency_s=finish,
             uplink_energy_j=np.concatenate([a.uplink_energy_j for a in parts]), energy_j=energy,
             round_latency_s=float(finish[-1]), total_energy_j=float(energy.sum()), objective=float("nan"))
-        return RoundPlan(devices, allocation, work.samples, phases, self.schedule, work.gain)
+        return RoundPlan(devices, allocation, work.samples, phases, self.schedule, work.gain, phases.chains())

@@ -19,3 +19,14 @@ class ConfigError(SflamError):
 
 class CodecError(SflamError):
     """Smashed data that cannot be encoded (non-finite values, bad bit width)."""
+
+
+class RunFailed(SflamError):
+    """A run that could not go on (a worker or the server part failed): exit status 1, not a usage error.
+
+    `partial` holds the rounds completed before the failure (their outputs and checkpoint are kept).
+    """
+
+    def __init__(self, message: str, partial: object | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial

@@ -17,6 +17,9 @@ from sflam.platform import codec
 from sflam.platform.codec import Encoded
 from sflam.platform.data import Batch
 from sflam.platform.split import DevicePart, ServerPart
+from sflam.platform.strategies import FitInstructions, weighted_average, weighted_sum
+
+__all__ = ["DeviceExecutor", "ServerExecutor", "fedavg", "weighted_sum"]
 
 Adapter = dict[str, torch.Tensor]
 
@@ -53,6 +56,8 @@ class DeviceState:
     optimizer: torch.optim.Optimizer | None
     pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     samples_trained: int = 0
+    anchor: Adapter | None = None  # the global adapter, for FedProx's proximal term
+    proximal_mu: float = 0.0
 
 
 def trainable_state(module: torch.nn.Module) -> Adapter:
@@ -60,19 +65,7 @@ def trainable_state(module: torch.nn.Module) -> Adapter:
     return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
-def weighted_sum(adapters: list[Adapter], weights: list[float]) -> Adapter:
-    """Sum of adapters weighted by sample count (a Ray worker's share of FedAvg), accumulated in float64:
-    however the devices are grouped into partial sums, the fp32 average comes out the same."""
-    if not adapters or not adapters[0]:
-        return {}
-    return {name: torch.stack([w * a[name].double() for a, w in zip(adapters, weights, strict=True)]).sum(0)
-            for name in adapters[0]}
-
-
-def fedavg(adapters: list[Adapter], weights: list[float]) -> Adapter:
-    """Average adapters weighted by sample count (FedAvg)."""
-    total = float(sum(weights))
-    return {name: (t / total).to(adapters[0][name].dtype) for name, t in weighted_sum(adapters, weights).items()}
+fedavg = weighted_average  # the sample-weighted mean of adapters (FedAvg)
 
 
 def _rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -104,11 +97,16 @@ class DeviceExecutor:
     def initial_adapter(self) -> Adapter:
         return trainable_state(self.part)
 
-    def start(self, device: int, global_adapter: Adapter, lr_factor: float = 1.0) -> DeviceState:
-        adapter = {name: t.detach().clone().requires_grad_(True) for name, t in global_adapter.items()}
-        optimizer = (torch.optim.AdamW(adapter.values(), lr=self.lr * lr_factor, weight_decay=0.0)
-                     if adapter else None)
-        return DeviceState(device, adapter, optimizer)
+    def start(self, device: int, global_adapter: Adapter, lr_factor: float = 1.0,
+              fit: FitInstructions | None = None) -> DeviceState:
+        """A device's round starts from the global adapter with a fresh optimizer over its trained tensors."""
+        fit = fit or FitInstructions()
+        adapter = {name: t.detach().clone().requires_grad_(not fit.is_frozen(name))
+                   for name, t in global_adapter.items()}
+        trained = [t for t in adapter.values() if t.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=self.lr * lr_factor, weight_decay=0.0) if trained else None
+        anchor = global_adapter if fit.proximal_mu > 0 else None
+        return DeviceState(device, adapter, optimizer, anchor=anchor, proximal_mu=fit.proximal_mu)
 
     def forward(self, state: DeviceState, batch: Batch, round_index: int, step: int, bits: int | None = None
                 ) -> Smashed:
@@ -132,6 +130,11 @@ class DeviceExecutor:
             return
         hidden, mask = state.pending.pop(step)
         hidden.backward(_scatter(codec.decode(gradient), mask))
+        if state.anchor is not None:  # FedProx: + mu (w - w_global) on every trained tensor
+            with torch.no_grad():
+                for name, tensor in state.adapter.items():
+                    if tensor.grad is not None:
+                        tensor.grad += state.proximal_mu * (tensor - state.anchor[name])
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
 
@@ -230,3 +233,17 @@ class ServerExecutor:
 
     def state(self) -> Adapter:
         return trainable_state(self.part)
+
+    def checkpoint(self) -> dict[str, object]:
+        """The trained tensors and the optimizer state: enough to continue exactly."""
+        return {"part": self.state(), "optimizer": self.optimizer.state_dict() if self.optimizer else None}
+
+    def restore(self, state: dict[str, object]) -> None:
+        tensors = state["part"]
+        assert isinstance(tensors, dict)
+        with torch.no_grad():
+            for name, p in self.part.named_parameters():
+                if p.requires_grad:
+                    p.copy_(tensors[name])
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]

@@ -37,6 +37,10 @@ class RoundMetrics:
     bandwidth_min_hz: float | None = None
     bandwidth_max_hz: float | None = None
     objective: float | None = None
+    selected: int = 0   # devices selected (over-selection included)
+    finished: int = 0   # devices whose adapters entered the aggregation
+    dropped: int = 0    # devices that dropped out mid-round
+    late: int = 0       # over-selected devices that would have finished after the K first
     plan: Any = field(default=None, repr=False, compare=False)  # the RoundPlan (per-device allocation)
 
 
@@ -88,11 +92,9 @@ class RunResult:
         }
 
     def write_json(self, path: str | Path) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
-        tmp.replace(target)  # never a half-written summary
+        from sflam.platform.checkpoint import write_text
+
+        write_text(path, json.dumps(self.summary(), indent=2) + "\n")  # never a half-written summary
 
     def rounds_as_dicts(self) -> list[dict[str, Any]]:
         return [{f.name: getattr(r, f.name) for f in fields(r) if f.name != "plan"} for r in self.rounds]

@@ -1,19 +1,18 @@
-"""The reference runtime (`runtime: local`): rounds of SFL-V1 with server-side batching, one process.
+"""The reference runtime (`runtime: local`): the round engine's in-process executor of SFL-V1 with server-side batching.
 
-Each round: sample K of N devices; every selected device starts from the global device adapter and
-runs E local steps. One local step, for all selected devices together: each device runs its part on a
-mini-batch of its own data and encodes the activations; the server part runs forward/backward on all
-micro-batches as one batch (mean loss), steps its optimizer and returns each device its encoded
-activation gradient; each device runs backward and steps its own optimizer. After E steps the device
-adapters are averaged, weighted by sample count (FedAvg). Evaluation every `eval_every` rounds.
+One local step, for all of the round's devices together: each device runs its part on a mini-batch of
+its own data and encodes the activations; the server part runs forward/backward on all micro-batches
+as one batch (mean loss), steps its optimizer and returns each device its encoded activation gradient;
+each device runs backward and steps its own optimizer. Selection, plan, aggregation, evaluation and
+checkpoints are the engine's (`sflam.platform.engine`), the same for every runtime.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,20 +20,25 @@ import torch
 from sflam.platform import codec
 from sflam.platform.build import DataBundle, build_parts, prepare_data, quiet_libraries, validate
 from sflam.platform.config import ExperimentConfig
-from sflam.platform.costs import DeviceMemory, FlopTable, RoundPlan, RoundPlanner, measure_device_memory
+from sflam.platform.costs import DeviceMemory, FlopTable, RoundPlanner, measure_device_memory
 from sflam.platform.data import Batch, collate, device_batches
-from sflam.platform.executors import Adapter, DeviceExecutor, ServerExecutor, codec_generator, fedavg
+from sflam.platform.engine import (
+    Engine,
+    Executor,
+    ProgressFn,
+    Resume,
+    RoundOutcome,
+    RoundTask,
+    apply_plan,
+    select_devices,
+)
+from sflam.platform.executors import Adapter, DeviceExecutor, ServerExecutor, codec_generator
 from sflam.platform.quantization import stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult, round_line
+from sflam.platform.strategies import weighted_sum
 
-ProgressFn = Callable[[RoundMetrics], None]
 EVAL_DEVICE = -2
-
-
-def select_devices(seed: int, round_index: int, num_devices: int, per_round: int) -> np.ndarray:
-    """The K devices of a round, seeded by (seed, round) alone."""
-    rng = np.random.default_rng([seed, round_index, 7])
-    return np.sort(rng.choice(num_devices, size=per_round, replace=False))
+__all__ = ["Experiment", "LocalExecutor", "apply_plan", "round_batches", "run_local", "run_round", "select_devices"]
 
 
 @dataclass
@@ -106,89 +110,82 @@ def plan_costs(config: ExperimentConfig, data: DataBundle, device: DeviceExecuto
     return planner, memory
 
 
-def round_batches(exp: Experiment, round_index: int, selected: np.ndarray) -> dict[int, list[Batch]]:
-    """Every selected device's mini-batches of the round, known before the round starts (for the plan)."""
-    return device_round_batches(exp.config, exp.data, round_index, selected)
-
-
 def device_round_batches(cfg: ExperimentConfig, data: DataBundle, round_index: int, devices: np.ndarray
                          ) -> dict[int, list[Batch]]:
+    """Every listed device's mini-batches of a round (seeded by (seed, round, device) alone)."""
     return {int(k): [collate(data.train, idx, data.pad_token_id)
                      for idx in device_batches(data.shards[k], cfg.train.batch_size, cfg.train.local_steps,
                                                cfg.seed, round_index, int(k))] for k in devices}
 
 
-def apply_plan(metrics: RoundMetrics, plan: RoundPlan) -> RoundMetrics:
-    for key, value in plan.metrics().items():
-        setattr(metrics, key, value)
-    metrics.plan = plan
-    return metrics
+def round_batches(exp: Experiment, round_index: int, selected: np.ndarray) -> dict[int, list[Batch]]:
+    """Every selected device's mini-batches of the round, known before the round starts (for the plan)."""
+    return device_round_batches(exp.config, exp.data, round_index, selected)
+
+
+class LocalExecutor(Executor):
+    """The reference runtime's executor: every device and the server part in this process."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self.exp = exp
+        self.config, self.data, self.planner = exp.config, exp.data, exp.planner
+
+    def initial_adapter(self) -> Adapter:
+        return self.exp.device.initial_adapter()
+
+    def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
+        exp, r = self.exp, task.round_index
+        exp.server.set_lr_factor(task.lr_factor)
+        states = [exp.device.start(int(k), global_adapter, task.lr_factor, task.fit) for k in task.devices]
+        losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
+        for step in range(self.config.train.local_steps):
+            live = task.live(step)
+            if not live:
+                break
+            # ---- devices: forward and encode the smashed data
+            messages = [exp.device.forward(states[i], task.batches[states[i].device][step], r, step, task.bits[i])
+                        for i in live]
+            uplink += sum(m.payload_bits for m in messages)
+            # ---- server: one batch over all devices, one optimizer step, encoded gradients back
+            result = exp.server.step(messages, r, step)
+            downlink += sum(result.downlink_bits)
+            losses.append(result.loss)
+            correct, seen = correct + result.correct, seen + result.samples
+            # ---- devices: backward with the received gradients, local optimizer step
+            for i, gradient in zip(live, result.gradients, strict=True):
+                exp.device.backward(states[i], step, gradient)
+        kept = [(exp.device.final_adapter(state), w) for state, w in zip(states, task.weights, strict=True) if w > 0]
+        return RoundOutcome(weighted_sum([a for a, _ in kept], [w for _, w in kept]), float(sum(w for _, w in kept)),
+                            losses, correct, seen, uplink, downlink)
+
+    def evaluate(self, adapter: Adapter) -> tuple[float, float]:
+        return self.exp.evaluate(adapter)
+
+    def server_state(self) -> Adapter:
+        return self.exp.server.state()
+
+    def server_checkpoint(self) -> dict[str, Any] | None:
+        return self.exp.server.checkpoint()
+
+    def restore_server(self, state: dict[str, Any]) -> None:
+        self.exp.server.restore(state)
+
+    def result_fields(self) -> dict[str, Any]:
+        return {"device_weight_bytes": stored_weight_bytes(self.exp.device.part),
+                "device_memory_bytes": self.exp.memory.total, "memory": self.exp.memory}
 
 
 def run_round(exp: Experiment, round_index: int, global_adapter: Adapter) -> tuple[Adapter, RoundMetrics]:
     """One round of the reference runtime; returns the new global device adapter and the round's metrics."""
-    cfg = exp.config
-    started = time.perf_counter()
-    selected = select_devices(cfg.seed, round_index, cfg.data.num_devices, cfg.train.devices_per_round)
-    lr_factor = cfg.train.lr_factor(round_index)
-    exp.server.set_lr_factor(lr_factor)
-    batches = round_batches(exp, round_index, selected)
-    # ---- plan: bits, power and bandwidth per device from the channels and the exact payloads
-    plan = exp.planner.plan(round_index, selected, batches)
-    states = [exp.device.start(int(k), global_adapter, lr_factor) for k in selected]
-    losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
-    bits = [int(q) for q in plan.allocation.bits]  # in the order of `selected`, as the states
-    for step in range(cfg.train.local_steps):
-        # ---- devices: forward and encode the smashed data
-        messages = [exp.device.forward(state, batches[state.device][step], round_index, step, q)
-                    for state, q in zip(states, bits, strict=True)]
-        uplink += sum(m.payload_bits for m in messages)
-        # ---- server: one batch over all devices, one optimizer step, encoded gradients back
-        result = exp.server.step(messages, round_index, step)
-        downlink += sum(result.downlink_bits)
-        losses.append(result.loss)
-        correct, seen = correct + result.correct, seen + result.samples
-        # ---- devices: backward with the received gradients, local optimizer step
-        for state, gradient in zip(states, result.gradients, strict=True):
-            exp.device.backward(state, step, gradient)
-    # ---- aggregation: FedAvg weighted by the devices' sample counts
-    weights = [float(len(exp.data.shards[state.device])) for state in states]
-    new_global = fedavg([exp.device.final_adapter(state) for state in states], weights)
-    metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)), train_accuracy=correct / seen,
-                           samples=seen, uplink_bits=uplink, downlink_bits=downlink,
-                           wall_s=time.perf_counter() - started, step_losses=[float(v) for v in losses])
-    return new_global, apply_plan(metrics, plan)
+    return Engine(exp.config, LocalExecutor(exp)).run_round(round_index, global_adapter)
 
 
 def print_progress(metrics: RoundMetrics, total: int) -> None:
     print(round_line(metrics, total), file=sys.stderr, flush=True)
 
 
-def run_local(config: ExperimentConfig, progress: ProgressFn | None = None,
-              experiment: Experiment | None = None) -> RunResult:
+def run_local(config: ExperimentConfig, progress: ProgressFn | None = None, experiment: Experiment | None = None,
+              checkpoint: Callable[[Resume], None] | None = None, resume: Resume | None = None) -> RunResult:
     """Run every round of an experiment in this process and evaluate as configured."""
-    started = time.perf_counter()
     exp = experiment or Experiment.build(config)
-    global_adapter = exp.device.initial_adapter()
-    rounds: list[RoundMetrics] = []
-    accuracy, loss = float("nan"), float("nan")
-    total = config.train.rounds
-    for round_index in range(total):
-        global_adapter, metrics = run_round(exp, round_index, global_adapter)
-        last = round_index == total - 1
-        if (round_index + 1) % config.train.eval_every == 0 or last:
-            eval_started = time.perf_counter()
-            accuracy, loss = exp.evaluate(global_adapter)
-            metrics.eval_accuracy, metrics.eval_loss = accuracy, loss
-            metrics.wall_s += time.perf_counter() - eval_started
-        rounds.append(metrics)
-        if progress is not None:
-            progress(metrics)
-    return RunResult(
-        config=config.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
-        wall_s=time.perf_counter() - started, devices=config.data.num_devices,
-        devices_per_round=config.train.devices_per_round,
-        device_weight_bytes=stored_weight_bytes(exp.device.part),
-        device_adapter=global_adapter, server_state=exp.server.state(),
-        device_memory_bytes=exp.memory.total, memory=exp.memory,
-    )
+    return Engine(config, LocalExecutor(exp)).run(progress, checkpoint, resume)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 from sflam.platform.config import ExperimentConfig
 
 PARENT_TAG = "mlflow.parentRunId"
+PID_TAG, HOST_TAG, STARTED_TAG = "sflam.pid", "sflam.host", "sflam.process_started"
+FAILURE_TAG = "sflam.failure_reason"
 
 
 def tracking_uri(config: ExperimentConfig) -> str:
@@ -41,7 +44,8 @@ class Tracker:
     """One MLflow run: buffered metrics, artifacts, resilient to the tracking server going away."""
 
     def __init__(self, config: ExperimentConfig, run_name: str | None = None, parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None, experiment: str | None = None) -> None:
+                 tags: dict[str, str] | None = None, experiment: str | None = None,
+                 resume_run_id: str | None = None) -> None:
         self.config = config
         self.enabled = config.tracking.enabled
         self.buffer: list[Any] = []
@@ -66,6 +70,9 @@ class Tracker:
                     self._warn("opening the store", exc)
                     return
                 time.sleep(1.0 + attempt)
+        self._guard(clean_stale_runs, self.client)  # runs whose process is gone never stay RUNNING
+        if resume_run_id is not None and self._guard(self._resume, resume_run_id):
+            return
         self._guard(self._start, run_name or config.name, parent_run_id, tags or {},
                     experiment or config.tracking.experiment or config.name)
 
@@ -99,7 +106,8 @@ class Tracker:
                 experiment_id = found.experiment_id
         else:
             experiment_id = found.experiment_id
-        all_tags = {**tags, "sflam.runtime": self.config.runtime, "sflam.model": self.config.model.name}
+        all_tags = {**tags, "sflam.runtime": self.config.runtime, "sflam.model": self.config.model.name,
+                    **owner_tags()}
         if parent:
             all_tags[PARENT_TAG] = parent
         run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
@@ -110,6 +118,23 @@ class Tracker:
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start:start + 100])
         return True
+
+    def _resume(self, run_id: str) -> bool:
+        """Continue an interrupted run: the same MLflow run, RUNNING again under this process."""
+        self.client.update_run(run_id, status="RUNNING")
+        for key, value in owner_tags().items():
+            self.client.set_tag(run_id, key, value)
+        if FAILURE_TAG in self.client.get_run(run_id).data.tags:  # its earlier failure is no longer the story
+            self.client.delete_tag(run_id, FAILURE_TAG)
+        self.run_id = run_id
+        return True
+
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps (rounds) of a metric the store already holds: a resumed run logs only the others."""
+        if not self.enabled or self.run_id is None:
+            return set()
+        history = self._guard(self.client.get_metric_history, self.run_id, key) or []
+        return {int(m.step) for m in history}
 
     # ------------------------------------------------------------------ metrics
     def log_metrics(self, values: dict[str, float | None], step: int) -> None:
@@ -148,15 +173,72 @@ class Tracker:
         if self.enabled and self.run_id is not None:
             self._guard(self.client.log_artifact, self.run_id, str(path), folder)
 
-    def close(self, status: str = "FINISHED", spill_dir: Path | None = None) -> None:
-        """Flush what is buffered and end the run; metrics that cannot reach the store are saved as JSON."""
+    def close(self, status: str = "FINISHED", spill_dir: Path | None = None, reason: str | None = None) -> None:
+        """Flush what is buffered and end the run (a failed one with its reason as a tag); metrics that cannot
+        reach the store are saved as JSON."""
         if not self.enabled:
             return
+        if reason is not None:
+            self.set_tags({FAILURE_TAG: reason[:5000]})
         if not self.flush() and spill_dir is not None:
             spill_dir.mkdir(parents=True, exist_ok=True)
             target = spill_dir / "unlogged-metrics.json"
-            target.write_text(json.dumps([{"key": m.key, "value": m.value, "step": m.step} for m in self.buffer]))
+            from sflam.platform.checkpoint import write_text
+
+            write_text(target, json.dumps([{"key": m.key, "value": m.value, "step": m.step} for m in self.buffer]))
             print(f"sflam: warning: {len(self.buffer)} metric values could not reach MLflow; saved to {target}",
                   file=sys.stderr)
         if self.run_id is not None:
             self._guard(self.client.set_terminated, self.run_id, status)
+
+
+# --------------------------------------------------------------------------- run lifecycle
+
+
+def _process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.NoSuchProcess:
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """Who runs this MLflow run: process id, its start time (process ids are reused) and host."""
+    pid = os.getpid()
+    return {PID_TAG: str(pid), HOST_TAG: socket.gethostname(), STARTED_TAG: repr(_process_started(pid))}
+
+
+def clean_stale_runs(client: Any) -> list[str]:
+    """Mark FAILED every RUNNING run of this host whose process has ended; returns their run ids.
+
+    Runs of other hosts are left alone: whether their process lives cannot be told from here.
+    """
+    from mlflow.entities import ViewType
+
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not experiments:
+        return []
+    host, cleaned = socket.gethostname(), []
+    for run in client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=5000):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != host or PID_TAG not in tags:
+            continue
+        pid = int(tags[PID_TAG])
+        started = _process_started(pid)
+        if started is not None and repr(started) == tags.get(STARTED_TAG):
+            continue  # its process is still running
+        client.set_tag(run.info.run_id, FAILURE_TAG,
+                       f"its process (pid {pid} on {host}) ended without closing the run; resume it with --resume")
+        client.set_terminated(run.info.run_id, "FAILED")
+        cleaned.append(run.info.run_id)
+    return cleaned
+
+
+def clean_runs(config: ExperimentConfig) -> tuple[str, list[str]]:
+    """`sflam runs --clean`: the tracking store's URI and the stale runs marked FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(config)
+    return uri, clean_stale_runs(MlflowClient(uri))

@@ -68,7 +68,7 @@ def test_one_round_with_raw_transmission_matches_manual_sfl() -> None:
         optimizer = torch.optim.AdamW(adapter.values(), lr=config.train.device_lr, weight_decay=0.0)
         optimizer.step()
         stepped.append({n: t.detach() for n, t in adapter.items()})
-    weights = [float(len(reference.data.shards[k])) for k in selected]
+    weights = [float(len(b)) for b in batches]  # aggregation.weights=trained: the samples each device trained
     expected = fedavg(stepped, weights)
     assert metrics.train_loss == pytest.approx(float(loss), rel=1e-6)
     for name in expected:

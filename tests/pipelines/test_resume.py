@@ -1,0 +1,147 @@
+"""Checkpoints and exact resume after SIGKILL (both runtimes), no orphaned Ray processes, the MLflow run lifecycle."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from sflam.pipelines.train import train
+from sflam.platform.tracking import FAILURE_TAG
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ROUNDS = 5
+TINY = ["model.name=tiny-llama", "data.dataset=synthetic", "data.num_devices=20", "data.synthetic_samples=600",
+        "train.devices_per_round=4", f"train.rounds={ROUNDS}", "train.local_steps=2", "train.batch_size=8",
+        "train.eval_every=2", "train.device_lr=0.005", "train.server_lr=0.005", "quant.weights=nf4",
+        "quant.activation_bits=6", "aggregation.strategy=fedadam", "participation.dropout=0.2", "name=resume"]
+
+
+def sflam(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sflam", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_to_end(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(sflam("run", *TINY, f"output_dir={out}", *extra), cwd=ROOT, env=env(), text=True,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def start_and_kill(out: Path, kill_after: int, *extra: str) -> tuple[list[int], str]:
+    """Start a run, SIGKILL it once round `kill_after` is reported; returns its Ray processes and its stderr."""
+    proc = subprocess.Popen(sflam("run", *TINY, *extra, f"output_dir={out}"), cwd=ROOT, env=env(), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    lines, ray_pids = [], []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith(f"round {kill_after:>3}/{ROUNDS}"):
+                ray_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
+                            if "ray" in " ".join(p.cmdline())]
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+    return ray_pids, "".join(lines)
+
+
+def rounds_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return [{k: v for k, v in row.items() if k != "wall_s"} for row in csv.DictReader(handle)]
+
+
+def assert_same_run(resumed: Path, clean: Path) -> None:
+    for name in ("device_adapter", "server_state"):
+        a, b = load_file(resumed / f"{name}.safetensors"), load_file(clean / f"{name}.safetensors")
+        assert a.keys() == b.keys() and a
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, name
+    assert rounds_csv(resumed / "rounds.csv") == rounds_csv(clean / "rounds.csv")
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_local_run_killed_at_a_random_round_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    kill_after = random.Random().randint(1, ROUNDS - 2)
+    run_to_end(tmp_path / "clean")
+    _, log = start_and_kill(tmp_path / "killed", kill_after)
+    target = tmp_path / "killed" / "resume"
+    store = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
+    (run,) = store.search_runs([store.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "RUNNING"  # its process is gone: `sflam runs --clean` notices
+    cleaned = subprocess.run(sflam("runs", "--clean", f"output_dir={tmp_path / 'killed'}"), cwd=ROOT, env=env(),
+                             text=True, capture_output=True, timeout=120)
+    assert cleaned.returncode == 0 and cleaned.stdout.split() == [run.info.run_id], cleaned.stderr
+    failed = store.get_run(run.info.run_id)
+    assert failed.info.status == "FAILED" and "ended without closing the run" in failed.data.tags[FAILURE_TAG]
+    resumed = subprocess.run(sflam("run", *TINY, f"output_dir={tmp_path / 'killed'}", "--resume"), cwd=ROOT,
+                             env=env(), text=True, capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = int(resumed.stderr.split("resuming resume after round ")[1].split()[0])
+    assert kill_after <= after < ROUNDS  # the checkpoint of the last round completed before the kill
+    assert f"round {1:>3}/{ROUNDS}" not in resumed.stderr  # the completed rounds are not run again
+    assert_same_run(target, tmp_path / "clean" / "resume")
+    # the same MLflow run continues, FINISHED, with exactly one value per round
+    finished = store.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED" and FAILURE_TAG not in finished.data.tags
+    assert [m.step for m in store.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, ROUNDS + 1))
+    assert len(store.search_runs([run.info.experiment_id])) == 1, log
+
+
+def test_ray_run_killed_leaves_no_orphans_and_resumes_exactly(tmp_path: Path) -> None:
+    ray_args = ("runtime=ray", "ray.workers=2", "ray.local_cpus=3")
+    kill_after = random.Random().randint(1, ROUNDS - 2)
+    pids, _ = start_and_kill(tmp_path / "killed", kill_after, *ray_args)
+    try:
+        assert len(pids) >= 4  # GCS, raylet, the agents and the workers
+        deadline = time.monotonic() + 30
+        while alive(pids) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not alive(pids), [" ".join(psutil.Process(p).cmdline())[:120] for p in alive(pids)]
+    finally:
+        for pid in alive(pids):  # never leave our own cluster behind, even when the test fails
+            psutil.Process(pid).kill()
+    run_to_end(tmp_path / "killed", *ray_args, "--resume")
+    run_to_end(tmp_path / "clean", *ray_args)
+    assert_same_run(tmp_path / "killed" / "resume", tmp_path / "clean" / "resume")
+
+
+def test_a_failed_run_is_marked_failed_with_its_reason(tmp_path: Path) -> None:
+    config = tiny_config(f"output_dir={tmp_path}", "train.rounds=2", "name=broken")
+    (tmp_path / "broken" / "checkpoint.pt").mkdir(parents=True)  # the checkpoint cannot be written: a disk fault
+    with pytest.raises(IsADirectoryError):
+        train(config)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("broken").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags[FAILURE_TAG].startswith("IsADirectoryError")
+    assert not [p for p in (tmp_path / "broken").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run(sflam("run", *TINY, f"output_dir={tmp_path}", "--resume"), cwd=ROOT, env=env(), text=True,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("sflam run: error: --resume=")

@@ -1,0 +1,83 @@
+"""Aggregation strategies against hand-computed references: three devices, two rounds (DESIGN §5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sflam.platform.config import load_config
+from sflam.platform.errors import ConfigError
+from sflam.platform.strategies import (
+    FedAdam,
+    FedYogi,
+    FitInstructions,
+    build_strategy,
+    proximal_gradient,
+    weighted_average,
+)
+
+# three devices' adapters after round 1 and round 2, and their aggregation weights (samples trained)
+ROUND_1 = [{"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([3.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}]
+ROUND_2 = [{"w": torch.tensor([2.0, 2.0])}, {"w": torch.tensor([0.0, 0.0])}, {"w": torch.tensor([1.0, -1.0])}]
+WEIGHTS = [16.0, 8.0, 8.0]
+
+
+def test_fedavg_weights_by_samples_trained() -> None:
+    avg = weighted_average(ROUND_1, WEIGHTS)
+    # (16*1 + 8*3 + 8*0) / 32 = 1.25 ; (16*-2 + 0 + 8*4) / 32 = 0
+    assert avg["w"].tolist() == [1.25, 0.0]
+
+
+def adam_by_hand(x, avgs, lr, b1, b2, tau, yogi=False):
+    m = v = 0.0
+    for a in avgs:
+        d = a - x
+        m = b1 * m + (1 - b1) * d
+        v = v - (1 - b2) * d * d * math.copysign(1, v - d * d) * (v != d * d) if yogi else b2 * v + (1 - b2) * d * d
+        x = x + lr * m / (math.sqrt(v) + tau)
+    return x
+
+
+@pytest.mark.parametrize("cls, yogi", [(FedAdam, False), (FedYogi, True)])
+def test_server_optimizers_follow_reddi_et_al(cls, yogi) -> None:
+    config = load_config(None, [f"aggregation.strategy={cls.name}", "aggregation.server_lr=0.1",
+                                "aggregation.beta1=0.9", "aggregation.beta2=0.99", "aggregation.tau=0.001"])
+    strategy = build_strategy(config)
+    assert isinstance(strategy, cls)
+    x = {"w": torch.tensor([0.5, 0.5])}
+    averages = [weighted_average(ROUND_1, WEIGHTS), weighted_average(ROUND_2, WEIGHTS)]
+    for average in averages:
+        x = strategy.aggregate(0, x, average)
+    for j in range(2):
+        expected = adam_by_hand(0.5, [float(a["w"][j]) for a in averages], 0.1, 0.9, 0.99, 0.001, yogi)
+        assert float(x["w"][j]) == pytest.approx(expected, rel=1e-6)
+    # its moments are its checkpoint: a fresh strategy loaded from them continues identically
+    again = build_strategy(config)
+    again.load_state(strategy.state())
+    nxt = {"w": torch.tensor([1.0, 1.0])}
+    assert torch.equal(again.aggregate(2, x, nxt)["w"], strategy.aggregate(2, x, nxt)["w"])
+
+
+def test_fedprox_and_ffa_lora_instruct_the_devices() -> None:
+    prox = build_strategy(load_config(None, ["aggregation.strategy=fedprox", "aggregation.proximal_mu=0.5"]))
+    assert prox.configure_fit(0) == FitInstructions(proximal_mu=0.5)
+    grad = proximal_gradient({"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([1.0, 1.0])}, 0.5)
+    assert grad["w"].tolist() == [0.5, -0.5]
+    ffa = build_strategy(load_config(None, ["aggregation.strategy=ffa-lora"])).configure_fit(0)
+    assert ffa.is_frozen("model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    assert not ffa.is_frozen("model.layers.0.self_attn.q_proj.lora_B.default.weight")
+
+
+def test_bad_aggregation_values_name_the_key(tmp_path) -> None:
+    bad = tmp_path / "trace.csv"
+    bad.write_text("device,round\n3,first\n")
+    with pytest.raises(ConfigError, match=r"participation\.trace=.* columns device,round of integers"):
+        load_config(None, [f"participation.trace={bad}"])
+    with pytest.raises(ConfigError, match=r"aggregation\.strategy='fedsgd' is invalid: one of fedavg"):
+        load_config(None, ["aggregation.strategy=fedsgd"])
+    with pytest.raises(ConfigError, match=r"aggregation\.weights='equal' is invalid: trained or shard"):
+        load_config(None, ["aggregation.weights=equal"])
+    with pytest.raises(ConfigError, match=r"participation\.dropout=1\.0"):
+        load_config(None, ["participation.dropout=1.0"])

@@ -479,8 +479,11 @@ def _stages(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, fl
     allowed = np.inf if problem.energy_cap_j is None else problem.energy_cap_j
     spare_energy = allowed - problem.compute_energy_j
     total_up = np.maximum(uplink.sum(axis=1), 1e-300)
-    links = [_Links(problem, uplink[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j],
-                    spare_energy * uplink[:, j] / total_up, weights) for j in range(problem.stages)]
+    # an energy cap is shared among the stages in proportion to their uplink bits
+    caps = [np.where(np.isfinite(spare_energy), spare_energy * uplink[:, j] / total_up, np.inf)
+            for j in range(problem.stages)]
+    links = [_Links(problem, uplink[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j], caps[j], weights)
+             for j in range(problem.stages)]
     cap = problem.deadline_s if problem.deadline_s is not None else problem.max_latency_factor * T0
     T_min = np.array([float(np.max(lk.c)) if lk.idle else _min_latency(lk, cap) for lk in links])
     if float(T_min.sum()) + problem.server_s > cap * (1 + 1e-12):

@@ -43,7 +43,8 @@ def test_one_round_with_raw_transmission_matches_manual_sfl() -> None:
     """E=1, q=32: the round's new global adapter equals FedAvg of each device's one AdamW step on the
     gradient of the server's mean loss over all devices' micro-batches, computed without the runtime."""
     config = tiny_config("quant.activation_bits=32", "quant.gradient_bits=32", "train.local_steps=1",
-                         "train.devices_per_round=3", "lora.server=false", "train.lr_schedule=constant")
+                         "train.devices_per_round=3", "lora.server=false", "train.lr_schedule=constant",
+                         "allocation.distortion_bits=32")  # no distortion allowed: every device sends fp32
     exp = Experiment.build(config)
     reference = Experiment.build(config)  # a second, identical copy for the manual computation
     global_adapter = exp.device.initial_adapter()

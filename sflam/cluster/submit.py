@@ -60,15 +60,21 @@ def runtime_env(working_dir: Path, pip: bool, tracking_uri: str | None = None) -
     return env
 
 
+def job_entrypoint(command: list[str]) -> str:
+    """The job's shell command for a sflam command (the KubeRay RayJob's entrypoint is the same)."""
+    return "python -m sflam " + shlex.join(command)
+
+
 def is_local(address: str) -> bool:
     host = urlsplit(address if "://" in address else f"http://{address}").hostname or ""
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def job_tracking_uri(explicit: str | None, address: str, working_dir: Path) -> str | None:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else for a head on this machine the `sflam server` over results/."""
+def job_tracking_uri(explicit: str | None, address: str, working_dir: Path, command: list[str]) -> str | None:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else for a head on this machine the `sflam server` over results/
+    (unless the command sets tracking.uri itself)."""
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri or not is_local(address):
+    if uri or not is_local(address) or any(word.startswith("tracking.uri=") for word in command):
         return uri
     from sflam.cluster import tracking_server
 
@@ -108,9 +114,9 @@ def submit(command: list[str], address: str | None = None, working_dir: Path | N
     except Exception as exc:
         raise SflamError(f"no Ray job server at {target} ({str(exc).splitlines()[0][:200]}); start one with "
                          "`ray start --head --dashboard-host 127.0.0.1` or pass --address") from None
-    entrypoint = "python -m sflam " + shlex.join(command)
+    entrypoint = job_entrypoint(command)
     root = working_dir or Path.cwd()
-    env = runtime_env(root, pip, job_tracking_uri(tracking_uri, target, root))
+    env = runtime_env(root, pip, job_tracking_uri(tracking_uri, target, root, command))
     kwargs: dict[str, Any] = {}
     if num_cpus is not None:
         kwargs["entrypoint_num_cpus"] = num_cpus

@@ -84,3 +84,27 @@ def test_submit_picks_the_jobs_tracking_server(tmp_path: Path, monkeypatch: pyte
     assert job_tracking_uri(None, "http://10.1.2.3:8265", tmp_path, command) is None
     assert job_tracking_uri(None, "http://127.0.0.1:8265", tmp_path, [*command, "tracking.uri=sqlite:////x.db"]) is None
     assert not (tmp_path / "results").exists()  # no server was started for any of these
+
+
+def test_server_command_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from sflam.cli import main
+    from sflam.cluster import tracking_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["server", "start", "--dir", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sflam server: error: port {port} on 127.0.0.1 is taken by another program; pass --port to "
+                   "`sflam server start`"]
+    # a state file left by a server that is gone is not a running server
+    (tmp_path / tracking_server.STATE_FILE).write_text(
+        '{"pid": 999999999, "host": "127.0.0.1", "port": 5000, "backend_store_uri": "sqlite:///x", '
+        '"artifacts_destination": "x"}')
+    assert main(["server", "status", "--dir", str(tmp_path)]) == 1
+    assert not (tmp_path / tracking_server.STATE_FILE).exists()
+    assert main(["server", "stop", "--dir", str(tmp_path)]) == 0
+    assert "no MLflow server running" in capsys.readouterr().err

@@ -192,8 +192,8 @@ def _write_json(path: str, payload: object) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "train one experiment and print its round table"),
     "compare": (cmd_compare, "run fl, sl, sfl, sfl-q and sflam on the same scenario and compare them"),
-    "server": (cmd_server, "start, stop or show the MLflow tracking server on 127.0.0.1 over results/"),
     "scale": (cmd_scale, "the same experiment at 10, 100 and 1,000 devices per round"),
+    "server": (cmd_server, "start, stop or show the MLflow tracking server on 127.0.0.1 over results/"),
     "study": (cmd_study, "explore the design space with Optuna (multi-objective by default)"),
     "submit": (cmd_submit, "run a sflam command as a Ray job: sflam submit [--address URL] -- run -c CONFIG"),
     "tradeoff": (cmd_tradeoff, "sweep lambda for one round: the latency-energy Pareto front (CSV, PNG)"),

@@ -199,6 +199,19 @@ def test_job_with_only_job_local_results_is_refused(walkthrough: Walkthrough) ->
     assert elapsed < 120, elapsed
 
 
+def test_sflam_submit_finds_the_token_as_ray_start_does(walkthrough: Walkthrough) -> None:
+    """Without RAY_AUTH_MODE exported, `sflam submit` still authenticates with the token in ~/.ray/auth_token."""
+    assert walkthrough.proc.returncode == 0
+    env = {k: v for k, v in walkthrough.env.items() if not k.startswith("RAY_AUTH")}
+    proc = subprocess.run(["bash", "-c", f"source .venv/bin/activate && sflam submit --address {walkthrough.dashboard}"
+                          " -- validate configs/smoke.yaml"], cwd=walkthrough.repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "SUCCEEDED" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "configs/smoke.yaml: valid" in proc.stdout
+    # the MLflow server the walk-through started is reused, not a second one
+    assert f"using the MLflow tracking server {walkthrough.tracking_uri}" in proc.stderr
+
+
 def test_server_stops_by_its_pid(walkthrough: Walkthrough) -> None:
     assert walkthrough.proc.returncode == 0 and walkthrough.stop_lines
     state = walkthrough.repo / "results" / "mlflow-server.json"

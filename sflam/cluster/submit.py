@@ -112,7 +112,12 @@ def submit(command: list[str], address: str | None = None, working_dir: Path | N
     try:
         client = JobSubmissionClient(target)
     except Exception as exc:
-        raise SflamError(f"no Ray job server at {target} ({str(exc).splitlines()[0][:200]}); start one with "
+        first = str(exc).splitlines()[0][:200]
+        if "authentication" in first.lower():
+            raise SflamError(f"the Ray job server at {target} wants the cluster's token ({first}); put it in "
+                             "RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+                             ) from None
+        raise SflamError(f"no Ray job server at {target} ({first}); start one with "
                          "`ray start --head --dashboard-host 127.0.0.1` or pass --address") from None
     entrypoint = job_entrypoint(command)
     root = working_dir or Path.cwd()

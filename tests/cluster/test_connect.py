@@ -67,6 +67,7 @@ print(json.dumps({"owns": owns, "description": description, "gcs": gcs, "node_ip
 """
 
 
+@pytest.mark.integration  # two Ray starts
 def test_no_address_means_a_fresh_loopback_cluster_despite_a_stale_cluster_file(stale_ray_tmp) -> None:
     env, stale = stale_ray_tmp
     started = time.perf_counter()

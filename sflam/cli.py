@@ -15,7 +15,12 @@ EXIT_FAILED = 1
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.config, list(args.overrides))
+    config = load_config(args.config, list(args.overrides))
+    if args.command != "validate":  # before any work: results a Ray job would lose, a cluster that is not there
+        from sflam.cluster.guard import check_before_work
+
+        check_before_work(config)
+    return config
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -182,7 +187,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     return submit(command, address=args.address, working_dir=Path(args.working_dir).resolve(), pip=args.pip,
-                  num_cpus=args.num_cpus, num_gpus=args.num_gpus, follow=not args.no_wait)
+                  num_cpus=args.num_cpus, num_gpus=args.num_gpus, follow=not args.no_wait,
+                  tracking_uri=args.tracking_uri)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from sflam.cluster import tracking_server
+
+    results = Path(args.dir)
+    if args.action == "stop":
+        stopped = tracking_server.stop(results)
+        _announce(f"sflam server: stopped the MLflow server at {stopped.uri} (pid {stopped.pid})" if stopped
+                  else f"sflam server: no MLflow server running for {results}")
+        return 0
+    if args.action == "status":
+        server = tracking_server.running(results)
+        if server is None:
+            _announce(f"sflam server: no MLflow server running for {results}")
+            return 1
+    else:
+        server, new = tracking_server.start(results, host=args.host, port=args.port)
+        _announce(f"sflam server: {'started' if new else 'already running:'} MLflow tracking server (pid "
+                  f"{server.pid}) over {server.backend_store_uri}, artifacts in {server.artifacts_destination}")
+    print(f"MLFLOW_TRACKING_URI={server.uri}", flush=True)
+    _announce(f"MLflow UI: {server.uri} — stop the server with `sflam server stop`")
+    return 0
 
 
 def _write_json(path: str, payload: object) -> None:
@@ -200,6 +229,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "runs": (cmd_runs, "manage recorded runs: --clean marks FAILED the runs left RUNNING by a dead process"),
     "compare": (cmd_compare, "run fl, sl, sfl, sfl-q and sflam on the same scenario and compare them"),
     "scale": (cmd_scale, "the same experiment at 10, 100 and 1,000 devices per round"),
+    "server": (cmd_server, "start, stop or show the MLflow tracking server on 127.0.0.1 over results/"),
     "study": (cmd_study, "explore the design space with Optuna (multi-objective by default)"),
     "submit": (cmd_submit, "run a sflam command as a Ray job: sflam submit [--address URL] -- run -c CONFIG"),
     "tradeoff": (cmd_tradeoff, "sweep lambda for one round: the latency-energy Pareto front (CSV, PNG)"),
@@ -230,7 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--num-cpus", type=float, default=None, help="CPUs reserved for the entrypoint")
             command.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved for the entrypoint")
             command.add_argument("--no-wait", action="store_true", help="print the job id and return")
+            command.add_argument("--tracking-uri", default=None,
+                                 help="MLflow tracking server for the job (default: MLFLOW_TRACKING_URI, else for a "
+                                      "head on this machine the `sflam server` over ./results, started if needed)")
             command.add_argument("job", nargs=argparse.REMAINDER, help="-- then the sflam command to run")
+            continue
+        if name == "server":
+            command.add_argument("action", nargs="?", choices=("start", "stop", "status"), default="start",
+                                 help="start (default), stop or show the server")
+            command.add_argument("--dir", default="results", help="results folder it serves (default: results)")
+            command.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+            command.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
             continue
         if name == "validate":
             command.add_argument("config", nargs="?", default=None, help="YAML experiment file")

@@ -31,6 +31,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from sflam.actors.edge import EdgeWorker
 from sflam.actors.failures import WorkerError
 from sflam.actors.server import ServerRank
+from sflam.cluster.connect import start_ray
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.engine import Engine, Executor, ProgressFn, Resume, RoundOutcome, RoundTask
 from sflam.platform.errors import RunFailed, SflamError
@@ -72,18 +73,13 @@ def connect(config: ExperimentConfig, needed_cpus: float) -> tuple[bool, str]:
     """
     if ray.is_initialized():
         return False, "existing Ray session"
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"OMP_NUM_THREADS": str(config.ray.threads_per_worker), "TOKENIZERS_PARALLELISM": "false",
                         "HF_HUB_OFFLINE": "1"}}
     # failed calls the run has already reported in one line must not print tracebacks when their references drop
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-    if address:  # a job's own runtime environment (working dir, env vars) applies: add nothing to it
-        ray.init(address=address, log_to_driver=False)
-        return True, f"cluster at {address}"
+    # a joined cluster (a job's own) keeps its runtime environment; num_cpus and env apply to a local start
     cpus = config.ray.local_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
-    return True, f"local cluster, {cpus} CPUs"
+    return True, start_ray(config.ray.address, num_cpus=cpus, runtime_env=env)
 
 
 def start_watchdog() -> subprocess.Popen[bytes]:

@@ -2,19 +2,23 @@
 
 The job carries the working directory (minus the virtual environment, results and stores), a runtime
 environment (threads, offline Hugging Face; optionally the project's requirements) and the entrypoint's
-resources. The exit status is the job's: 0 when it SUCCEEDED, 1 otherwise.
+resources. The job logs to an MLflow tracking server (--tracking-uri, MLFLOW_TRACKING_URI, or for a head
+on this machine the `sflam server` over ./results, started when none runs), so its runs and artifacts
+outlive Ray's temporary folders. The exit status is the job's: 0 when it SUCCEEDED, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import sys
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sflam.platform.errors import SflamError
 
@@ -23,27 +27,78 @@ EXCLUDES = [".venv", ".git", "results", "mlruns", "mlartifacts", "*.db", "*.log"
             ".mypy_cache", ".pytest_cache"]
 
 
+def _name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower()
+
+
 def project_requirements(root: Path) -> list[str]:
-    """The dependencies of pyproject.toml (torch stays whatever the cluster image has)."""
+    """pyproject.toml's dependencies in the Makefile's order: the pinned torch, DeepSpeed, then the rest.
+
+    Ray itself is left out: the job runs on the cluster's Ray, which a pip environment must not replace.
+    """
     data = tomllib.loads((root / "pyproject.toml").read_text())
-    return [d for d in data["project"]["dependencies"] if not d.startswith("torch")]
+    deps = [d for d in data["project"]["dependencies"] if _name(d) != "ray"]
+    first = [d for name in ("torch", "deepspeed") for d in deps if _name(d) == name]
+    return first + [d for d in deps if d not in first]
 
 
-def runtime_env(working_dir: Path, pip: bool) -> dict[str, Any]:
+# DeepSpeed is a source distribution: without build isolation its build sees the pinned torch instead of
+# fetching an unpinned one (DESIGN §11); Ray's defaults are kept.
+PIP_OPTIONS = ["--no-build-isolation", "--disable-pip-version-check", "--no-cache-dir"]
+
+
+def runtime_env(working_dir: Path, pip: bool, tracking_uri: str | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {
         "working_dir": str(working_dir),
         "excludes": EXCLUDES,
         "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"},
     }
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        env["env_vars"]["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    if tracking_uri:
+        env["env_vars"]["MLFLOW_TRACKING_URI"] = tracking_uri
     if pip:
-        env["pip"] = project_requirements(working_dir)
+        env["pip"] = {"packages": project_requirements(working_dir), "pip_install_options": PIP_OPTIONS}
     return env
 
 
+def job_entrypoint(command: list[str]) -> str:
+    """The job's shell command for a sflam command (the KubeRay RayJob's entrypoint is the same)."""
+    return "python -m sflam " + shlex.join(command)
+
+
+def is_local(address: str) -> bool:
+    host = urlsplit(address if "://" in address else f"http://{address}").hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def job_tracking_uri(explicit: str | None, address: str, working_dir: Path, command: list[str]) -> str | None:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else for a head on this machine the `sflam server` over results/
+    (unless the command sets tracking.uri itself)."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri or not is_local(address) or any(word.startswith("tracking.uri=") for word in command):
+        return uri
+    from sflam.cluster import tracking_server
+
+    server, new = tracking_server.start(working_dir / "results")
+    print(f"sflam submit: {'started' if new else 'using'} the MLflow tracking server {server.uri} (pid {server.pid}, "
+          f"store {server.backend_store_uri}); stop it with `sflam server stop`", file=sys.stderr, flush=True)
+    return server.uri
+
+
+def use_cluster_token() -> None:
+    """Send the cluster's token the way `ray start` finds it: RAY_AUTH_MODE unset and a token in
+    RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token turn token authentication on."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # an older Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def submit(command: list[str], address: str | None = None, working_dir: Path | None = None, pip: bool = False,
-           num_cpus: float | None = None, num_gpus: float | None = None, follow: bool = True) -> int:
+           num_cpus: float | None = None, num_gpus: float | None = None, follow: bool = True,
+           tracking_uri: str | None = None) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     if not command:
@@ -53,12 +108,20 @@ def submit(command: list[str], address: str | None = None, working_dir: Path | N
     target = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if not target.startswith(("http://", "https://")):
         target = f"http://{target}"
+    use_cluster_token()
     try:
         client = JobSubmissionClient(target)
     except Exception as exc:
-        raise SflamError(f"no Ray job server at {target} ({str(exc).splitlines()[0][:200]}); start one with "
+        first = str(exc).splitlines()[0][:200]
+        if "authentication" in first.lower():
+            raise SflamError(f"the Ray job server at {target} wants the cluster's token ({first}); put it in "
+                             "RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+                             ) from None
+        raise SflamError(f"no Ray job server at {target} ({first}); start one with "
                          "`ray start --head --dashboard-host 127.0.0.1` or pass --address") from None
-    entrypoint = "python -m sflam " + shlex.join(command)
+    entrypoint = job_entrypoint(command)
+    root = working_dir or Path.cwd()
+    env = runtime_env(root, pip, job_tracking_uri(tracking_uri, target, root, command))
     kwargs: dict[str, Any] = {}
     if num_cpus is not None:
         kwargs["entrypoint_num_cpus"] = num_cpus
@@ -67,7 +130,7 @@ def submit(command: list[str], address: str | None = None, working_dir: Path | N
     deadline = time.time() + 120
     while True:  # a freshly started head answers before its job agent is up
         try:
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(working_dir or Path.cwd(), pip),
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
                                        **kwargs)
             break
         except RuntimeError as exc:

@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 
+from sflam.cluster.connect import start_ray
 from sflam.pipelines.train import record, run_experiment, train
 from sflam.platform.build import validate
 from sflam.platform.config import OBJECTIVES, ExperimentConfig
@@ -193,7 +194,7 @@ def _run_parallel(config: ExperimentConfig, study: optuna.Study, parent: Tracker
 
     owns = not ray.is_initialized()
     if owns:
-        ray.init(address=config.ray.address or None, include_dashboard=False, log_to_driver=False)
+        start_ray(config.ray.address, num_cpus=config.ray.local_cpus or None)
     task = ray.remote(num_cpus=1)(_remote_trial)
     running: dict[Any, tuple[optuna.trial.Trial, ExperimentConfig]] = {}
     asked = 0

@@ -274,7 +274,7 @@ class _Links:
                 return np.where(available > 0, np.log(np.maximum(available, 1e-300))
                                 - np.log(np.maximum(needed, 1e-300)), -np.inf)
 
-        need = np.exp(_root_increasing(slack, lo, hi, rtol=1e-9))
+        need = np.exp(_root_increasing(slack, lo, hi, rtol=1e-7))
         feasible = slack(np.log(np.full_like(self.g, B))) >= -1e-12
         if np.isfinite(self.uplink_cap).any():
             def cap_slack(log_b: np.ndarray) -> np.ndarray:
@@ -530,17 +530,22 @@ def _solve_block(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[floa
     while total(sols) > stages.cap * (1 + 1e-9):
         hi *= 4.0
         sols = _solve_stages(stages, problem.server_s, hi)
-    lo = 0.0
-    for _ in range(60):
-        mid = np.sqrt(lo * hi) if lo > 0 else hi / 64.0
-        trial = _solve_stages(stages, problem.server_s, mid)
-        if total(trial) <= stages.cap * (1 + 1e-9):
-            hi, sols = mid, trial
-        else:
-            lo = mid
-        if hi - lo <= 1e-6 * hi:
+    seen: dict[float, list[_BlockSolution]] = {np.log(hi): sols}
+
+    def excess(log_eta: float) -> float:  # falls as eta rises; the root is where the makespan meets the cap
+        if log_eta not in seen:
+            seen[log_eta] = _solve_stages(stages, problem.server_s, float(np.exp(log_eta)))
+        return float(np.log(total(seen[log_eta])) - np.log(stages.cap))
+
+    low = float(np.log(hi * 1e-12))
+    if excess(low) <= 0:
+        return seen[low], stages, float(np.exp(low))
+    root = brentq(excess, low, float(np.log(hi)), xtol=1e-5, rtol=1e-9)
+    for step in range(40):  # step onto the feasible side of the root
+        if excess(root) <= np.log1p(1e-9):
             break
-    return sols, stages, hi
+        root += 1e-5 * 2.0**step
+    return seen[root], stages, float(np.exp(root))
 
 
 def solve_power_bandwidth(problem: AllocationProblem, bits_index: np.ndarray,

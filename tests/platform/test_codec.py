@@ -93,3 +93,37 @@ def test_bad_bit_width_is_rejected(bits: int) -> None:
 def test_fp16_side_info_out_of_range_is_rejected() -> None:
     with pytest.raises(CodecError, match="fp16"):
         codec.encode(torch.tensor([[1e6, 0.0]]), 8, side_dtype="fp16")
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e-6, 1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fp32_side_information_keeps_the_ideal_step_at_every_magnitude(scale: float, bits: int) -> None:
+    """Activation gradients of a mean loss over many devices are ~1e-6 and smaller: the bound holds with the
+    ideal step Δ = range / (2^q - 1), no widening, from 1e-8 to 1e3."""
+    x = _rows(1) * scale
+    draws = 3000
+    copies = x.repeat(draws, 1)
+    decoded = codec.decode(codec.encode(copies, bits, torch.Generator().manual_seed(7), "fp32")).double()
+    error = (decoded - copies.double()).reshape(draws, *x.shape)
+    mean_error = error.mean(dim=0)
+    variance = (error * error).mean(dim=0) - mean_error**2
+    rows = x.double()
+    delta = ((rows.max(dim=1).values - rows.min(dim=1).values) / (2**bits - 1))[:, None]  # the ideal step
+    bound = delta**2 / 4
+    fp32_slack = 1e-6 * float(rows.abs().max())
+    assert (mean_error.abs() <= 5 * torch.sqrt(bound / draws) + fp32_slack).all()
+    assert (variance <= bound * (1 + 5 * math.sqrt(2 / draws)) + fp32_slack**2).all()
+    assert variance.max() > 0.1 * bound.max()
+    # the allocator's distortion is the codec's: D(q) = Δ²/4 relative to the range squared
+    from sflam.platform.allocation import distortion
+
+    ranges = rows.max(dim=1).values - rows.min(dim=1).values
+    assert torch.allclose(bound[:, 0] / ranges**2, torch.full_like(ranges, float(distortion(bits))), rtol=1e-12)
+
+
+def test_fp16_side_information_that_would_widen_the_step_is_refused() -> None:
+    """At 1e-6 fp16 is subnormal: its step would be several times the ideal, so fp16 side information is refused
+    (and gradients always travel with fp32 side information)."""
+    with pytest.raises(CodecError, match="widen"):
+        codec.encode(_rows() * 1e-6, 8, torch.Generator().manual_seed(0), "fp16")
+    assert codec.GRADIENT_SIDE_DTYPE == "fp32"

@@ -16,7 +16,8 @@ from sflam.platform.errors import ConfigError
 
 WEIGHT_MODES = ("fp32", "bf16", "int8", "nf4", "fp4")
 TASKS = ("classification", "causal-lm")
-DATASETS = ("rotten_tomatoes", "synthetic", "csv")
+DATASETS = ("rotten_tomatoes", "synthetic", "csv", "mnist", "digits")
+IMAGE_DATASETS = ("mnist", "digits")
 RUNTIMES = ("local", "ray")
 ENGINES = ("torch", "deepspeed")
 ALLOCATION_POLICIES = ("sflam", "equal")
@@ -98,7 +99,8 @@ class DataConfig:
     """The data set, its train/test split and its non-IID partition over devices."""
 
     SECTION: ClassVar[str] = "data"
-    dataset: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes | synthetic | csv"})
+    dataset: str = field(default="rotten_tomatoes", metadata={
+        "help": "rotten_tomatoes | synthetic | csv (text); mnist | digits (images)"})
     path: str | None = field(default=None, metadata={"help": "data file (csv: columns text,label)"})
     test_fraction: float = field(default=0.1, metadata={"help": "held-out share, split with split_seed"})
     split_seed: int = field(default=1234, metadata={"help": "seed of the train/test split"})

@@ -34,6 +34,7 @@ from sflam.platform.models import (
     check_model_task,
     load_model,
     load_tokenizer,
+    patch_size,
     resolve_model,
     vision_tokens,
 )
@@ -85,6 +86,13 @@ def validate(cfg: ExperimentConfig) -> ModelSpec:
         kind = ("an image data set (mnist, digits)" if spec.is_vision
                 else "a text data set (rotten_tomatoes, synthetic, csv)")
         raise ConfigError("data.dataset", cfg.data.dataset, f"{kind} for model {spec.name}")
+    if cfg.model.image_size:
+        if not spec.is_vision:
+            raise ConfigError("model.image_size", cfg.model.image_size, f"0 for text model {spec.name}")
+        patch = patch_size(spec.hf_config)
+        if cfg.model.image_size % patch:
+            raise ConfigError("model.image_size", cfg.model.image_size,
+                              f"a multiple of {spec.name}'s patch size {patch} (0: its own {spec.image_size})")
     if cfg.data.dataset == "mnist" and cfg.data.path is None:
         from sflam.platform.data import mnist_path
 
@@ -120,8 +128,8 @@ def prepare_data(cfg: ExperimentConfig, spec: ModelSpec) -> DataBundle:
 
 def _prepare_images(cfg: ExperimentConfig, spec: ModelSpec) -> DataBundle:
     """Images at the model's input size and normalisation; the same seeded split and partition as text."""
-    data = image_data(cfg.data, spec.image_size, spec.image_mean, spec.image_std,
-                      vision_tokens(spec.hf_config, spec.image_size))
+    size = cfg.model.image_size or spec.image_size
+    data = image_data(cfg.data, size, spec.image_mean, spec.image_std, vision_tokens(spec.hf_config, size))
     num_labels = int(data.labels.max()) + 1
     train, test = train_test_split(data, cfg.data.test_fraction, cfg.data.split_seed)
     if cfg.data.eval_samples:

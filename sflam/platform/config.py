@@ -43,9 +43,12 @@ class ModelConfig:
     task: str = field(default="classification", metadata={"help": "classification | causal-lm"})
     max_length: int = field(default=64, metadata={"help": "tokens per sentence after truncation"})
     allow_download: bool = field(default=False, metadata={"help": "let a hub id be fetched (off: offline)"})
+    image_size: int = field(default=0, metadata={
+        "help": "vision: input side in pixels, a multiple of the patch size (0: the model's own)"})
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", self.name, "a non-empty model name")
+        _check(self.image_size >= 0, "model.image_size", self.image_size, "an integer >= 0 (0 = the model's own)")
         _check(self.task in TASKS, "model.task", self.task, f"one of {', '.join(TASKS)}")
         _check(self.max_length >= 4, "model.max_length", self.max_length, "an integer >= 4")
 

@@ -177,9 +177,13 @@ def _side(value: Any) -> int | None:
     return None
 
 
+def patch_size(config: PretrainedConfig) -> int:
+    return int(config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0])
+
+
 def vision_tokens(config: PretrainedConfig, image_size: int) -> int:
     """Tokens a vision transformer makes of an image: patches, CLS, DeiT's distillation token, registers."""
-    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    patch = patch_size(config)
     special = 1 + (config.model_type == "deit") + int(getattr(config, "num_register_tokens", 0) or 0)
     return (image_size // patch) ** 2 + special
 

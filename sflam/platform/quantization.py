@@ -67,6 +67,14 @@ class PatchLinear(nn.Module):
             if conv.bias is not None:
                 self.linear.bias.copy_(conv.bias)
         self.linear.weight.requires_grad_(conv.weight.requires_grad)
+        # patch embeddings cast the pixels to `projection.weight.dtype`: the compute dtype, not the storage's
+        self.register_buffer("_compute", torch.empty(0, dtype=conv.weight.dtype), persistent=False)
+
+    _compute: torch.Tensor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._compute
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = pixels.shape

@@ -137,8 +137,16 @@ class DevicePart(nn.Module):
             hidden = self.wte(input_ids) + self.wpe(_positions(input_ids))
             return _run_gpt2(self.config, self.layers, self.drop(hidden), attention_mask)
         if self.family == "vit":
-            return _run_bert(self.config, self.layers, self.embeddings(input_ids), attention_mask)
+            return _run_bert(self.config, self.layers, self._embed_image(input_ids), attention_mask)
         return _run_bert(self.config, self.layers, self.embeddings(input_ids=input_ids), attention_mask)
+
+
+    def _embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size if isinstance(self.config.image_size, int) else self.config.image_size[0]
+        if self.config.model_type in ("vit", "deit") and pixels.shape[-1] != size:
+            # another input size (model.image_size): bicubic position embeddings, as Dinov2 does by itself
+            return self.embeddings(pixels, interpolate_pos_encoding=True)
+        return self.embeddings(pixels)
 
 
 class ServerPart(nn.Module):

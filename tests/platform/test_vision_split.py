@@ -180,3 +180,22 @@ def test_transmission_of_tokens_at_32_bits_is_exact() -> None:
     assert abs(result.loss - reference.item()) <= TOL * reference.item()
     worst, name = _worst(got, expected)
     assert worst <= TOL, f"largest relative gradient error {worst:.2e} in {name}"
+
+
+def test_local_folder_vision_models_load_with_their_image_processor(tmp_path) -> None:
+    """A saved Dinov2 folder: family and depth from its config, the input side from the processor's crop
+    (not the config's 518-pixel position grid), its mean and std, and a new head for our classes."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2ForImageClassification
+
+    torch.manual_seed(0)
+    model = Dinov2ForImageClassification(Dinov2Config(image_size=518, patch_size=14, hidden_size=32, mlp_ratio=2,
+                                                      num_hidden_layers=2, num_attention_heads=4, num_labels=1000))
+    model.save_pretrained(tmp_path)
+    BitImageProcessor(crop_size={"height": 224, "width": 224}, image_mean=[0.4, 0.5, 0.6],
+                      image_std=[0.2, 0.3, 0.4]).save_pretrained(tmp_path)
+    spec = resolve_model(ModelConfig(name=str(tmp_path)))
+    assert (spec.family, spec.num_layers, spec.source) == ("vit", 2, "pretrained")
+    assert (spec.image_size, spec.image_mean, spec.image_std) == (224, (0.4, 0.5, 0.6), (0.2, 0.3, 0.4))
+    loaded = load_model(spec, ModelConfig(name=str(tmp_path)), num_labels=10, pad_token_id=0)
+    assert loaded.classifier.out_features == 10
+    assert torch.equal(loaded.dinov2.encoder.layer[1].mlp.fc2.weight, model.dinov2.encoder.layer[1].mlp.fc2.weight)

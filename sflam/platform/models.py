@@ -156,9 +156,8 @@ def _image_statistics(name: str, config: PretrainedConfig, allow_download: bool
         processor = AutoImageProcessor.from_pretrained(name, local_files_only=not allow_download)
     except (OSError, ValueError):
         return VIT_MEAN, VIT_STD, size
-    for attr in ("crop_size", "size"):
-        value = getattr(processor, attr, None) if getattr(processor, f"do_{attr.split('_')[0]}", True) else None
-        side = _side(value)
+    for attr, switch in (("crop_size", "do_center_crop"), ("size", "do_resize")):
+        side = _side(getattr(processor, attr, None)) if getattr(processor, switch, False) else None
         if side:
             size = side
             break

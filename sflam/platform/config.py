@@ -16,7 +16,8 @@ from sflam.platform.errors import ConfigError
 
 WEIGHT_MODES = ("fp32", "bf16", "int8", "nf4", "fp4")
 TASKS = ("classification", "causal-lm")
-DATASETS = ("rotten_tomatoes", "synthetic", "csv")
+DATASETS = ("rotten_tomatoes", "synthetic", "csv", "mnist", "digits")
+IMAGE_DATASETS = ("mnist", "digits")
 RUNTIMES = ("local", "ray")
 ENGINES = ("torch", "deepspeed")
 ALLOCATION_POLICIES = ("sflam", "equal")
@@ -46,9 +47,12 @@ class ModelConfig:
     task: str = field(default="classification", metadata={"help": "classification | causal-lm"})
     max_length: int = field(default=64, metadata={"help": "tokens per sentence after truncation"})
     allow_download: bool = field(default=False, metadata={"help": "let a hub id be fetched (off: offline)"})
+    image_size: int = field(default=0, metadata={
+        "help": "vision: input side in pixels, a multiple of the patch size (0: the model's own)"})
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", self.name, "a non-empty model name")
+        _check(self.image_size >= 0, "model.image_size", self.image_size, "an integer >= 0 (0 = the model's own)")
         _check(self.task in TASKS, "model.task", self.task, f"one of {', '.join(TASKS)}")
         _check(self.max_length >= 4, "model.max_length", self.max_length, "an integer >= 4")
 
@@ -102,7 +106,8 @@ class DataConfig:
     """The data set, its train/test split and its non-IID partition over devices."""
 
     SECTION: ClassVar[str] = "data"
-    dataset: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes | synthetic | csv"})
+    dataset: str = field(default="rotten_tomatoes", metadata={
+        "help": "rotten_tomatoes | synthetic | csv (text); mnist | digits (images)"})
     path: str | None = field(default=None, metadata={"help": "data file (csv: columns text,label)"})
     test_fraction: float = field(default=0.1, metadata={"help": "held-out share, split with split_seed"})
     split_seed: int = field(default=1234, metadata={"help": "seed of the train/test split"})

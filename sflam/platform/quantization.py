@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -49,14 +50,59 @@ def _embedding(layer: nn.Embedding, mode: str) -> nn.Module:
     return new.to("cpu")
 
 
+class PatchLinear(nn.Module):
+    """A patch-embedding convolution (kernel = stride, no padding) as a linear map over flattened patches.
+
+    The same function as the convolution, in a form bitsandbytes can store: a vision transformer's
+    device part at cut 0 is little more than this layer, and its weights quantize like any linear layer.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        out_channels, in_channels, height, width = conv.weight.shape
+        self.kernel = (height, width)
+        self.linear = nn.Linear(in_channels * height * width, out_channels, bias=conv.bias is not None)
+        with torch.no_grad():  # F.unfold orders a patch channel-major, then rows, then columns, as the weight
+            self.linear.weight.copy_(conv.weight.reshape(out_channels, -1))
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias)
+        self.linear.weight.requires_grad_(conv.weight.requires_grad)
+        # patch embeddings cast the pixels to `projection.weight.dtype`: the compute dtype, not the storage's
+        self.register_buffer("_compute", torch.empty(0, dtype=conv.weight.dtype), persistent=False)
+
+    _compute: torch.Tensor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._compute
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = pixels.shape
+        patches = nn.functional.unfold(pixels, self.kernel, stride=self.kernel).transpose(1, 2)
+        out = self.linear(patches)  # (B, patches, out_channels)
+        grid = (height // self.kernel[0], width // self.kernel[1])
+        return out.transpose(1, 2).reshape(batch, -1, *grid)  # the convolution's (B, C, h, w)
+
+
+def _is_patch_conv(layer: nn.Module) -> TypeGuard[nn.Conv2d]:
+    return (isinstance(layer, nn.Conv2d) and layer.kernel_size == layer.stride and layer.groups == 1
+            and layer.padding in ((0, 0), 0) and layer.dilation == (1, 1))
+
+
 def quantize_weights(part: nn.Module, mode: str) -> nn.Module:
     """Store the linear and embedding weights of `part` as `mode`, in place; norms stay fp32.
 
     fp32 keeps them; bf16 casts them and the part must run under bf16 autocast; int8, nf4 and fp4
-    swap in bitsandbytes layers (blockwise, blocksize 64, nested absmax statistics for 4 bit).
+    swap in bitsandbytes layers (blockwise, blocksize 64, nested absmax statistics for 4 bit). A vision
+    transformer's patch-embedding convolution becomes the equivalent PatchLinear first, so it quantizes too.
     """
     if mode == "fp32":
         return part
+    if mode != "bf16":
+        for parent in list(part.modules()):
+            for child_name, child in list(parent.named_children()):
+                if _is_patch_conv(child):
+                    setattr(parent, child_name, PatchLinear(child))
     for parent in list(part.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):

@@ -4,7 +4,9 @@ Cut layer c in 0..L: the device part is the embeddings plus blocks [0, c); the s
 [c, L), the final norm and the head (DESIGN §3). Both parts hold the model's own modules (no copies),
 so loss and gradients equal the unsplit model's. What travels between them is the hidden state and
 the attention mask; the server recomputes positions, rotary embeddings and masks from the mask.
-Sequences are right-padded, so positions are 0..T-1 as in the unsplit model.
+Sequences are right-padded, so positions are 0..T-1 as in the unsplit model. Vision transformers (ViT,
+DeiT, Dinov2): the device part takes pixels, the patch embedding adds the CLS (and register) tokens and
+the position embeddings; the smashed data is the token sequence, every position a real token.
 """
 
 from __future__ import annotations
@@ -71,6 +73,22 @@ def _run_bert(config, layers: nn.ModuleList, hidden: torch.Tensor, attention_mas
     return hidden
 
 
+def _vit_blocks(base: nn.Module) -> nn.ModuleList:
+    """The encoder blocks of a ViT-style backbone (ViT and DeiT hold them as `layers`, Dinov2 in `encoder`)."""
+    blocks = base.layers if hasattr(base, "layers") else base.encoder.layer
+    assert isinstance(blocks, nn.ModuleList)
+    return blocks
+
+
+def _vit_pool(config, final: torch.Tensor) -> torch.Tensor:
+    """What the image-classification head reads, as in transformers' *ForImageClassification."""
+    if config.model_type in ("dinov2", "dinov2_with_registers"):
+        # Dinov2: the CLS token beside the mean of the patch tokens (registers excluded)
+        first_patch = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        return torch.cat([final[:, 0], final[:, first_patch:].mean(dim=1)], dim=1)
+    return final[:, 0]
+
+
 # --------------------------------------------------------------------------- the two parts
 
 
@@ -96,10 +114,16 @@ class DevicePart(nn.Module):
             base = model.bert
             self.embeddings = base.embeddings
             self.layers = nn.ModuleList(base.encoder.layer[:cut_layer])
+        elif family == "vit":
+            base = model.base_model
+            self.embeddings = base.embeddings
+            self.layers = nn.ModuleList(_vit_blocks(base)[:cut_layer])
         else:
             raise ValueError(f"unknown family {family}")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Smashed data (B, T, H); for the vision family `input_ids` are pixels (B, 3, H, W) and the mask
+        is all ones over the T tokens."""
         if self.autocast_dtype is not None:
             with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype):
                 return self._forward(input_ids, attention_mask).float()
@@ -112,7 +136,17 @@ class DevicePart(nn.Module):
         if self.family == "gpt2":
             hidden = self.wte(input_ids) + self.wpe(_positions(input_ids))
             return _run_gpt2(self.config, self.layers, self.drop(hidden), attention_mask)
+        if self.family == "vit":
+            return _run_bert(self.config, self.layers, self._embed_image(input_ids), attention_mask)
         return _run_bert(self.config, self.layers, self.embeddings(input_ids=input_ids), attention_mask)
+
+
+    def _embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size if isinstance(self.config.image_size, int) else self.config.image_size[0]
+        if self.config.model_type in ("vit", "deit") and pixels.shape[-1] != size:
+            # another input size (model.image_size): bicubic position embeddings, as Dinov2 does by itself
+            return self.embeddings(pixels, interpolate_pos_encoding=True)
+        return self.embeddings(pixels)
 
 
 class ServerPart(nn.Module):
@@ -136,6 +170,10 @@ class ServerPart(nn.Module):
             base = model.transformer
             self.layers = nn.ModuleList(base.h[cut_layer:])
             self.norm = base.ln_f
+        elif family == "vit":
+            base = model.base_model
+            self.layers = nn.ModuleList(_vit_blocks(base)[cut_layer:])
+            self.norm = base.layernorm
         else:
             base = model.bert
             self.layers = nn.ModuleList(base.encoder.layer[cut_layer:])
@@ -144,7 +182,7 @@ class ServerPart(nn.Module):
         if task == "causal-lm":
             self.head = model.lm_head
         else:
-            self.head = model.classifier if family == "bert" else model.score
+            self.head = model.classifier if family in ("bert", "vit") else model.score
 
     def head_modules(self) -> list[nn.Module]:
         """The modules trained in full on the server (a new classification head; none for causal LM)."""
@@ -158,7 +196,7 @@ class ServerPart(nn.Module):
             hidden = _run_llama(self.config, self.layers, self.rotary_emb, hidden, attention_mask)
         elif self.family == "gpt2":
             hidden = _run_gpt2(self.config, self.layers, hidden, attention_mask)
-        else:
+        else:  # bert and vit: bidirectional attention
             hidden = _run_bert(self.config, self.layers, hidden, attention_mask)
         return self.norm(hidden)
 
@@ -167,6 +205,8 @@ class ServerPart(nn.Module):
         final = self.body(hidden, attention_mask)
         if self.family == "bert":
             return self.head(self.dropout(self.pooler(final)))
+        if self.family == "vit":
+            return self.head(_vit_pool(self.config, final))
         pooled = final[torch.arange(final.shape[0], device=final.device), last_token_index(attention_mask)]
         return self.head(pooled)
 

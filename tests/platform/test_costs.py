@@ -35,13 +35,16 @@ def test_cut_zero_device_has_no_compute() -> None:
 
 
 def _device_flops(model: str, mode: str) -> tuple[int, int]:
-    _, device, server = build_executors(tiny_config(f"model.name={model}", f"quant.weights={mode}",
-                                                    "split.cut_layer=2"))
+    vision = model in ("tiny-vit", "tiny-dinov2")
+    data, device, server = build_executors(tiny_config(f"model.name={model}", f"quant.weights={mode}",
+                                                       "split.cut_layer=2", *(["data.dataset=digits"] if vision else [])))
     table = FlopTable(device.part, server.part, device.initial_adapter(), int(device.part.config.hidden_size))
+    if vision:  # one real image batch: pixels in, patch tokens out
+        return table.device_batch(collate(data.train, np.arange(4), data.pad_token_id))
     return table.device(16)
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-vit", "tiny-dinov2"])
 def test_quantized_device_parts_count_the_same_flops_as_fp32(model: str) -> None:
     """bitsandbytes' 4-bit matmul is invisible to FlopCounterMode: the quantized layers are counted explicitly,
     so every weight mode does the fp32 math (dequantization itself is not counted)."""

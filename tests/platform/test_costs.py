@@ -36,8 +36,9 @@ def test_cut_zero_device_has_no_compute() -> None:
 
 def _device_flops(model: str, mode: str) -> tuple[int, int]:
     vision = model in ("tiny-vit", "tiny-dinov2")
+    extra = ["data.dataset=digits"] if vision else []
     data, device, server = build_executors(tiny_config(f"model.name={model}", f"quant.weights={mode}",
-                                                       "split.cut_layer=2", *(["data.dataset=digits"] if vision else [])))
+                                                       "split.cut_layer=2", *extra))
     table = FlopTable(device.part, server.part, device.initial_adapter(), int(device.part.config.hidden_size))
     if vision:  # one real image batch: pixels in, patch tokens out
         return table.device_batch(collate(data.train, np.arange(4), data.pad_token_id))

@@ -480,8 +480,9 @@ def _stages(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, fl
     spare_energy = allowed - problem.compute_energy_j
     total_up = np.maximum(uplink.sum(axis=1), 1e-300)
     # an energy cap is shared among the stages in proportion to their uplink bits
-    caps = [np.where(np.isfinite(spare_energy), spare_energy * uplink[:, j] / total_up, np.inf)
-            for j in range(problem.stages)]
+    with np.errstate(invalid="ignore"):  # no cap: inf * 0 in stages without uplink, replaced by inf
+        caps = [np.where(np.isfinite(spare_energy), spare_energy * uplink[:, j] / total_up, np.inf)
+                for j in range(problem.stages)]
     links = [_Links(problem, uplink[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j], caps[j], weights)
              for j in range(problem.stages)]
     cap = problem.deadline_s if problem.deadline_s is not None else problem.max_latency_factor * T0

@@ -163,3 +163,16 @@ def test_scale_resumes_member_by_member_in_the_same_runs(tmp_path: Path) -> None
     assert (member / "summary.json").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert {client.get_run(r["mlflow_run_id"]).info.status for r in again.rows} == {"FINISHED"}
+
+
+def test_a_diverged_run_exits_1_with_one_line_and_is_failed_in_mlflow(tmp_path: Path) -> None:
+    proc = subprocess.run(sflam("run", *TINY, f"output_dir={tmp_path}", "train.device_lr=1e30",
+                                "train.lr_schedule=constant", "participation.dropout=0"), cwd=ROOT, env=env(),
+                          text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("sflam run: error: round ") and "non-finite value(s)" in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags[FAILURE_TAG]

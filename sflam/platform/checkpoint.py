@@ -35,9 +35,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     tmp = Path(name)
-    tmp.chmod(0o644)  # mkstemp's 0600 would make results unreadable to the rest of a team
     try:
         yield tmp
+        tmp.chmod(0o644)  # mkstemp's (and some writers') 0600 would hide results from the rest of a team
         with tmp.open("rb+") as written:  # on disk before the rename, so the rename never exposes an empty file
             os.fsync(written.fileno())
         tmp.replace(target)

@@ -25,7 +25,7 @@ import numpy as np
 
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.data import Batch, collate, device_batches
-from sflam.platform.errors import RunFailed
+from sflam.platform.errors import ConfigError, RunFailed, SflamError
 from sflam.platform.results import RoundMetrics, RunResult
 from sflam.platform.strategies import Adapter, FitInstructions, Strategy, build_strategy
 
@@ -289,6 +289,10 @@ class Engine:
         except RunFailed as failure:
             failure.partial = result({})
             raise
+        except SflamError as failure:  # e.g. a diverged model's non-finite smashed data: the run failed, not its usage
+            if isinstance(failure, ConfigError):
+                raise
+            raise RunFailed(f"round {round_index + 1} failed: {failure}", result({})) from failure
         return result(self.executor.server_state())
 
 

@@ -145,3 +145,34 @@ def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path: Path) -> None:
                           capture_output=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("sflam run: error: --resume=")
+
+
+def test_scale_resumes_member_by_member_in_the_same_runs(tmp_path: Path) -> None:
+    from sflam.pipelines.scale import run_scale
+
+    config = tiny_config(f"output_dir={tmp_path}", "train.rounds=2", "data.num_devices=8", "name=grow")
+    first = run_scale(config, sizes=(2, 4))
+    member = tmp_path / "grow-scale" / "k4"
+    (member / "summary.json").unlink()  # as if the run had died before its last outputs
+    rounds_seen: list[int] = []
+    again = run_scale(config, sizes=(2, 4), resume=True, progress=lambda k, m: rounds_seen.append(m.round))
+    assert rounds_seen == []  # both members had checkpointed every round: nothing is trained again
+    assert again.parent_run_id == first.parent_run_id
+    assert [r["mlflow_run_id"] for r in again.rows] == [r["mlflow_run_id"] for r in first.rows]
+    assert [r["accuracy"] for r in again.rows] == [r["accuracy"] for r in first.rows]
+    assert (member / "summary.json").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert {client.get_run(r["mlflow_run_id"]).info.status for r in again.rows} == {"FINISHED"}
+
+
+def test_a_diverged_run_exits_1_with_one_line_and_is_failed_in_mlflow(tmp_path: Path) -> None:
+    proc = subprocess.run(sflam("run", *TINY, f"output_dir={tmp_path}", "train.device_lr=1e30",
+                                "train.lr_schedule=constant", "participation.dropout=0"), cwd=ROOT, env=env(),
+                          text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("sflam run: error: round ") and "non-finite value(s)" in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags[FAILURE_TAG]

@@ -78,11 +78,14 @@ def _run_seeds(config: ExperimentConfig, args: argparse.Namespace, progress: Cal
     """`sflam run --seeds N`: the run repeated over N seeds, each its own MLflow run; means and 95 % intervals."""
     from sflam.pipelines.seeds import aggregate, seed_configs, with_ci
     from sflam.pipelines.train import train
+    from sflam.platform.checkpoint import checkpoint_path
 
     summaries = []
     for seeded in seed_configs(config, args.seeds):
         _announce(f"== seed {seeded.seed}")
-        summaries.append({"seed": seeded.seed, **train(seeded, progress=progress, announce=_announce).summary()})
+        resume = args.resume and checkpoint_path(Path(seeded.output_dir) / seeded.name).is_file()
+        result = train(seeded, progress=progress, announce=_announce, resume=resume)
+        summaries.append({"seed": seeded.seed, **result.summary()})
     summary = aggregate(summaries)
     if args.json:
         _write_json(args.json, {**summary, "runs": summaries})
@@ -121,7 +124,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     validate(config)
     _announce(f"sflam compare: {config.name} — fl, sl, sfl, sfl-q and sflam on the same devices, data and channels")
     result = run_compare(config, progress=lambda method, m: print_progress(m, config.train.rounds),
-                         announce=_announce, seeds=args.seeds)
+                         announce=_announce, seeds=args.seeds, resume=args.resume)
     if args.json:
         _write_json(args.json, result.rows)
     print("\n".join(format_rows(result.rows)))
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="repeat over N seeds (seed, seed+1, ...) and report means with 95%% intervals")
         if name == "study":
             command.add_argument("--resume", action="store_true", help="add trials to an existing study")
-        if name in ("run", "scale"):
+        if name in ("run", "scale", "compare"):
             command.add_argument("--resume", action="store_true",
                                  help="continue an interrupted run from its last completed round (same MLflow run)")
         if name == "runs":

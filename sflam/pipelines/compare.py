@@ -19,6 +19,7 @@ import numpy as np
 from sflam.pipelines.baselines import METHODS, RUNNERS, method_config
 from sflam.pipelines.seeds import aggregate, mean_ci, seed_configs, with_ci
 from sflam.pipelines.train import train
+from sflam.platform.checkpoint import atomic_path, checkpoint_path, write_text
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.results import RoundMetrics, RunResult
 from sflam.platform.tracking import Tracker
@@ -51,13 +52,20 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
 
 def run_compare(config: ExperimentConfig, methods: tuple[str, ...] = METHODS,
                 progress: Callable[[str, RoundMetrics], None] | None = None,
-                announce: Callable[[str], None] | None = None, seeds: int = 1) -> CompareResult:
+                announce: Callable[[str], None] | None = None, seeds: int = 1, resume: bool = False
+                ) -> CompareResult:
     """Every method on the same devices, data and channels; with several seeds, each seed in turn and the
-    table of means with 95 % confidence intervals (ratios paired within a seed)."""
+    table of means with 95 % confidence intervals (ratios paired within a seed). `resume` continues member
+    by member (finished members are only re-recorded) under the same parent MLflow run."""
     target = Path(config.output_dir) / f"{config.name}-compare"
     target.mkdir(parents=True, exist_ok=True)
+    parent_file = target / "parent_run_id"
+    previous = parent_file.read_text().strip() if resume and parent_file.is_file() else None
     parent = Tracker(config, run_name=f"{config.name}-compare", tags={"sflam.pipeline": "compare",
-                                                                       "sflam.seeds": str(seeds)})
+                                                                       "sflam.seeds": str(seeds)},
+                     resume_run_id=previous or None)
+    if parent.run_id:
+        write_text(parent_file, parent.run_id)
     per_seed: list[list[dict[str, Any]]] = []
     curves: dict[str, list[Curve]] = {m: [] for m in methods}
     try:
@@ -76,7 +84,8 @@ def run_compare(config: ExperimentConfig, methods: tuple[str, ...] = METHODS,
                 out_dir = target / method if seeds == 1 else target / f"seed{seed_config.seed}" / method
                 result: RunResult = train(child, run_name=name, parent_run_id=parent.run_id, progress=on_round,
                                           out_dir=out_dir, runner=RUNNERS.get(method),
-                                          experiment_name=config.tracking.experiment or config.name)
+                                          experiment_name=config.tracking.experiment or config.name,
+                                          resume=resume and checkpoint_path(out_dir).is_file())
                 rows.append({"method": method, "seed": seed_config.seed, **result.summary()})
                 curves[method].append(Curve.of(result))
             _ratios(rows)
@@ -86,7 +95,7 @@ def run_compare(config: ExperimentConfig, methods: tuple[str, ...] = METHODS,
         raise
     rows = [aggregate([seed_rows[i] for seed_rows in per_seed]) for i in range(len(methods))]
     table_path = write_table(rows, target)
-    (target / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_text(target / "compare.json", json.dumps(rows, indent=2) + "\n")
     plot_path = plot_compare(rows, target / "compare.png", title=f"{config.name}: methods compared")
     curves_path = plot_curves(curves, target / "compare_curves.png",
                               title=f"{config.name}: test accuracy against simulated time and device energy")
@@ -146,7 +155,8 @@ def plot_curves(curves: dict[str, list[Curve]], path: Path, title: str) -> Path:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
 
@@ -170,11 +180,11 @@ def format_rows(rows: list[dict[str, Any]]) -> list[str]:
 def write_table(rows: list[dict[str, Any]], target: Path) -> Path:
     path = target / "compare.csv"
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    path.with_suffix(".md").write_text("\n".join(format_rows(rows)) + "\n")
+    write_text(path.with_suffix(".md"), "\n".join(format_rows(rows)) + "\n")
     return path
 
 
@@ -203,6 +213,7 @@ def plot_compare(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
             ax.set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path

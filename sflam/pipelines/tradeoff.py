@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sflam.platform.allocation import Allocation, AllocationProblem, allocate, equal_allocation, reference_costs
+from sflam.platform.checkpoint import atomic_path
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.runtime import Experiment, round_batches, select_devices
 from sflam.platform.system import LN2
@@ -88,7 +89,7 @@ def run_tradeoff(config: ExperimentConfig, points: int = 21, experiment: Experim
     target = out_dir or Path(config.output_dir) / config.name
     target.mkdir(parents=True, exist_ok=True)
     csv_path = target / "tradeoff.csv"
-    with csv_path.open("w", newline="") as handle:
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(asdict(front[0])))
         writer.writeheader()
         for point in front:
@@ -127,7 +128,8 @@ def plot_front(front: list[TradeoffPoint], equal: TradeoffPoint, latency_floor: 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 

@@ -253,6 +253,7 @@ def plot_bits_vs_gain(result: RunResult, path: Path, title: str) -> Path:
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path

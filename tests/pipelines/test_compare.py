@@ -102,3 +102,13 @@ def test_mean_and_interval_match_the_textbook() -> None:
 
     mean, half = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.302652729749462 / np.sqrt(3), rel=1e-9)  # t(0.975, 2 dof)
+
+
+def test_compare_resumes_member_by_member_under_the_same_parent(tmp_path: Path) -> None:
+    config = tiny_config(f"output_dir={tmp_path}", "train.rounds=2", "train.eval_every=2")
+    first = run_compare(config, methods=("sfl", "sflam"))
+    again = run_compare(config, methods=("sfl", "sflam"), resume=True)  # every member finished: only re-recorded
+    assert again.parent_run_id == first.parent_run_id
+    for a, b in zip(first.rows, again.rows, strict=True):
+        assert (a["accuracy"], a["energy_j"], a["round_latency_s"]) == (b["accuracy"], b["energy_j"],
+                                                                         b["round_latency_s"])

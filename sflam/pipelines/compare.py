@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sflam.pipelines.baselines import METHODS, RUNNERS, method_config
+from sflam.pipelines.figures import save_figure
 from sflam.pipelines.seeds import aggregate, mean_ci, seed_configs, with_ci
 from sflam.pipelines.train import train
 from sflam.platform.checkpoint import atomic_path, checkpoint_path, write_text
@@ -153,12 +154,7 @@ def plot_curves(curves: dict[str, list[Curve]], path: Path, title: str) -> Path:
         ax.set_ylabel("test accuracy")
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> list[str]:
@@ -211,9 +207,4 @@ def plot_compare(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         ax.grid(True, axis="y", alpha=0.3)
         if key in ("comm_latency_s", "round_latency_s", "energy_j"):
             ax.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from sflam.pipelines.figures import save_figure
 from sflam.pipelines.train import train
 from sflam.platform.checkpoint import atomic_path, checkpoint_path, write_text
 from sflam.platform.config import ExperimentConfig, config_from_dict
@@ -121,9 +122,4 @@ def plot_scale(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         ax.set_xlabel("devices per round")
         ax.set_title(label, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

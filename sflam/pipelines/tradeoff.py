@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sflam.pipelines.figures import save_figure
 from sflam.platform.allocation import Allocation, AllocationProblem, allocate, equal_allocation, reference_costs
 from sflam.platform.checkpoint import atomic_path
 from sflam.platform.config import ExperimentConfig
@@ -127,10 +128,7 @@ def plot_front(front: list[TradeoffPoint], equal: TradeoffPoint, latency_floor: 
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def format_front(result: TradeoffResult) -> str:

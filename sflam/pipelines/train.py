@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sflam.pipelines.figures import save_figure
 from sflam.platform.checkpoint import atomic_path, checkpoint_path, load_checkpoint, save_checkpoint
 from sflam.platform.config import ExperimentConfig, save_config
 from sflam.platform.engine import Resume
@@ -217,12 +218,7 @@ def plot_rounds(result: RunResult, path: Path, title: str) -> Path:
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def plot_bits_vs_gain(result: RunResult, path: Path, title: str) -> Path:
@@ -252,8 +248,4 @@ def plot_bits_vs_gain(result: RunResult, path: Path, title: str) -> Path:
         ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

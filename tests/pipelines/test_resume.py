@@ -111,6 +111,7 @@ def test_local_run_killed_at_a_random_round_resumes_to_the_uninterrupted_result(
     assert len(store.search_runs([run.info.experiment_id])) == 1, log
 
 
+@pytest.mark.slow
 def test_ray_run_killed_leaves_no_orphans_and_resumes_exactly(tmp_path: Path) -> None:
     ray_args = ("runtime=ray", "ray.workers=2", "ray.local_cpus=3")
     kill_after = random.Random().randint(1, ROUNDS - 2)

@@ -317,10 +317,11 @@ class RoundPlanner:
                     per_device_server[i, e] = rows * sum(self.flops.server(int(batch.attention_mask.shape[1])))
         if self.schedule == "lockstep":
             server_flops = np.zeros(E)
-            for e in range(E):
-                length = max(int(batches[int(k)][e].attention_mask.shape[1]) for k in devices)
-                rows = sum(len(batches[int(k)][e]) for k in devices)
-                server_flops[e] = rows * sum(self.flops.server(length))
+            for e in range(E):  # the server's step over the devices still in the round at step e
+                present = [batches[int(k)][e] for k in devices if e < len(batches[int(k)])]
+                if present:
+                    length = max(int(b.attention_mask.shape[1]) for b in present)
+                    server_flops[e] = sum(len(b) for b in present) * sum(self.flops.server(length))
             server_s = server_flops / sysc.server_flops
         elif self.schedule == "sequential":
             server_s = per_device_server / sysc.server_flops
@@ -355,19 +356,23 @@ class RoundPlanner:
         work = inputs or self.inputs(round_index, devices, batches)
         K = len(devices)
         adapter = np.full(K, float(self.adapter_bits if self.trains_device else 0))
+        # a device that drops out mid-round (fewer batches than local steps) sends no adapter back
+        finished = np.array([len(batches[int(k)]) == self.config.train.local_steps for k in devices])
+        adapter_up = np.where(finished, adapter, 0.0)
         if self.schedule == "parallel":  # fl: one stage, the adapter down, local training, the adapter up
-            up = adapter[:, None, None]
+            up = adapter_up[:, None, None]
             down = adapter[:, None]
-            raw = adapter[:, None]
+            raw = adapter_up[:, None]
             compute = (work.forward_s + work.backward_s).sum(axis=1)[:, None]
             options, weight, server = np.array([32]), np.full(K, 1.0 / K), 0.0
         else:
             smashed, gradients, elements = self._smashed(batches, devices, self.options)
-            up, down = lockstep_stage_payloads(smashed, gradients, adapter, adapter)
+            up, down = lockstep_stage_payloads(smashed, gradients, adapter, adapter_up)
             raw_smashed, _, _ = self._smashed(batches, devices, np.array([32]))
-            raw = lockstep_stage_payloads(raw_smashed, gradients, adapter, adapter)[0][:, :, 0]
+            raw = lockstep_stage_payloads(raw_smashed, gradients, adapter, adapter_up)[0][:, :, 0]
             compute = lockstep_stage_compute(work.forward_s, work.backward_s)
-            options, weight, server = self.options, elements / elements.sum(), float(np.sum(work.server_s))
+            weight = elements / elements.sum() if elements.sum() > 0 else np.full(K, 1.0 / K)
+            options, server = self.options, float(np.sum(work.server_s))
         return AllocationProblem(
             gain=work.gain, uplink_bits=up, downlink_bits=down, compute_s=compute, server_s=server,
             compute_energy_j=work.compute_energy_j, bits_options=options, raw_uplink_bits=raw,
@@ -378,6 +383,8 @@ class RoundPlanner:
             subchannels=sysc.subchannels if sysc.access == "ofdma" and self.schedule != "sequential" else None)
 
     def plan(self, round_index: int, devices: np.ndarray, batches: dict[int, list[Batch]]) -> RoundPlan:
+        """The round's allocation and costs. A device listed with fewer batches than local steps drops out
+        after them: it computes and sends only those steps and no adapter, and is priced for just that."""
         devices = np.asarray(devices)
         work = self.inputs(round_index, devices, batches)
         if self.schedule == "sequential":

@@ -203,6 +203,9 @@ class Engine:
             batches = {int(k): batches[int(k)] for k in devices}
             plan = self.executor.planner.plan(round_index, devices, batches)
         steps = dropout_steps(cfg, round_index, devices)
+        if plan is not None and min(steps) < cfg.train.local_steps:  # price what runs: dropouts stop early
+            plan = self.executor.planner.plan(round_index, devices, {int(k): batches[int(k)][:s]
+                                                                     for k, s in zip(devices, steps, strict=True)})
         if cfg.aggregation.weights == "shard":
             weights = [float(len(self.executor.data.shards[k])) if s == cfg.train.local_steps else 0.0
                        for k, s in zip(devices, steps, strict=True)]

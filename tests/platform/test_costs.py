@@ -158,3 +158,22 @@ def test_run_reports_costs_and_the_allocator_beats_equal() -> None:
     for ours, base in zip(sflam.rounds, equal.rounds, strict=True):
         assert ours.objective <= base.objective * (1 + 1e-9)
         assert ours.samples == base.samples
+
+
+def test_a_device_that_drops_out_is_priced_for_what_it_did() -> None:
+    """Listed with fewer batches than local steps, a device computes and sends only those and no adapter."""
+    config = tiny_config("train.rounds=1", "train.local_steps=3", "allocation.policy=equal")
+    exp = Experiment.build(config)
+    selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)
+    batches = round_batches(exp, 0, selected)
+    full = exp.planner.plan(0, selected, batches)
+    dropped = int(selected[1])
+    short = exp.planner.plan(0, selected, {**batches, dropped: batches[dropped][:1]})
+    phases, whole = short.phases, full.phases
+    assert phases.forward[1, 0] == whole.forward[1, 0] and np.all(phases.forward[1, 1:] == 0)
+    assert np.all(phases.uplink[1, 1:] == 0) and np.all(phases.downlink[1, 1:] == 0)
+    assert phases.adapter_up[1] == 0 and whole.adapter_up[1] > 0
+    assert phases.adapter_down[1] == whole.adapter_down[1]  # it did download the global adapter
+    assert short.allocation.energy_j[1] < full.allocation.energy_j[1]
+    assert short.samples[1] == len(batches[dropped][0]) < full.samples[1]
+    np.testing.assert_array_equal(short.allocation.energy_j[[0, 2, 3]], full.allocation.energy_j[[0, 2, 3]])

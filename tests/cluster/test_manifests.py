@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -23,9 +24,11 @@ CHECKOUT = "cd ~/sflam && "
 @pytest.fixture(scope="module")
 def make_install() -> list[str]:
     """The Makefile's install commands in order, as `make -n` expands them for a node's own python3."""
-    out = subprocess.run(["make", "-n", "-B", "install", "PY=python3", "CONSTRAINTS=/tmp/constraints.txt",
-                          "STAMP=/tmp/sflam-manifest-check.stamp"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    # under `make test` the outer make's variables would make this one announce its directory: drop them
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-B", "install", "PY=python3",
+                          "CONSTRAINTS=/tmp/constraints.txt", "STAMP=/tmp/sflam-manifest-check.stamp"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env=env).stdout.splitlines()
     commands = [c for c in out if c and not c.startswith(("#", "test -x", "touch "))]
     assert len(commands) == 6 and "torch==2.13.0" in commands[1] and "--no-build-isolation deepspeed" in commands[3]
     return commands

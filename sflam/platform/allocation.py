@@ -135,10 +135,6 @@ class Allocation:
         """Each device's bandwidth share averaged over the stages it transmits in."""
         return self.stage_bandwidth_hz.mean(axis=1)
 
-    @property
-    def comm_latency_s(self) -> np.ndarray:
-        return self.uplink_s.sum(axis=1) + self.downlink_s.sum(axis=1)
-
 
 # --------------------------------------------------------------------------- vectorised 1-D roots
 
@@ -727,9 +723,10 @@ def _bits_block(problem: AllocationProblem, current: Allocation) -> np.ndarray:
         idx[flat // Q] = flat % Q
 
 
-def allocate(problem: AllocationProblem, search: str = "greedy", max_iters: int = 10) -> Allocation:
+def allocate(problem: AllocationProblem, search: str = "greedy", max_iters: int = 10,
+             reference: tuple[float, float] | None = None) -> Allocation:
     """The joint allocation: block coordinate descent over bits and (power, bandwidth), or enumeration."""
-    ref = reference_costs(problem)
+    ref = reference or reference_costs(problem)
     if search == "exhaustive":
         return _exhaustive(problem, ref)
     idx = _start_bits(problem)

@@ -403,7 +403,7 @@ class RoundPlanner:
             if self.config.allocation.policy == "equal":
                 allocation = equal_allocation(problem, self.config.quant.activation_bits, ref)
             else:
-                allocation = allocate(problem, self.config.allocation.bits_search)
+                allocation = allocate(problem, self.config.allocation.bits_search, reference=ref)
             phases = lockstep_phases(allocation.uplink_s, allocation.downlink_s, work.forward_s, work.backward_s,
                                      work.server_s)
             # a device's speed, independent of the allocator's equalised stages: its bits at an equal share

@@ -23,24 +23,30 @@ tau (N0 b / g)(2^(S / (tau b)) - 1) is jointly convex in (tau, b), the power cap
 tau >= S / (b log2(1 + P_max g / (N0 b))), the downlink time at server power is convex decreasing in b.
 Energy falls with time, so every device uses its whole slack: tau_kj = m_j - c_kj - D_kj(b_kj). For a
 stage length m the problem is a separable convex resource allocation over b, solved through its
-bandwidth price nu (each device: e_k'(b_k) = -nu; sum b_k = B); the optimal value is convex in m and
-Brent's method finds where its slope vanishes (envelope theorem). Every one-dimensional root is
-bracketed and found with vectorised Illinois false position. The bits block alternates with it (block
-coordinate descent): given the stages' (b, m), each device's uplink energy at each bit width is known;
-a Lagrangian price on distortion picks the bits, a greedy pass spends what budget is left, and the
+bandwidth price nu (each device: e_k'(b_k) = -nu; sum b_k = B) by Newton's method on the whole KKT system
+(its Jacobian is arrow-shaped: a step is one pass over the devices), with nested bracketed roots as the
+fallback; the optimal value is convex in m and its slope (envelope theorem) is driven to zero by secant
+steps and Illinois false position, warm-started from the last solution. Each device's least bandwidth at
+full power is a per-device Newton root inside a shrinking bracket. The per-device loops are compiled
+(`stage_kernels`, numba). The bits block alternates with it (block coordinate descent): given the
+stages' (b, m), each device's uplink energy at each bit width is known; a Lagrangian price on distortion
+picks the bits, a greedy pass (a heap of each device's best move) spends what budget is left, and the
 block is kept when the objective falls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
+from sflam.platform import stage_kernels
 from sflam.platform.config import EXHAUSTIVE_LIMIT
 from sflam.platform.errors import SflamError
 from sflam.platform.system import LN2
@@ -196,16 +202,21 @@ class _Links:
                  compute_s: np.ndarray, uplink_cap_j: np.ndarray, weights: tuple[float, float]) -> None:
         self.p = problem
         self.g = problem.gain.astype(np.float64)
-        self.S = uplink_bits.astype(np.float64)
-        self.Sd = downlink_bits.astype(np.float64)
-        self.c = compute_s.astype(np.float64)
-        self.a_up = problem.max_power_w * self.g / problem.n0
-        self.a_dn = problem.server_power_w * self.g / problem.n0
-        self.coef = problem.n0 / self.g  # energy = coef * u * (2^(S/u) - 1), u = tau * b
+        self.S = np.ascontiguousarray(uplink_bits, dtype=np.float64)
+        self.Sd = np.ascontiguousarray(downlink_bits, dtype=np.float64)
+        self.c = np.ascontiguousarray(compute_s, dtype=np.float64)
+        self.a_up = np.ascontiguousarray(problem.max_power_w * self.g / problem.n0)
+        self.a_dn = np.ascontiguousarray(problem.server_power_w * self.g / problem.n0)
+        self.coef = np.ascontiguousarray(problem.n0 / self.g)  # energy = coef * u * (2^(S/u) - 1), u = tau * b
         self.uplink_cap = uplink_cap_j  # uplink energy the device's cap leaves to this stage
         self.b_floor = problem.bandwidth_hz * 1e-12
         self.weights = weights  # (latency weight per second, energy weight per joule)
         self.nu_hint: float | None = None
+        self.bmin_hint: np.ndarray | None = None  # log of the last minimum bandwidths (a nearby T's)
+        self.b_hint: np.ndarray | None = None     # the last optimal shares (a nearby T's)
+        self.bmin_rate = np.zeros_like(self.g)    # d log b_min / dT at the last minimum bandwidths
+        self.T_hint: float | None = None          # the last optimal stage length (for fixed bits nearby)
+        self.T_min_hint: float | None = None      # the last least feasible stage length
 
     @property
     def idle(self) -> bool:
@@ -261,17 +272,12 @@ class _Links:
         B = self.p.bandwidth_hz
         lo = np.full_like(self.g, np.log(self.b_floor))
         hi = np.full_like(self.g, np.log(B))
-
-        def slack(log_b: np.ndarray) -> np.ndarray:  # log(available time / time needed), increasing
-            b = np.exp(log_b)
-            available = self.uplink_time(b, T)
-            needed = self.full_power_s(b)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                return np.where(available > 0, np.log(np.maximum(available, 1e-300))
-                                - np.log(np.maximum(needed, 1e-300)), -np.inf)
-
-        need = np.exp(_root_increasing(slack, lo, hi, rtol=1e-7))
-        feasible = slack(np.log(np.full_like(self.g, B))) >= -1e-12
+        # cold start at the equal share (the least bandwidths are of its order), else the last T's roots
+        hint = self.bmin_hint if self.bmin_hint is not None else np.full_like(self.g, np.log(B / self.g.shape[0]))
+        log_need, self.bmin_rate, feasible = stage_kernels.min_bandwidth(
+            float(T), self.S, self.Sd, self.c, self.a_up, self.a_dn, float(lo[0]), float(hi[0]), hint, True, 1e-10)
+        self.bmin_hint = log_need
+        need = np.exp(log_need)
         if np.isfinite(self.uplink_cap).any():
             def cap_slack(log_b: np.ndarray) -> np.ndarray:
                 b = np.exp(log_b)
@@ -317,11 +323,38 @@ def _stage_objective(links: _Links, T: float, uplink_energy: np.ndarray) -> floa
     return w_time * T + w_energy * float(np.sum(uplink_energy))
 
 
-def _split_bandwidth(links: _Links, T: float, b_min: np.ndarray) -> tuple[np.ndarray, float]:
-    """Optimal bandwidth shares at stage length T and their price nu (the shares sum to B)."""
+def _split_newton(links: _Links, T: float, b_min: np.ndarray, iters: int = 40
+                  ) -> tuple[np.ndarray, float] | None:
+    """The optimal shares at stage length T by Newton's method on the whole KKT system at once.
+
+    Stationarity e_k'(b_k) + nu = 0 for the devices above their minimum and sum b = B: the Jacobian is
+    arrow-shaped (diagonal e_k'' plus the price's row and column), so a step costs O(K) and the price's
+    step has a closed form. A device whose Newton step would fall below its minimum stays there while its
+    marginal energy does not pay the price. Warm-started from the last nearby stage length, two to four
+    steps reach the tolerance; None when it does not converge (the caller falls back to nested roots).
+    """
+    B = links.p.bandwidth_hz
+    b0 = links.b_hint if links.b_hint is not None else np.full_like(b_min, B / b_min.shape[0])
+    nu0 = links.nu_hint if links.nu_hint is not None else float("nan")
+    b, nu, converged = stage_kernels.split_newton(b0, nu0, b_min, B, float(T), links.S, links.Sd, links.c,
+                                                  links.coef, links.a_dn, iters)
+    if not converged or nu <= 0 or not np.all(np.isfinite(b)):
+        return None
+    links.b_hint, links.nu_hint = b, nu
+    return b * min(1.0, B / float(np.sum(b))), nu
+
+
+def _split_bandwidth(links: _Links, T: float, b_min: np.ndarray, newton: bool = True) -> tuple[np.ndarray, float]:
+    """Optimal bandwidth shares at stage length T and their price nu (the shares sum to B): the compiled
+    Newton step on the KKT system, else (no convergence, or `newton=False`) nested roots, each bracketed:
+    the price by a safeguarded Newton, each device's share by Illinois."""
     B = links.p.bandwidth_hz
     if links.p.size == 1:
         return np.array([B]), float(-links.energy_slope(np.array([B]), T)[0])
+    if newton and float(np.sum(b_min)) < B * (1 - 1e-12):
+        fast = _split_newton(links, T, b_min)
+        if fast is not None:
+            return fast
     slope_min = -links.energy_slope(b_min, T)
     nu_hi = float(np.max(slope_min[np.isfinite(slope_min)], initial=0.0))
     if nu_hi <= 0 or float(np.sum(b_min)) >= B * (1 - 1e-12):
@@ -413,11 +446,28 @@ def _min_latency(links: _Links, horizon: float) -> float:
                               "power and energy caps; raise allocation.deadline_s or allocation.energy_cap_j")
     if fits(np.log(lower)) >= 0:
         return lower
-    T = float(np.exp(brentq(fits, np.log(lower), np.log(horizon), xtol=1e-10, rtol=1e-9)))
-    for step in range(60):  # step onto the feasible side of the root
-        if fits(np.log(T)) >= 0:
+    # Newton on log T inside the bracket: d/dlogT log sum b_min = T sum(b_min * dlog b_min/dT) / sum b_min
+    a, z = float(np.log(lower)), float(np.log(horizon))
+    x = float(np.log(links.T_min_hint)) if links.T_min_hint is not None and lower < links.T_min_hint < horizon else z
+    for _ in range(100):
+        need = links.min_bandwidth(float(np.exp(x)))
+        total = float(np.sum(need))
+        value = float(np.log(B) - np.log(total)) if np.isfinite(total) else -np.inf
+        if value >= 0:
+            z = x
+        else:
+            a = x
+        if value >= 0 and value <= 1e-9:
             break
-        T *= 1 + 1e-12 * 2.0**step
+        slope = -float(np.exp(x)) * float(np.sum(need * links.bmin_rate)) / total if np.isfinite(total) else 0.0
+        step = x - value / slope if slope > 0 and np.isfinite(value) else float("nan")
+        if not a < step < z:
+            step = 0.5 * (a + z)
+        if z - a <= 1e-12 * max(1.0, abs(z)):
+            break
+        x = step
+    T = float(np.exp(z))  # the feasible end of the bracket
+    links.T_min_hint = T
     return T
 
 
@@ -438,13 +488,56 @@ def _minimise_latency_objective(links: _Links, T_min: float, horizon: float, at_
         return value if np.isfinite(value) else -1e300  # infeasible: below the least latency, go up
 
     low, high = float(np.log(T_min * 1e-12)), float(np.log(horizon - T_min))
-    at_end = solve(high)
-    if at_end.slope <= 0:
-        return at_end
-    if slope(low) >= 0:
+    # bracket the root from a guess (the last solution for nearby bits, else T = 2 T_min), widening the
+    # step until the slope changes sign: a few solves instead of searching the whole range
+    guess = float(np.log(links.T_hint - T_min)) if links.T_hint is not None and links.T_hint > T_min else \
+        float(np.log(T_min))
+    x0 = min(max(guess, low), high)
+    s0 = slope(x0)
+    if s0 < 0 and x0 >= high:
+        return min([solve(high), at_min], key=lambda sol: sol.objective)
+    if s0 >= 0 and x0 <= low:
         return at_min
-    best = solve(brentq(slope, low, high, xtol=1e-4, rtol=1e-6))  # J is flat at its minimum
-    return min([best, at_min, at_end], key=lambda sol: sol.objective)
+    # secant steps (at most a factor e^2 in the gap each) until the slope changes sign
+    x1 = min(max(x0 + (0.1 if s0 < 0 else -0.1), low), high)
+    s1 = slope(x1)
+    for _ in range(60):
+        if (s0 < 0) != (s1 < 0):
+            break
+        if s1 < 0 and x1 >= high:
+            return min([solve(high), at_min], key=lambda sol: sol.objective)
+        if s1 >= 0 and x1 <= low:
+            return at_min
+        step = -s1 * (x1 - x0) / (s1 - s0) if s1 != s0 else float("nan")
+        toward = 1.0 if s1 < 0 else -1.0
+        step = toward * min(max(abs(step) * 1.5, 0.1), 2.0) if np.isfinite(step) and step * toward > 0 else 2.0 * toward
+        x0, s0 = x1, s1
+        x1 = min(max(x1 + step, low), high)
+        s1 = slope(x1)
+    # Illinois false position inside the bracket; J is flat at its minimum, so a slope within 1e-3 of zero
+    # (the marginal energy value of time within 0.1 % of its price) is the optimum to second order
+    (a, fa), (z, fz) = sorted([(x0, s0), (x1, s1)])
+    x, fx, side = a, fa, 0
+    for _ in range(100):
+        if abs(fx) <= 1e-3 or z - a <= 1e-6:
+            break
+        x = (a * fz - z * fa) / (fz - fa) if fz != fa else 0.5 * (a + z)
+        if not a < x < z:
+            x = 0.5 * (a + z)
+        fx = slope(x)
+        if fx < 0:
+            a, fa = x, fx
+            if side < 0:
+                fz *= 0.5
+            side = -1
+        else:
+            z, fz = x, fx
+            if side > 0:
+                fa *= 0.5
+            side = 1
+    best = solve(x)
+    links.T_hint = best.T
+    return min([best, at_min], key=lambda sol: sol.objective)
 
 
 def _solve_stage(links: _Links, T_min: float, horizon: float) -> _BlockSolution:
@@ -469,7 +562,11 @@ class _Stages:
     cap: float
 
 
-def _stages(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, float]) -> _Stages:
+HINTS = ("T_hint", "T_min_hint", "nu_hint", "b_hint", "bmin_hint")
+
+
+def _stages(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, float],
+            hints: dict[int, dict[str, object]] | None = None) -> _Stages:
     T0, E0 = ref
     weights = (problem.lam / T0, (1.0 - problem.lam) / E0)
     allowed = np.inf if problem.energy_cap_j is None else problem.energy_cap_j
@@ -481,6 +578,9 @@ def _stages(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, fl
                 for j in range(problem.stages)]
     links = [_Links(problem, uplink[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j], caps[j], weights)
              for j in range(problem.stages)]
+    for j, lk in enumerate(links):  # warm starts from the same stage under nearby bits
+        for name, value in (hints or {}).get(j, {}).items():
+            setattr(lk, name, value)
     cap = problem.deadline_s if problem.deadline_s is not None else problem.max_latency_factor * T0
     T_min = np.array([float(np.max(lk.c)) if lk.idle else _min_latency(lk, cap) for lk in links])
     if float(T_min.sum()) + problem.server_s > cap * (1 + 1e-12):
@@ -506,13 +606,23 @@ def _solve_stages(stages: _Stages, server_s: float, extra_weight: float) -> list
     return out
 
 
-def _solve_block(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, float]
-                 ) -> tuple[list[_BlockSolution], _Stages, float]:
+def _solve_block(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[float, float],
+                 hints: dict[int, dict[str, object]] | None = None) -> tuple[list[_BlockSolution], _Stages, float]:
     """Every stage for fixed bits; a latency price eta >= 0 keeps the makespan within the deadline (or cap).
 
-    Returns the stages' solutions, the stages and eta."""
-    stages = _stages(problem, uplink, ref)
+    Returns the stages' solutions, the stages and eta. `hints` (per stage: the last stage length, price and
+    shares) warm-starts the searches and is updated with this solution's."""
+    stages = _stages(problem, uplink, ref, hints)
+    try:
+        return _solve_block_stages(problem, stages, ref)
+    finally:
+        if hints is not None:
+            for j, lk in enumerate(stages.links):
+                hints[j] = {name: getattr(lk, name) for name in HINTS}
 
+
+def _solve_block_stages(problem: AllocationProblem, stages: _Stages, ref: tuple[float, float]
+                        ) -> tuple[list[_BlockSolution], _Stages, float]:
     def total(sols: list[_BlockSolution]) -> float:
         return float(sum(s.T for s in sols)) + problem.server_s
 
@@ -546,13 +656,15 @@ def _solve_block(problem: AllocationProblem, uplink: np.ndarray, ref: tuple[floa
 
 
 def solve_power_bandwidth(problem: AllocationProblem, bits_index: np.ndarray,
-                          reference: tuple[float, float] | None = None) -> Allocation:
+                          reference: tuple[float, float] | None = None,
+                          hints: dict[int, dict[str, object]] | None = None) -> Allocation:
     """The optimal power and bandwidth for fixed bits (the convex block), as a full allocation; with OFDMA,
-    whole subchannels matched from the continuous optimum (its objective is then a lower bound)."""
+    whole subchannels matched from the continuous optimum (its objective is then a lower bound). `hints`
+    carries warm starts between calls for nearby bits (block coordinate descent)."""
     ref = reference or reference_costs(problem)
     uplink = problem.stage_uplink(np.asarray(bits_index))
     bits = problem.bits_options[np.asarray(bits_index)]
-    sols, stages, eta = _solve_block(problem, uplink, ref)
+    sols, stages, eta = _solve_block(problem, uplink, ref, hints)
     links = [_Links(problem, uplink[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j],
                     np.full(problem.size, np.inf), (0.0, 0.0)) for j in range(problem.stages)]
     relaxed = _assemble(problem, links, bits, sols, ref)
@@ -691,36 +803,86 @@ def _bits_block(problem: AllocationProblem, current: Allocation) -> np.ndarray:
         cost = np.where(cost + problem.compute_energy_j[:, None] <= problem.energy_cap_j * (1 + 1e-9), cost, np.inf)
     weight = problem.distortion_weight[:, None] * distortion(problem.bits_options)[None, :]
 
+    rows = np.arange(K)
+    budget = problem.distortion_budget * (1 + 1e-12)
+
     def pick(eta: float) -> np.ndarray:
         return np.argmin(cost + eta * weight, axis=1)
 
+    def feasible(idx: np.ndarray) -> bool:  # = _feasible_bits, from the precomputed w_k D(q) table
+        return float(np.sum(weight[rows, idx])) <= budget
+
     base = float(np.nanmax(np.where(np.isfinite(cost), cost, np.nan))) if np.isfinite(cost).any() else 1.0
-    lo, hi = 0.0, base / max(float(np.min(weight[weight > 0], initial=1e-300)), 1e-300)
-    if not _feasible_bits(problem, pick(hi)):
+    hi = base / max(float(np.min(weight[weight > 0], initial=1e-300)), 1e-300)
+    if not feasible(pick(hi)):
         return _indices(problem, current.bits)
-    for _ in range(200):
-        mid = 0.5 * (lo + hi) if hi < 1e300 else np.sqrt(max(lo, 1e-300) * hi)
-        if _feasible_bits(problem, pick(mid)):
-            hi = mid
-        else:
-            lo = mid
-        if hi - lo <= 1e-12 * hi:
-            break
+    if not feasible(pick(0.0)):
+        # the least feasible distortion price, by bisection on its logarithm (it spans hundreds of decades)
+        log_lo, log_hi = float(np.log(max(hi, 1e-300))) - 1400.0, float(np.log(max(hi, 1e-300)))
+        for _ in range(200):
+            mid = 0.5 * (log_lo + log_hi)
+            if feasible(pick(float(np.exp(mid)))):
+                log_hi = mid
+            else:
+                log_lo = mid
+            if log_hi - log_lo <= 1e-12:
+                break
+        hi = float(np.exp(log_hi))
+    else:
+        hi = 0.0
     idx = pick(hi).copy()
-    # spend what budget is left: the best energy saving per unit of added distortion first
-    rows = np.arange(K)
+    return _spend_budget(problem, cost, weight, idx)
+
+
+def _spend_budget(problem: AllocationProblem, cost: np.ndarray, weight: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Spend what distortion budget is left greedily: the move (device, bit option) with the best energy
+    saving per unit of added distortion first, until no move saves energy within the budget.
+
+    A heap holds each device's best move; the budget left only shrinks, so a move that no longer fits never
+    fits again and the device's next best move takes its place (ties: the lowest device, then option)."""
     budget = problem.distortion_budget * (1 + 1e-12)
-    while True:
-        used = float(np.sum(weight[rows, idx]))
-        with np.errstate(invalid="ignore"):
-            saving = cost[rows, idx][:, None] - cost
-            extra = weight - weight[rows, idx][:, None]
-            ratio = np.where((saving > 0) & np.isfinite(saving) & (used + extra <= budget),
-                             saving / np.maximum(extra, 1e-300), -np.inf)
-        flat = int(np.argmax(ratio))
-        if not np.isfinite(ratio.flat[flat]):
-            return idx
-        idx[flat // Q] = flat % Q
+    used = float(np.sum(weight[np.arange(cost.shape[0]), idx]))
+    cost_rows, weight_rows = cost.tolist(), weight.tolist()  # scalar Python: a move looks at Q numbers
+
+    def best_move(k: int) -> tuple[float, int, int] | None:
+        costs, weights = cost_rows[k], weight_rows[k]
+        here_cost, here_weight = costs[idx[k]], weights[idx[k]]
+        best, best_q = -math.inf, -1
+        for q, (c, w) in enumerate(zip(costs, weights, strict=True)):
+            saving, extra = here_cost - c, w - here_weight
+            if saving > 0 and math.isfinite(saving) and used + extra <= budget:
+                ratio = saving / max(extra, 1e-300)
+                if ratio > best:
+                    best, best_q = ratio, q
+        return (-best, k, best_q) if math.isfinite(best) else None
+
+    # every device's best move at once (vectorised), then the heap
+    rows = np.arange(cost.shape[0])
+    with np.errstate(invalid="ignore"):
+        saving = cost[rows, idx][:, None] - cost
+        extra = weight - weight[rows, idx][:, None]
+        ratio = np.where((saving > 0) & np.isfinite(saving) & (used + extra <= budget),
+                         saving / np.maximum(extra, 1e-300), -np.inf)
+    first = np.argmax(ratio, axis=1)
+    heap = [(-float(ratio[k, q]), int(k), int(q)) for k, q in enumerate(first) if np.isfinite(ratio[k, q])]
+    heapq.heapify(heap)
+    # one entry per device; an entry's ratio bounds the device's best move now (moves only stop fitting),
+    # so a popped entry that is still the device's best move is the best move overall
+    while heap:
+        entry = heapq.heappop(heap)
+        k, q = entry[1], entry[2]
+        move = best_move(k)
+        if move is None:
+            continue
+        if move != entry:
+            heapq.heappush(heap, move)
+            continue
+        used += float(weight[k, q] - weight[k, idx[k]])
+        idx[k] = q
+        nxt = best_move(k)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    return idx
 
 
 def allocate(problem: AllocationProblem, search: str = "greedy", max_iters: int = 10,
@@ -730,12 +892,13 @@ def allocate(problem: AllocationProblem, search: str = "greedy", max_iters: int 
     if search == "exhaustive":
         return _exhaustive(problem, ref)
     idx = _start_bits(problem)
-    best = solve_power_bandwidth(problem, idx, ref)
+    hints: dict[int, dict[str, object]] = {}
+    best = solve_power_bandwidth(problem, idx, ref, hints)
     for _ in range(max_iters):
         candidate_idx = _bits_block(problem, best)
         if np.array_equal(candidate_idx, _indices(problem, best.bits)):
             break
-        candidate = solve_power_bandwidth(problem, candidate_idx, ref)
+        candidate = solve_power_bandwidth(problem, candidate_idx, ref, hints)
         if candidate.objective >= best.objective * (1 - 1e-12):
             break
         best = candidate

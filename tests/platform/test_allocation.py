@@ -245,3 +245,68 @@ def test_the_default_budget_makes_bits_differ_with_the_channel() -> None:
     assert len(set(alloc.bits.tolist())) >= 2
     order = np.argsort(problem.gain)
     assert alloc.bits[order[:10]].mean() < alloc.bits[order[10:]].mean()
+
+
+# --------------------------------------------------------------------------- the fast paths against plain ones
+
+
+def _plain_greedy(problem: AllocationProblem, cost: np.ndarray, weight: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The budget-spending greedy as first written: rescan every (device, option) move after each move."""
+    K, Q = cost.shape
+    rows, idx = np.arange(K), idx.copy()
+    budget = problem.distortion_budget * (1 + 1e-12)
+    while True:
+        used = float(np.sum(weight[rows, idx]))
+        with np.errstate(invalid="ignore"):
+            saving = cost[rows, idx][:, None] - cost
+            extra = weight - weight[rows, idx][:, None]
+            ratio = np.where((saving > 0) & np.isfinite(saving) & (used + extra <= budget),
+                             saving / np.maximum(extra, 1e-300), -np.inf)
+        flat = int(np.argmax(ratio))
+        if not np.isfinite(ratio.flat[flat]):
+            return idx
+        idx[flat // Q] = flat % Q
+
+
+def test_heap_greedy_makes_the_plain_greedys_moves() -> None:
+    from sflam.platform.allocation import _spend_budget
+
+    rng = np.random.default_rng(0)
+    moved = 0
+    for seed in range(60):
+        K = int(rng.integers(2, 40))
+        problem = make_problem(K, seed, budget_bits=float(rng.uniform(3, 12)))
+        Q = len(problem.bits_options)
+        cost = np.sort(rng.exponential(1.0, (K, Q)), axis=1) * rng.exponential(1.0, (K, 1))  # more bits, more energy
+        cost[rng.random((K, Q)) < 0.05] = np.inf  # some options miss the stage
+        weight = problem.distortion_weight[:, None] * distortion(problem.bits_options)[None, :]
+        start = np.full(K, int(np.argmax(problem.bits_options)))
+        expected = _plain_greedy(problem, cost, weight, start)
+        np.testing.assert_array_equal(_spend_budget(problem, cost, weight, start.copy()), expected)
+        moved += int(np.sum(expected != start))
+    assert moved > 100  # the instances exercise the greedy
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_stage_kernels_agree_with_the_formulas(seed: int) -> None:
+    """The compiled least bandwidth and Newton split equal the array formulas and the nested-root solver."""
+    from sflam.platform.allocation import _Links, _split_bandwidth
+
+    problem = make_problem(12 + 7 * seed, seed)
+    K = problem.size
+    uplink = problem.stage_uplink(np.full(K, problem.option_index(8)))
+    for j in range(problem.stages):
+        links = _Links(problem, uplink[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j],
+                       np.full(K, np.inf), (1.0, 1.0))
+        T = links.latency_lower_bound() * (1.5 + seed)
+        b_min = links.min_bandwidth(T)
+        # at the least bandwidth the device needs all its time at full power: available == needed
+        available, needed = links.uplink_time(b_min, T), links.full_power_s(b_min)
+        np.testing.assert_allclose(available, needed, rtol=1e-7)
+        # and 0.1 % less bandwidth does not make it
+        assert np.all(links.uplink_time(b_min * 0.999, T) < links.full_power_s(b_min * 0.999))
+        fast, nu_fast = _split_bandwidth(links, T, b_min)
+        slow, nu_slow = _split_bandwidth(links, T, b_min, newton=False)
+        np.testing.assert_allclose(fast, slow, rtol=1e-4)  # the nested roots stop at ~1e-6 per level
+        assert nu_fast == pytest.approx(nu_slow, rel=1e-4)
+        assert float(np.sum(links.energy_at(fast, T))) <= float(np.sum(links.energy_at(slow, T))) * (1 + 1e-9)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sflam.actors.edge import EdgeWorker
 from sflam.actors.failures import WorkerError
@@ -58,12 +59,6 @@ class PoolLayout:
     def describe(self) -> str:
         return (f"ray pool: {self.workers} edge worker(s) x up to {self.devices_per_worker} devices each, "
                 f"server part: {self.engine} x {self.server_ranks} rank(s) ({self.cluster})")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def connect(config: ExperimentConfig, needed_cpus: float) -> tuple[bool, str]:
@@ -128,23 +123,73 @@ class RayRuntime(Executor):
         self.config_dict = config.to_dict()
         self._edge_cls = ray.remote(EdgeWorker)
         self._server_cls = ray.remote(ServerRank)
+        # the server group first: its placement group reserves the ranks' nodes before edge workers fill them
+        self.server_group = self._place_server_group(ranks)
+        self.ranks: list[Any] = [self._server_cls.options(
+            num_cpus=1, num_gpus=srv.gpus_per_rank, resources=dict(srv.resources), max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.server_group, placement_group_bundle_index=rank),
+        ).remote(self.config_dict, rank, ranks, rc.threads_per_worker, self.log_file("server-rank", rank))
+            for rank in range(ranks)]
         self.workers = [self._new_worker(i) for i in range(workers)]
-        port = _free_port()
-        gpus = srv.gpus_per_rank
-        self.ranks: list[Any] = [self._server_cls.options(num_cpus=1, num_gpus=gpus, max_concurrency=1).remote(
-            self.config_dict, rank, ranks, "127.0.0.1", port, rc.threads_per_worker,
-            self.log_file("server-rank", rank)) for rank in range(ranks)]
-        ray.get([w.ready.remote() for w in self.workers] + [r.ready.remote() for r in self.ranks])
+        self._ready([r.ready.remote() for r in self.ranks] + [w.ready.remote() for w in self.workers],
+                    f"{ranks} server rank(s) and {workers} edge worker(s)")
+        self.master: tuple[str, int] | None = None
+        if srv.engine == "deepspeed":  # rank 0 names the meeting point on its own node; all ranks join there
+            self.master = self._server_call(-1, "rendezvous", [self.ranks[0].rendezvous.remote()])[0]
+            self._server_call(-1, "start-up", [r.join.remote(*self.master) for r in self.ranks])
         self.replaced = 0
+
+    def _place_server_group(self, ranks: int) -> PlacementGroup:
+        """A placement group of one bundle per server rank, packed on few nodes or spread one per node."""
+        srv = self.config.server
+        bundle = {"CPU": 1.0, **({"GPU": srv.gpus_per_rank} if srv.gpus_per_rank else {}),
+                  **{k: float(v) for k, v in srv.resources.items()}}
+        group = placement_group([dict(bundle) for _ in range(ranks)],
+                                strategy="PACK" if srv.placement == "pack" else "SPREAD")
+        ready, _ = ray.wait([group.ready()], timeout=self.config.ray.placement_timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            raise SflamError(f"the cluster cannot place {ranks} server rank(s) of {bundle} each "
+                             f"(server.placement={srv.placement}) within ray.placement_timeout_s="
+                             f"{self.config.ray.placement_timeout_s:g}; it has {self._resources()}")
+        return group
+
+    @staticmethod
+    def _resources() -> str:
+        total = ray.cluster_resources()
+        return ", ".join(f"{k}={v:g}" for k, v in sorted(total.items())
+                         if not k.startswith(("node:", "memory", "object_store_memory", "bundle_group")))
+
+    def _ready(self, refs: list[Any], what: str) -> None:
+        """Wait for actors to start; an actor the cluster cannot place stops the run with one line, never a hang."""
+        rc = self.config.ray
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=rc.placement_timeout_s)
+        if len(ready) < len(refs):
+            raise SflamError(f"the cluster could not start {what} within ray.placement_timeout_s="
+                             f"{rc.placement_timeout_s:g} ({len(refs) - len(ready)} not placed; it has "
+                             f"{self._resources()}; each edge worker needs CPU={rc.cpus_per_worker:g}"
+                             f"{self._edge_needs()})")
+        try:
+            ray.get(ready)
+        except (RayActorError, RayTaskError) as exc:
+            raise SflamError(f"{what} failed to start: {self._cause(exc)}") from None
+
+    def _edge_needs(self) -> str:
+        rc = self.config.ray
+        extra = {**({"GPU": rc.gpus_per_worker} if rc.gpus_per_worker else {}), **rc.resources}
+        return "".join(f", {k}={v:g}" for k, v in extra.items())
 
     def log_file(self, kind: str, index: int) -> str:
         """Where an actor writes the tracebacks of its failures (on the node it runs on)."""
         return str(self.log_dir / f"{kind}-{index}.log")
 
     def _new_worker(self, i: int) -> Any:
+        """An edge worker, spread over the nodes by default; a replacement lands on whichever node can host it."""
         rc = self.config.ray
-        return self._edge_cls.options(num_cpus=rc.cpus_per_worker).remote(self.config_dict, rc.threads_per_worker,
-                                                                          self.log_file("edge-worker", i))
+        return self._edge_cls.options(
+            num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker, resources=dict(rc.resources),
+            scheduling_strategy="SPREAD" if rc.placement == "spread" else "DEFAULT",
+        ).remote(self.config_dict, rc.threads_per_worker, self.log_file("edge-worker", i))
 
     # ------------------------------------------------------------------ waiting: every result is awaited
     @staticmethod
@@ -210,7 +255,13 @@ class RayRuntime(Executor):
         ray.get(worker.replay.remote(mine, *start_args))  # top-level: Ray resolves the global adapter's reference
 
     def _server_call(self, round_index: int, what: str, refs: list[Any]) -> list[Any]:
+        """Every rank's result; the first failure stops the run at once (the other ranks may be blocked in a
+        collective with the lost one, so waiting for them in order could hang)."""
         try:
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
             return ray.get(refs)
         except (RayActorError, RayTaskError) as exc:
             where = what + (f" of round {round_index + 1}" if round_index >= 0 else "")
@@ -324,7 +375,11 @@ class RayRuntime(Executor):
         return self._server_call(-1, "state", [r.state.remote() for r in self.ranks])[0]
 
     def server_checkpoint(self) -> dict[str, Any] | None:
-        return self._server_call(-1, "checkpoint", [self.ranks[0].checkpoint.remote()])[0]
+        if self.config.server.engine == "torch":
+            return self._server_call(-1, "checkpoint", [self.ranks[0].checkpoint.remote()])[0]
+        # DeepSpeed: every rank writes its own partition; the files of all ranks make the group's checkpoint
+        states = self._server_call(-1, "checkpoint", [r.checkpoint.remote() for r in self.ranks])
+        return {"deepspeed": {name: data for state in states for name, data in state["deepspeed"].items()}}
 
     def restore_server(self, state: dict[str, Any]) -> None:
         self._server_call(-1, "restore", [r.restore.remote(state) for r in self.ranks])
@@ -339,6 +394,10 @@ class RayRuntime(Executor):
                 ray.kill(actor)
             except Exception:  # already gone
                 pass
+        try:
+            remove_placement_group(self.server_group)
+        except Exception:  # its cluster is already gone
+            pass
         if self.owns_ray:
             ray.shutdown()
         if self.watchdog is not None:  # the cluster is gone: nothing left to guard

@@ -111,6 +111,18 @@ class RayRuntime(Executor):
         self.owns_ray, cluster = connect(config, workers * rc.cpus_per_worker + ranks)
         if self.owns_ray and "local" in cluster:
             self.watchdog = start_watchdog()
+        self.workers: list[Any] = []
+        self.ranks: list[Any] = []
+        self.server_group: PlacementGroup | None = None
+        try:
+            self._start_pool(workers, ranks, cluster)
+        except BaseException:  # nothing of a pool that could not start stays on the cluster
+            self.shutdown()
+            raise
+
+    def _start_pool(self, workers: int, ranks: int, cluster: str) -> None:
+        config, rc, srv = self.config, self.config.ray, self.config.server
+        K = config.train.devices_per_round
         if not (rc.workers or rc.devices_per_worker) and "local" not in cluster:
             available = float(ray.cluster_resources().get("CPU", 1))
             workers = min(K, max(1, int((available - ranks) / rc.cpus_per_worker)))
@@ -124,19 +136,20 @@ class RayRuntime(Executor):
         self._edge_cls = ray.remote(EdgeWorker)
         self._server_cls = ray.remote(ServerRank)
         # the server group first: its placement group reserves the ranks' nodes before edge workers fill them
-        self.server_group = self._place_server_group(ranks)
-        self.ranks: list[Any] = [self._server_cls.options(
+        self.server_group = group = self._place_server_group(ranks)
+        self.ranks = [self._server_cls.options(
             num_cpus=1, num_gpus=srv.gpus_per_rank, resources=dict(srv.resources), max_concurrency=1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.server_group, placement_group_bundle_index=rank),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
         ).remote(self.config_dict, rank, ranks, rc.threads_per_worker, self.log_file("server-rank", rank))
             for rank in range(ranks)]
         self.workers = [self._new_worker(i) for i in range(workers)]
         self._ready([r.ready.remote() for r in self.ranks] + [w.ready.remote() for w in self.workers],
                     f"{ranks} server rank(s) and {workers} edge worker(s)")
         self.master: tuple[str, int] | None = None
+        self.backend: str | None = None
         if srv.engine == "deepspeed":  # rank 0 names the meeting point on its own node; all ranks join there
             self.master = self._server_call(-1, "rendezvous", [self.ranks[0].rendezvous.remote()])[0]
-            self._server_call(-1, "start-up", [r.join.remote(*self.master) for r in self.ranks])
+            self.backend = self._server_call(-1, "start-up", [r.join.remote(*self.master) for r in self.ranks])[0]
         self.replaced = 0
 
     def _place_server_group(self, ranks: int) -> PlacementGroup:
@@ -394,10 +407,11 @@ class RayRuntime(Executor):
                 ray.kill(actor)
             except Exception:  # already gone
                 pass
-        try:
-            remove_placement_group(self.server_group)
-        except Exception:  # its cluster is already gone
-            pass
+        if self.server_group is not None:
+            try:
+                remove_placement_group(self.server_group)
+            except Exception:  # its cluster is already gone
+                pass
         if self.owns_ray:
             ray.shutdown()
         if self.watchdog is not None:  # the cluster is gone: nothing left to guard

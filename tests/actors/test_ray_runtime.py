@@ -1,4 +1,5 @@
-"""The Ray runtime equals the reference runtime; DeepSpeed ranks equal the torch engine; faults lose nothing."""
+"""The Ray runtime equals the reference runtime; DeepSpeed ranks equal the torch engine and resume exactly;
+faults lose nothing."""
 
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def test_a_server_failure_stops_the_run_and_keeps_completed_rounds() -> None:
     assert all(r.eval_accuracy is not None for r in partial.rounds)
 
 
-@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.slow  # ZeRO-3 across two nodes: tests/cluster/test_multinode.py in the default tier
+@pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_server_state_is_checkpointed_and_resume_continues_exactly(stage: int, tmp_path: Path) -> None:
     config = tiny_config(*BASE, "runtime=ray", "ray.workers=1", "train.rounds=3", "train.eval_every=1",
                          "server.engine=deepspeed", "server.ranks=2", f"server.zero_stage={stage}",

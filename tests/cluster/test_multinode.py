@@ -8,6 +8,7 @@ fixture shuts the cluster down whatever the tests do, and a watchdog ends its pr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from sflam.cluster.connect import start_ray
 from sflam.platform.checkpoint import load_checkpoint, save_checkpoint
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.engine import Engine, Resume
-from sflam.platform.errors import RunFailed
+from sflam.platform.errors import ConfigError, RunFailed, SflamError
 from sflam.platform.results import RunResult
 from sflam.platform.runtime import run_local
 from tests.conftest import tiny_config
@@ -74,11 +75,26 @@ def reference() -> RunResult:
 
 @pytest.fixture(scope="module")
 def zero3(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    runtime = RayRuntime(on_cluster(3, tmp_path_factory.mktemp("zero3")))
+    out = tmp_path_factory.mktemp("zero3")
+    runtime = RayRuntime(on_cluster(3, out))
     try:
-        yield {"runtime": runtime, "fresh": runtime.server_checkpoint(), "fault_free": None}
+        yield {"runtime": runtime, "fresh": runtime.server_checkpoint(), "checkpoint": out / "checkpoint.pt"}
     finally:
         runtime.shutdown()
+
+
+def fault_free(pool: dict[str, Any]) -> RunResult:
+    """The pool's run from fresh server state without faults (once per module), its round-1 checkpoint kept."""
+    if "fault_free" not in pool:
+        runtime = pool["runtime"]
+
+        def after_round_one(state: Resume) -> None:  # as `sflam run` writes it
+            if state.next_round == 1:
+                save_checkpoint(pool["checkpoint"], state, runtime.config, None)
+
+        runtime.restore_server(pool["fresh"])
+        pool["fault_free"] = Engine(runtime.config, runtime).run(checkpoint=after_round_one)
+    return pool["fault_free"]
 
 
 def assert_losses_match(result: RunResult, reference: RunResult) -> None:
@@ -91,6 +107,37 @@ def assert_losses_match(result: RunResult, reference: RunResult) -> None:
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys() and a
     return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+@pytest.mark.parametrize(("override", "allowed"), [
+    ("server.placement=diagonal", "one of pack, spread"),
+    ("ray.placement=pack", "one of spread, default"),
+    ("server.resources={CPU: 2}", "a custom resource name (CPUs and GPUs have their own keys)"),
+    ("ray.resources={edge: 0}", "a number > 0"),
+    ("ray.gpus_per_worker=-1", "a number >= 0"),
+])
+def test_placement_keys_are_checked_with_one_line(override: str, allowed: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        tiny_config(override)
+    assert str(info.value).endswith(allowed) and "\n" not in str(info.value)
+
+
+def test_actors_the_cluster_cannot_place_stop_with_one_line_and_leave_nothing(cluster, tmp_path: Path) -> None:
+    # before the shared pool exists: both server nodes' `server` resources are free
+    fast = ("runtime=ray", "ray.workers=1", "ray.placement_timeout_s=3", f"output_dir={tmp_path}")
+    started = time.monotonic()
+    with pytest.raises(SflamError) as ranks:
+        RayRuntime(tiny_config(*BASE, *fast, "server.resources={gpu-node: 1}"))
+    assert str(ranks.value).startswith("the cluster cannot place 1 server rank(s) of {'CPU': 1.0, 'gpu-node': 1.0}")
+    with pytest.raises(SflamError) as workers:  # the server rank is placed, the edge worker is not
+        RayRuntime(tiny_config(*BASE, *fast, "server.resources={server: 1}", "ray.resources={tpu-node: 1}"))
+    assert str(workers.value).startswith("the cluster could not start 1 server rank(s) and 1 edge worker(s)")
+    assert "tpu-node=1" in str(workers.value) and "\n" not in str(workers.value)
+    assert time.monotonic() - started < 60  # seconds, never a hang
+    deadline = time.monotonic() + 20  # the placed rank and its placement group were released
+    while ray.available_resources().get("server", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("server", 0) == 2
 
 
 @pytest.mark.slow
@@ -113,17 +160,30 @@ def test_zero3_ranks_meet_across_nodes_and_give_the_single_node_losses(cluster, 
     # MASTER_ADDR is rank 0's node address, the port was found free on that node
     rank0 = next(name for name, node in nodes.items() if node.node_id == rank_nodes[0])
     assert runtime.master[0] == nodes[rank0].node_ip_address and runtime.master[1] > 0
-    result = Engine(runtime.config, runtime).run()
+    result = fault_free(zero3)
     assert_losses_match(result, reference)
     assert max_difference(result.device_adapter, reference.device_adapter) <= 1e-3
-    zero3["fault_free"] = result
+
+
+def test_resume_of_ranks_on_two_nodes_continues_exactly(zero3) -> None:
+    runtime = zero3["runtime"]
+    clean = fault_free(zero3)
+    resume, _ = load_checkpoint(zero3["checkpoint"], runtime.config)
+    assert resume.next_round == 1 and resume.server is not None
+    # DeepSpeed's own files of both ranks, written on their nodes, now in the driver's one checkpoint file
+    files = sorted(resume.server["deepspeed"])
+    assert any("zero_pp_rank_0_" in f for f in files) and any("zero_pp_rank_1_" in f for f in files)
+    # the ranks have trained both rounds: the restore must bring back round 1's partitions and moments
+    resumed = Engine(runtime.config, runtime).run(resume=resume)
+    assert max_difference(resumed.device_adapter, clean.device_adapter) <= 1e-6
+    assert max_difference(resumed.server_state, clean.server_state) <= 1e-6
+    assert [r.step_losses for r in resumed.rounds] == [r.step_losses for r in clean.rounds]
+    assert resumed.accuracy == clean.accuracy
 
 
 def test_a_lost_edge_node_is_replaced_on_the_survivors_and_the_rounds_are_unchanged(cluster, zero3) -> None:
     runtime, nodes = zero3["runtime"], cluster["nodes"]
-    if zero3["fault_free"] is None:  # run alone: the fault-free run on this pool first
-        runtime.restore_server(zero3["fresh"])
-        zero3["fault_free"] = Engine(runtime.config, runtime).run()
+    clean = fault_free(zero3)
     edge_b = nodes["edge-b"]
     lost = [i for i, w in enumerate(runtime.workers) if node_of(w) == edge_b.node_id]
     assert len(lost) == 1
@@ -140,7 +200,6 @@ def test_a_lost_edge_node_is_replaced_on_the_survivors_and_the_rounds_are_unchan
         runtime.hooks.clear()
     assert runtime.replaced >= 1
     assert {node_of(w) for w in runtime.workers} == {nodes["head"].node_id}  # replaced on the surviving node
-    clean = zero3["fault_free"]
     assert max_difference(faulty.device_adapter, clean.device_adapter) <= 1e-6
     assert max_difference(faulty.server_state, clean.server_state) <= 1e-6
     for a, b in zip(faulty.rounds, clean.rounds, strict=True):

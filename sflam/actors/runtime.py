@@ -9,6 +9,11 @@ server already sent, so the round's result equals the fault-free one; an excepti
 a lost server rank stops the run with one line (its traceback in the actor's log file) and the
 completed rounds and their checkpoint kept. A local cluster this driver starts is guarded by a watchdog
 process that ends it if the driver is killed.
+
+Placement (DESIGN §8): the server ranks take a placement group (`server.placement`: pack or spread), the
+edge workers are spread over the nodes; rank 0 names the group's rendezvous on its own node. A shape no
+node can host fails at once, one that waits longer than `ray.placement_timeout_s` fails then; either way
+in one line, and nothing the pool had taken stays on the cluster.
 """
 
 from __future__ import annotations
@@ -59,6 +64,13 @@ class PoolLayout:
     def describe(self) -> str:
         return (f"ray pool: {self.workers} edge worker(s) x up to {self.devices_per_worker} devices each, "
                 f"server part: {self.engine} x {self.server_ranks} rank(s) ({self.cluster})")
+
+
+def _listed(resources: dict[str, float]) -> str:
+    """A node's or cluster's resources as a user configures them (not Ray's per-node and per-group entries)."""
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items())
+                     if not k.startswith(("node:", "memory", "object_store_memory")) and "_group_" not in k
+                     and not k.startswith("bundle_group"))
 
 
 def connect(config: ExperimentConfig, needed_cpus: float) -> tuple[bool, str]:
@@ -135,6 +147,10 @@ class RayRuntime(Executor):
         self.config_dict = config.to_dict()
         self._edge_cls = ray.remote(EdgeWorker)
         self._server_cls = ray.remote(ServerRank)
+        # a shape no node has fails at once; one that only has to wait for free resources gets the timeout
+        self._check_feasible(self._rank_bundle(), "server rank", "server.resources / server.gpus_per_rank")
+        self._check_feasible(self._edge_bundle(), "edge worker",
+                             "ray.resources / ray.gpus_per_worker / ray.cpus_per_worker")
         # the server group first: its placement group reserves the ranks' nodes before edge workers fill them
         self.server_group = group = self._place_server_group(ranks)
         self.ranks = [self._server_cls.options(
@@ -152,11 +168,30 @@ class RayRuntime(Executor):
             self.backend = self._server_call(-1, "start-up", [r.join.remote(*self.master) for r in self.ranks])[0]
         self.replaced = 0
 
+    def _rank_bundle(self) -> dict[str, float]:
+        srv = self.config.server
+        return {"CPU": 1.0, **({"GPU": srv.gpus_per_rank} if srv.gpus_per_rank else {}),
+                **{k: float(v) for k, v in srv.resources.items()}}
+
+    def _edge_bundle(self) -> dict[str, float]:
+        rc = self.config.ray
+        return {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.gpus_per_worker else {}),
+                **{k: float(v) for k, v in rc.resources.items()}}
+
+    @staticmethod
+    def _check_feasible(demand: dict[str, float], what: str, keys: str) -> None:
+        """One line at once when no live node of the cluster could ever host one such actor."""
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(all(node.get(k, 0.0) >= v for k, v in demand.items()) for node in nodes):
+            return
+        offers = "; ".join(_listed(node) for node in nodes)
+        raise SflamError(f"no node of the cluster can host a {what} needing {demand} ({keys}); its nodes offer: "
+                         f"{offers}")
+
     def _place_server_group(self, ranks: int) -> PlacementGroup:
         """A placement group of one bundle per server rank, packed on few nodes or spread one per node."""
         srv = self.config.server
-        bundle = {"CPU": 1.0, **({"GPU": srv.gpus_per_rank} if srv.gpus_per_rank else {}),
-                  **{k: float(v) for k, v in srv.resources.items()}}
+        bundle = self._rank_bundle()
         group = placement_group([dict(bundle) for _ in range(ranks)],
                                 strategy="PACK" if srv.placement == "pack" else "SPREAD")
         ready, _ = ray.wait([group.ready()], timeout=self.config.ray.placement_timeout_s)
@@ -169,28 +204,20 @@ class RayRuntime(Executor):
 
     @staticmethod
     def _resources() -> str:
-        total = ray.cluster_resources()
-        return ", ".join(f"{k}={v:g}" for k, v in sorted(total.items())
-                         if not k.startswith(("node:", "memory", "object_store_memory", "bundle_group")))
+        return _listed(ray.cluster_resources())
 
     def _ready(self, refs: list[Any], what: str) -> None:
-        """Wait for actors to start; an actor the cluster cannot place stops the run with one line, never a hang."""
+        """Wait for actors to be placed and built; one that is not within the timeout stops the run with one line."""
         rc = self.config.ray
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=rc.placement_timeout_s)
         if len(ready) < len(refs):
             raise SflamError(f"the cluster could not start {what} within ray.placement_timeout_s="
-                             f"{rc.placement_timeout_s:g} ({len(refs) - len(ready)} not placed; it has "
-                             f"{self._resources()}; each edge worker needs CPU={rc.cpus_per_worker:g}"
-                             f"{self._edge_needs()})")
+                             f"{rc.placement_timeout_s:g} ({len(refs) - len(ready)} not started; the cluster has "
+                             f"{self._resources()}; each edge worker needs {self._edge_bundle()})")
         try:
             ray.get(ready)
         except (RayActorError, RayTaskError) as exc:
             raise SflamError(f"{what} failed to start: {self._cause(exc)}") from None
-
-    def _edge_needs(self) -> str:
-        rc = self.config.ray
-        extra = {**({"GPU": rc.gpus_per_worker} if rc.gpus_per_worker else {}), **rc.resources}
-        return "".join(f", {k}={v:g}" for k, v in extra.items())
 
     def log_file(self, kind: str, index: int) -> str:
         """Where an actor writes the tracebacks of its failures (on the node it runs on)."""

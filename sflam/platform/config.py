@@ -264,8 +264,9 @@ class RayConfig:
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs reserved by each edge worker"})
     resources: dict[str, float] = field(default_factory=dict, metadata={
         "help": "custom Ray resources each edge worker needs (e.g. {edge: 1} for nodes started with that resource)"})
-    placement_timeout_s: float = field(default=120.0, metadata={
-        "help": "seconds to wait for the cluster to place the actors before the run stops with one line"})
+    placement_timeout_s: float = field(default=600.0, metadata={
+        "help": "seconds for the cluster to place and build the actors (model loading included) before the run "
+                "stops with one line"})
 
     def __post_init__(self) -> None:
         _check(self.workers >= 0, "ray.workers", self.workers, "an integer >= 0 (0 = from the cluster)")

@@ -124,20 +124,27 @@ def test_placement_keys_are_checked_with_one_line(override: str, allowed: str) -
 
 def test_actors_the_cluster_cannot_place_stop_with_one_line_and_leave_nothing(cluster, tmp_path: Path) -> None:
     # before the shared pool exists: both server nodes' `server` resources are free
-    fast = ("runtime=ray", "ray.workers=1", "ray.placement_timeout_s=3", f"output_dir={tmp_path}")
+    fast = ("runtime=ray", "ray.placement_timeout_s=3", f"output_dir={tmp_path}")
     started = time.monotonic()
-    with pytest.raises(SflamError) as ranks:
-        RayRuntime(tiny_config(*BASE, *fast, "server.resources={gpu-node: 1}"))
-    assert str(ranks.value).startswith("the cluster cannot place 1 server rank(s) of {'CPU': 1.0, 'gpu-node': 1.0}")
-    with pytest.raises(SflamError) as workers:  # the server rank is placed, the edge worker is not
-        RayRuntime(tiny_config(*BASE, *fast, "server.resources={server: 1}", "ray.resources={tpu-node: 1}"))
-    assert str(workers.value).startswith("the cluster could not start 1 server rank(s) and 1 edge worker(s)")
-    assert "tpu-node=1" in str(workers.value) and "\n" not in str(workers.value)
+    with pytest.raises(SflamError) as shape:  # no node has it: at once, before anything is created
+        RayRuntime(tiny_config(*BASE, *fast, "ray.workers=1", "server.resources={gpu-node: 1}"))
+    message = str(shape.value)
+    assert message.startswith("no node of the cluster can host a server rank needing {'CPU': 1.0, 'gpu-node': 1.0}")
+    assert "edge=2" in message and "server=1" in message and "\n" not in message
+    # a shape that fits a node, but three such workers do not fit the cluster: the timeout, then nothing left
+    with pytest.raises(SflamError) as busy:
+        RayRuntime(tiny_config(*BASE, *fast, "ray.workers=3", "server.resources={server: 1}",
+                               "ray.resources={edge: 2}"))
+    message = str(busy.value)
+    assert message.startswith("the cluster could not start 1 server rank(s) and 3 edge worker(s) within "
+                              "ray.placement_timeout_s=3 (")
+    assert "_group_" not in message and "edge=4" in message and "'edge': 2.0" in message and "\n" not in message
     assert time.monotonic() - started < 60  # seconds, never a hang
-    deadline = time.monotonic() + 20  # the placed rank and its placement group were released
-    while ray.available_resources().get("server", 0) < 2 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 20  # the placed rank, workers and placement group were released
+    while (ray.available_resources().get("server", 0) < 2 or ray.available_resources().get("edge", 0) < 4) \
+            and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert ray.available_resources().get("server", 0) == 2
+    assert ray.available_resources().get("server", 0) == 2 and ray.available_resources().get("edge", 0) == 4
 
 
 @pytest.mark.slow

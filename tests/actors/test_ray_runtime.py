@@ -116,7 +116,7 @@ def test_a_server_failure_stops_the_run_and_keeps_completed_rounds() -> None:
 
 
 @pytest.mark.slow  # ZeRO-3 across two nodes: tests/cluster/test_multinode.py in the default tier
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_deepspeed_server_state_is_checkpointed_and_resume_continues_exactly(stage: int, tmp_path: Path) -> None:
     config = tiny_config(*BASE, "runtime=ray", "ray.workers=1", "train.rounds=3", "train.eval_every=1",
                          "server.engine=deepspeed", "server.ranks=2", f"server.zero_stage={stage}",
@@ -131,7 +131,8 @@ def test_deepspeed_server_state_is_checkpointed_and_resume_continues_exactly(sta
     try:
         clean = Engine(config, runtime).run(checkpoint=after_round_one)
         resume, _ = load_checkpoint(path, config)
-        assert resume.server is not None and len(resume.server["deepspeed"]) >= 2  # every rank's partition
+        # ZeRO: every rank's partition; stage 0: rank 0's file (the ranks hold equal replicas)
+        assert resume.server is not None and len(resume.server["deepspeed"]) >= (2 if stage else 1)
         # the ranks have trained all three rounds: the restore must bring back round 1's tensors and moments
         resumed = Engine(config, runtime).run(resume=resume)
     finally:

@@ -39,8 +39,10 @@ ON_CLUSTER = ("runtime=ray", "ray.workers=2", "ray.resources={edge: 1}", "ray.pl
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, Any]]:
-    """Head (edge: 2), two server nodes (server: 1 each) and an edge node (edge: 2); the driver joins it."""
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"edge": 2}})
+    """Head (edge: 4), two server nodes (server: 1 each) and an edge node (edge: 2); the driver joins it.
+
+    The head has room for every edge worker: Ray's default policy would keep them there, SPREAD must not."""
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"edge": 4}})
     watchdog = None
     try:
         named = {"server-a": nodes.add_node(num_cpus=1, resources={"server": 1}),
@@ -131,20 +133,20 @@ def test_actors_the_cluster_cannot_place_stop_with_one_line_and_leave_nothing(cl
     message = str(shape.value)
     assert message.startswith("no node of the cluster can host a server rank needing {'CPU': 1.0, 'gpu-node': 1.0}")
     assert "edge=2" in message and "server=1" in message and "\n" not in message
-    # a shape that fits a node, but three such workers do not fit the cluster: the timeout, then nothing left
+    # a shape that fits a node, but four such workers do not fit the cluster: the timeout, then nothing left
     with pytest.raises(SflamError) as busy:
-        RayRuntime(tiny_config(*BASE, *fast, "ray.workers=3", "server.resources={server: 1}",
+        RayRuntime(tiny_config(*BASE, *fast, "ray.workers=4", "server.resources={server: 1}",
                                "ray.resources={edge: 2}"))
     message = str(busy.value)
-    assert message.startswith("the cluster could not start 1 server rank(s) and 3 edge worker(s) within "
+    assert message.startswith("the cluster could not start 1 server rank(s) and 4 edge worker(s) within "
                               "ray.placement_timeout_s=3 (")
-    assert "_group_" not in message and "edge=4" in message and "'edge': 2.0" in message and "\n" not in message
+    assert "_group_" not in message and "edge=6" in message and "'edge': 2.0" in message and "\n" not in message
     assert time.monotonic() - started < 60  # seconds, never a hang
     deadline = time.monotonic() + 20  # the placed rank, workers and placement group were released
-    while (ray.available_resources().get("server", 0) < 2 or ray.available_resources().get("edge", 0) < 4) \
+    while (ray.available_resources().get("server", 0) < 2 or ray.available_resources().get("edge", 0) < 6) \
             and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert ray.available_resources().get("server", 0) == 2 and ray.available_resources().get("edge", 0) == 4
+    assert ray.available_resources().get("server", 0) == 2 and ray.available_resources().get("edge", 0) == 6
 
 
 @pytest.mark.slow

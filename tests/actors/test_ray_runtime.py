@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import torch
@@ -141,3 +142,23 @@ def test_deepspeed_server_state_is_checkpointed_and_resume_continues_exactly(sta
     assert max_difference(clean.server_state, resumed.server_state) <= 1e-6
     assert [r.step_losses for r in resumed.rounds] == [r.step_losses for r in clean.rounds]
     assert [r.eval_accuracy for r in resumed.rounds] == [r.eval_accuracy for r in clean.rounds]
+
+
+@pytest.mark.slow
+def test_deepspeed_run_killed_by_sigkill_resumes_from_the_command_line_exactly(tmp_path: Path) -> None:
+    """`sflam run --resume` with server.engine=deepspeed: the DeepSpeed state goes through checkpoint.pt."""
+    import random
+
+    from tests.pipelines.test_resume import ROUNDS, assert_same_run, run_to_end, start_and_kill
+
+    args = ("runtime=ray", "ray.workers=1", "ray.local_cpus=3", "server.engine=deepspeed", "server.ranks=2",
+            "server.zero_stage=3")
+    pids, _ = start_and_kill(tmp_path / "killed", random.Random().randint(1, ROUNDS - 2), *args)
+    for pid in pids:  # the run's own watchdog ends them; never leave them behind if it did not
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    run_to_end(tmp_path / "killed", *args, "--resume")
+    run_to_end(tmp_path / "clean", *args)
+    assert_same_run(tmp_path / "killed" / "resume", tmp_path / "clean" / "resume")

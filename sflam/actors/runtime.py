@@ -9,13 +9,17 @@ server already sent, so the round's result equals the fault-free one; an excepti
 a lost server rank stops the run with one line (its traceback in the actor's log file) and the
 completed rounds and their checkpoint kept. A local cluster this driver starts is guarded by a watchdog
 process that ends it if the driver is killed.
+
+Placement (DESIGN §8): the server ranks take a placement group (`server.placement`: pack or spread), the
+edge workers are spread over the nodes; rank 0 names the group's rendezvous on its own node. A shape no
+node can host fails at once, one that waits longer than `ray.placement_timeout_s` fails then; either way
+in one line, and nothing the pool had taken stays on the cluster.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,6 +31,8 @@ from typing import Any
 import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sflam.actors.edge import EdgeWorker
 from sflam.actors.failures import WorkerError
@@ -60,10 +66,11 @@ class PoolLayout:
                 f"server part: {self.engine} x {self.server_ranks} rank(s) ({self.cluster})")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _listed(resources: dict[str, float]) -> str:
+    """A node's or cluster's resources as a user configures them (not Ray's per-node and per-group entries)."""
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items())
+                     if not k.startswith(("node:", "memory", "object_store_memory")) and "_group_" not in k
+                     and not k.startswith("bundle_group"))
 
 
 def connect(config: ExperimentConfig, needed_cpus: float) -> tuple[bool, str]:
@@ -116,6 +123,18 @@ class RayRuntime(Executor):
         self.owns_ray, cluster = connect(config, workers * rc.cpus_per_worker + ranks)
         if self.owns_ray and "local" in cluster:
             self.watchdog = start_watchdog()
+        self.workers: list[Any] = []
+        self.ranks: list[Any] = []
+        self.server_group: PlacementGroup | None = None
+        try:
+            self._start_pool(workers, ranks, cluster)
+        except BaseException:  # nothing of a pool that could not start stays on the cluster
+            self.shutdown()
+            raise
+
+    def _start_pool(self, workers: int, ranks: int, cluster: str) -> None:
+        config, rc, srv = self.config, self.config.ray, self.config.server
+        K = config.train.devices_per_round
         if not (rc.workers or rc.devices_per_worker) and "local" not in cluster:
             available = float(ray.cluster_resources().get("CPU", 1))
             workers = min(K, max(1, int((available - ranks) / rc.cpus_per_worker)))
@@ -128,23 +147,89 @@ class RayRuntime(Executor):
         self.config_dict = config.to_dict()
         self._edge_cls = ray.remote(EdgeWorker)
         self._server_cls = ray.remote(ServerRank)
+        # a shape no node has fails at once; one that only has to wait for free resources gets the timeout
+        self._check_feasible(self._rank_bundle(), "server rank", "server.resources / server.gpus_per_rank")
+        self._check_feasible(self._edge_bundle(), "edge worker",
+                             "ray.resources / ray.gpus_per_worker / ray.cpus_per_worker")
+        # the server group first: its placement group reserves the ranks' nodes before edge workers fill them
+        self.server_group = group = self._place_server_group(ranks)
+        self.ranks = [self._server_cls.options(
+            num_cpus=1, num_gpus=srv.gpus_per_rank, resources=dict(srv.resources), max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+        ).remote(self.config_dict, rank, ranks, rc.threads_per_worker, self.log_file("server-rank", rank))
+            for rank in range(ranks)]
         self.workers = [self._new_worker(i) for i in range(workers)]
-        port = _free_port()
-        gpus = srv.gpus_per_rank
-        self.ranks: list[Any] = [self._server_cls.options(num_cpus=1, num_gpus=gpus, max_concurrency=1).remote(
-            self.config_dict, rank, ranks, "127.0.0.1", port, rc.threads_per_worker,
-            self.log_file("server-rank", rank)) for rank in range(ranks)]
-        ray.get([w.ready.remote() for w in self.workers] + [r.ready.remote() for r in self.ranks])
+        self._ready([r.ready.remote() for r in self.ranks] + [w.ready.remote() for w in self.workers],
+                    f"{ranks} server rank(s) and {workers} edge worker(s)")
+        self.master: tuple[str, int] | None = None
+        self.backend: str | None = None
+        if srv.engine == "deepspeed":  # rank 0 names the meeting point on its own node; all ranks join there
+            self.master = self._server_call(-1, "rendezvous", [self.ranks[0].rendezvous.remote()])[0]
+            self.backend = self._server_call(-1, "start-up", [r.join.remote(*self.master) for r in self.ranks])[0]
         self.replaced = 0
+
+    def _rank_bundle(self) -> dict[str, float]:
+        srv = self.config.server
+        return {"CPU": 1.0, **({"GPU": srv.gpus_per_rank} if srv.gpus_per_rank else {}),
+                **{k: float(v) for k, v in srv.resources.items()}}
+
+    def _edge_bundle(self) -> dict[str, float]:
+        rc = self.config.ray
+        return {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.gpus_per_worker else {}),
+                **{k: float(v) for k, v in rc.resources.items()}}
+
+    @staticmethod
+    def _check_feasible(demand: dict[str, float], what: str, keys: str) -> None:
+        """One line at once when no live node of the cluster could ever host one such actor."""
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(all(node.get(k, 0.0) >= v for k, v in demand.items()) for node in nodes):
+            return
+        offers = "; ".join(_listed(node) for node in nodes)
+        raise SflamError(f"no node of the cluster can host a {what} needing {demand} ({keys}); its nodes offer: "
+                         f"{offers}")
+
+    def _place_server_group(self, ranks: int) -> PlacementGroup:
+        """A placement group of one bundle per server rank, packed on few nodes or spread one per node."""
+        srv = self.config.server
+        bundle = self._rank_bundle()
+        group = placement_group([dict(bundle) for _ in range(ranks)],
+                                strategy="PACK" if srv.placement == "pack" else "SPREAD")
+        ready, _ = ray.wait([group.ready()], timeout=self.config.ray.placement_timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            raise SflamError(f"the cluster cannot place {ranks} server rank(s) of {bundle} each "
+                             f"(server.placement={srv.placement}) within ray.placement_timeout_s="
+                             f"{self.config.ray.placement_timeout_s:g}; it has {self._resources()}")
+        return group
+
+    @staticmethod
+    def _resources() -> str:
+        return _listed(ray.cluster_resources())
+
+    def _ready(self, refs: list[Any], what: str) -> None:
+        """Wait for actors to be placed and built; one that is not within the timeout stops the run with one line."""
+        rc = self.config.ray
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=rc.placement_timeout_s)
+        if len(ready) < len(refs):
+            raise SflamError(f"the cluster could not start {what} within ray.placement_timeout_s="
+                             f"{rc.placement_timeout_s:g} ({len(refs) - len(ready)} not started; the cluster has "
+                             f"{self._resources()}; each edge worker needs {self._edge_bundle()})")
+        try:
+            ray.get(ready)
+        except (RayActorError, RayTaskError) as exc:
+            raise SflamError(f"{what} failed to start: {self._cause(exc)}") from None
 
     def log_file(self, kind: str, index: int) -> str:
         """Where an actor writes the tracebacks of its failures (on the node it runs on)."""
         return str(self.log_dir / f"{kind}-{index}.log")
 
     def _new_worker(self, i: int) -> Any:
+        """An edge worker, spread over the nodes by default; a replacement lands on whichever node can host it."""
         rc = self.config.ray
-        return self._edge_cls.options(num_cpus=rc.cpus_per_worker).remote(self.config_dict, rc.threads_per_worker,
-                                                                          self.log_file("edge-worker", i))
+        return self._edge_cls.options(
+            num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker, resources=dict(rc.resources),
+            scheduling_strategy="SPREAD" if rc.placement == "spread" else "DEFAULT",
+        ).remote(self.config_dict, rc.threads_per_worker, self.log_file("edge-worker", i))
 
     # ------------------------------------------------------------------ waiting: every result is awaited
     @staticmethod
@@ -210,7 +295,13 @@ class RayRuntime(Executor):
         ray.get(worker.replay.remote(mine, *start_args))  # top-level: Ray resolves the global adapter's reference
 
     def _server_call(self, round_index: int, what: str, refs: list[Any]) -> list[Any]:
+        """Every rank's result; the first failure stops the run at once (the other ranks may be blocked in a
+        collective with the lost one, so waiting for them in order could hang)."""
         try:
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
             return ray.get(refs)
         except (RayActorError, RayTaskError) as exc:
             where = what + (f" of round {round_index + 1}" if round_index >= 0 else "")
@@ -324,7 +415,11 @@ class RayRuntime(Executor):
         return self._server_call(-1, "state", [r.state.remote() for r in self.ranks])[0]
 
     def server_checkpoint(self) -> dict[str, Any] | None:
-        return self._server_call(-1, "checkpoint", [self.ranks[0].checkpoint.remote()])[0]
+        if self.config.server.engine == "torch":
+            return self._server_call(-1, "checkpoint", [self.ranks[0].checkpoint.remote()])[0]
+        # DeepSpeed: every rank writes its own partition; the files of all ranks make the group's checkpoint
+        states = self._server_call(-1, "checkpoint", [r.checkpoint.remote() for r in self.ranks])
+        return {"deepspeed": {name: data for state in states for name, data in state["deepspeed"].items()}}
 
     def restore_server(self, state: dict[str, Any]) -> None:
         self._server_call(-1, "restore", [r.restore.remote(state) for r in self.ranks])
@@ -338,6 +433,11 @@ class RayRuntime(Executor):
             try:
                 ray.kill(actor)
             except Exception:  # already gone
+                pass
+        if self.server_group is not None:
+            try:
+                remove_placement_group(self.server_group)
+            except Exception:  # its cluster is already gone
                 pass
         if self.owns_ray:
             ray.shutdown()

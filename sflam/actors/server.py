@@ -6,11 +6,20 @@ MASTER_ADDR / MASTER_PORT (gloo on CPU, nccl on GPU). The step's batch is sharde
 device; every rank runs every step (ZeRO-3 gathers parameters collectively). Rank r's loss is
 (W / N) * (sum of its samples' losses), so DeepSpeed's gradient average equals the mean loss's gradient
 over all N samples; its activation gradients are divided by W to match.
+
+Rendezvous works across nodes: the ranks are built first, then rank 0 names its own node's address and a
+port free there (as torchtune's and Ray Train's process groups do), and every rank joins the group at
+that address. Under DeepSpeed the state a resume needs (trainable tensors, optimizer state, ZeRO
+partitions) is DeepSpeed's own checkpoint of every rank, carried to the driver as file contents, so it
+ends up in the run's one atomically written checkpoint file whichever node each rank ran on.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,20 +58,47 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, batch_size: int, 
     }
 
 
+CHECKPOINT_TAG = "server"
+
+
+def free_port(host: str) -> int:
+    """A TCP port nobody listens on at `host` (this node's address), for the group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 class ServerRank:
     """One rank of the server-part group."""
 
-    def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
-                 master_port: int = 29500, threads: int = 1, log_file: str = "server-rank.log") -> None:
+    def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1, threads: int = 1,
+                 log_file: str = "server-rank.log") -> None:
         torch.set_num_threads(threads)
         self.log_file = log_file
         self.config = config_from_dict(config)
         self.rank, self.world_size = rank, world_size
         _, device, self.server = build_executors(self.config)
         del device
-        self.engine = None
-        if self.config.server.engine == "deepspeed":
-            self._init_deepspeed(master_addr, master_port)
+        self.engine: Any = None
+        # the torch engine on the GPU Ray reserved for it (Ray sets CUDA_VISIBLE_DEVICES to it)
+        self.device = torch.device("cuda" if self.config.server.gpus_per_rank > 0 and torch.cuda.is_available()
+                                   else "cpu")
+        if self.config.server.engine == "torch" and self.device.type == "cuda":
+            self.server.part.to(self.device)
+
+    @logged
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's node address and a port free on that node: where the group meets."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    @logged
+    def join(self, master_addr: str, master_port: int) -> str:
+        """Join the DeepSpeed group at rank 0's address; returns the collectives backend in use."""
+        self._init_deepspeed(master_addr, master_port)
+        return str(self.backend)
 
     def _init_deepspeed(self, master_addr: str, master_port: int) -> None:
         os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0",
@@ -70,11 +106,11 @@ class ServerRank:
         import deepspeed
 
         srv = self.config.server
-        backend = srv.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=self.rank,
+        self.backend = srv.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False, rank=self.rank,
                                    world_size=self.world_size)
         part = self.server.part
-        if torch.cuda.is_available() and backend == "nccl":
+        if torch.cuda.is_available() and self.backend == "nccl":
             part.cuda()
         params = [p for p in part.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.config.train.server_lr, weight_decay=0.0)
@@ -101,28 +137,37 @@ class ServerRank:
         """Forward/backward of this rank's shard of the step's devices, one optimizer step, encoded gradients."""
         self.set_lr_factor(lr_factor)
         messages = [m for chunk in message_lists for m in chunk]
-        if self.engine is None:
+        if self.engine is None and self.device.type == "cpu":  # the reference runtime's own code path
             result = self.server.step(messages, round_index, step)
             return ((result.loss * result.samples, result.correct, result.samples, sum(result.downlink_bits)),
                     result.gradients)
         start, stop = shard_bounds(len(messages), self.world_size, self.rank)
-        return self._deepspeed_step(messages[start:stop], sum(int(m.labels.shape[0]) for m in messages),
-                                    round_index, step)
+        return self._sharded_step(messages[start:stop], sum(int(m.labels.shape[0]) for m in messages),
+                                  round_index, step)
 
-    def _deepspeed_step(self, shard: list[Smashed], total: int, round_index: int, step: int
-                        ) -> tuple[StepStats, list[Encoded | None]]:
-        engine = self.engine
-        assert engine is not None
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine if self.engine is not None else self.server.part
+
+    def _sharded_step(self, shard: list[Smashed], total: int, round_index: int, step: int
+                      ) -> tuple[StepStats, list[Encoded | None]]:
+        """A DeepSpeed rank's step on its shard, or the torch engine's step on its GPU (one shard of all)."""
         hidden, mask, labels = ServerExecutor.assemble(shard)
-        device = next(engine.module.parameters()).device
+        device = next(self.model.parameters()).device
         hidden, mask, labels = hidden.to(device), mask.to(device), labels.to(device)
         hidden.requires_grad_(self.server.send_gradients)
-        logits = engine(hidden, mask)
+        logits = self.model(hidden, mask)
         mean_loss, correct = self.server.part.loss_and_correct(logits, labels)
         shard_samples = int(labels.shape[0])
         loss = mean_loss * (shard_samples * self.world_size / total)
-        engine.backward(loss)
-        engine.step()
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+        elif self.server.optimizer is not None or self.server.send_gradients:
+            loss.backward()
+            if self.server.optimizer is not None:
+                self.server.optimizer.step()
+                self.server.optimizer.zero_grad(set_to_none=True)
         gradients: list[Encoded | None] = []
         start = 0
         for message in shard:
@@ -142,14 +187,14 @@ class ServerRank:
     @logged
     def evaluate(self, *message_lists: list[Smashed]) -> tuple[float, int, int]:
         messages = [m for chunk in message_lists for m in chunk]
-        if self.engine is None:
+        if self.engine is None and self.device.type == "cpu":
             return self.server.evaluate(messages)
         total_loss, total_correct, total = 0.0, 0, 0
-        device = next(self.engine.module.parameters()).device
+        device = next(self.model.parameters()).device
         with torch.no_grad():
             for message in messages:  # every rank evaluates everything: ZeRO-3 forwards are collective
                 hidden, mask, labels = ServerExecutor.assemble([message])
-                logits = self.engine(hidden.to(device), mask.to(device))
+                logits = self.model(hidden.to(device), mask.to(device))
                 loss, correct = self.server.part.loss_and_correct(logits, labels.to(device))
                 total_loss += float(loss) * int(labels.shape[0])
                 total_correct += int(correct)
@@ -157,21 +202,53 @@ class ServerRank:
         return total_loss, total_correct, total
 
     @logged
-    def checkpoint(self) -> dict[str, Any] | None:
-        """The server part and its optimizer state for an exact resume (torch engine; None under DeepSpeed)."""
-        return self.server.checkpoint() if self.engine is None else None
+    def checkpoint(self) -> dict[str, Any]:
+        """What an exact resume needs: the torch engine's tensors and optimizer state, or this rank's files of
+        DeepSpeed's own checkpoint (trainable tensors, optimizer state and ZeRO partitions; every rank takes part)."""
+        if self.engine is None:
+            return {name: _to_cpu(value) for name, value in self.server.checkpoint().items()}
+        with tempfile.TemporaryDirectory(prefix="sflam-ds-") as folder:
+            self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, save_latest=False,
+                                        exclude_frozen_parameters=True)  # the frozen base is rebuilt, not saved
+            files = {str(path.relative_to(folder)): path.read_bytes()
+                     for path in sorted(Path(folder).rglob("*.pt"))}  # not its copies of DeepSpeed's scripts
+        return {"deepspeed": files}
 
     @logged
     def restore(self, state: dict[str, Any]) -> None:
-        self.server.restore(state)
+        if self.engine is None:
+            self.server.restore(state)
+            return
+        if "deepspeed" not in state:
+            raise ValueError("the checkpoint's server state is the torch engine's, this run uses deepspeed")
+        with tempfile.TemporaryDirectory(prefix="sflam-ds-") as folder:
+            for name, data in state["deepspeed"].items():  # every rank's files: each loads its own partition
+                path = Path(folder) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            loaded, _ = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_module_strict=False,
+                                                    load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ValueError("DeepSpeed found no checkpoint of this group's ranks in the run's checkpoint")
 
     @logged
     def state(self) -> Adapter:
         """The server part's trained tensors (gathered from every rank under ZeRO-3)."""
         if self.engine is None or self.config.server.zero_stage < 3:
-            return self.server.state()
+            return _to_cpu(self.server.state())
         import deepspeed
 
         params = [p for p in self.server.part.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params):
             return {n: p.detach().clone().cpu() for n, p in self.server.part.named_parameters() if p.requires_grad}
+
+
+def _to_cpu(value: Any) -> Any:
+    """Tensors (nested in dicts and lists) on the CPU, so a checkpoint from a GPU rank loads anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value

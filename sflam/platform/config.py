@@ -20,6 +20,8 @@ DATASETS = ("rotten_tomatoes", "synthetic", "csv", "mnist", "digits")
 IMAGE_DATASETS = ("mnist", "digits")
 RUNTIMES = ("local", "ray")
 ENGINES = ("torch", "deepspeed")
+SERVER_PLACEMENTS = ("pack", "spread")
+EDGE_PLACEMENTS = ("spread", "default")
 ALLOCATION_POLICIES = ("sflam", "equal")
 BITS_SEARCHES = ("greedy", "exhaustive")
 SIDE_DTYPES = ("fp32", "fp16")
@@ -36,6 +38,15 @@ def _allowed_bits(value: int) -> bool:
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(key, value, allowed)
+
+
+def _check_resources(key: str, resources: dict[str, float]) -> None:
+    """Custom Ray resources: names Ray does not reserve itself, each a positive amount."""
+    for name, amount in resources.items():
+        _check(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"{key}.{name}", amount,
+               "a custom resource name (CPUs and GPUs have their own keys)")
+        _check(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0, f"{key}.{name}",
+               amount, "a number > 0")
 
 
 @dataclass(frozen=True)
@@ -248,6 +259,14 @@ class RayConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved by each edge worker"})
     threads_per_worker: int = field(default=1, metadata={"help": "torch threads inside each actor"})
     local_cpus: int = field(default=0, metadata={"help": "logical CPUs of a local cluster (0: enough for the pool)"})
+    placement: str = field(default="spread", metadata={
+        "help": "edge workers over the nodes: spread (one node after another) | default (Ray's packing policy)"})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs reserved by each edge worker"})
+    resources: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "custom Ray resources each edge worker needs (e.g. {edge: 1} for nodes started with that resource)"})
+    placement_timeout_s: float = field(default=600.0, metadata={
+        "help": "seconds for the cluster to place and build the actors (model loading included) before the run "
+                "stops with one line"})
 
     def __post_init__(self) -> None:
         _check(self.workers >= 0, "ray.workers", self.workers, "an integer >= 0 (0 = from the cluster)")
@@ -256,6 +275,11 @@ class RayConfig:
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", self.cpus_per_worker, "a number > 0")
         _check(self.threads_per_worker >= 1, "ray.threads_per_worker", self.threads_per_worker, "an integer >= 1")
         _check(self.local_cpus >= 0, "ray.local_cpus", self.local_cpus, "an integer >= 0")
+        _check(self.placement in EDGE_PLACEMENTS, "ray.placement", self.placement,
+               f"one of {', '.join(EDGE_PLACEMENTS)}")
+        _check(self.gpus_per_worker >= 0, "ray.gpus_per_worker", self.gpus_per_worker, "a number >= 0")
+        _check_resources("ray.resources", self.resources)
+        _check(self.placement_timeout_s > 0, "ray.placement_timeout_s", self.placement_timeout_s, "a number > 0")
 
 
 @dataclass(frozen=True)
@@ -269,6 +293,10 @@ class ServerConfig:
     backend: str | None = field(default=None, metadata={"help": "collectives: gloo | nccl (None: nccl on GPU)"})
     gpus_per_rank: float = field(default=0.0, metadata={"help": "GPUs reserved by each server rank"})
     offload_optimizer: bool = field(default=False, metadata={"help": "ZeRO optimizer state offload to CPU"})
+    placement: str = field(default="pack", metadata={
+        "help": "server ranks over the nodes (a Ray placement group): pack (fewest nodes) | spread (one per node)"})
+    resources: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "custom Ray resources each server rank needs (e.g. {server: 1})"})
 
     def __post_init__(self) -> None:
         _check(self.engine in ENGINES, "server.engine", self.engine, f"one of {', '.join(ENGINES)}")
@@ -278,6 +306,9 @@ class ServerConfig:
         _check(0 <= self.zero_stage <= 3, "server.zero_stage", self.zero_stage, "an integer in 0..3")
         _check(self.backend in (None, "gloo", "nccl"), "server.backend", self.backend, "gloo, nccl or null")
         _check(self.gpus_per_rank >= 0, "server.gpus_per_rank", self.gpus_per_rank, "a number >= 0")
+        _check(self.placement in SERVER_PLACEMENTS, "server.placement", self.placement,
+               f"one of {', '.join(SERVER_PLACEMENTS)}")
+        _check_resources("server.resources", self.resources)
 
 
 @dataclass(frozen=True)

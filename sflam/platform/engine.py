@@ -260,8 +260,8 @@ class Engine:
             accuracy, loss, before, first = resume.accuracy, resume.loss, resume.wall_s, resume.next_round
             self.strategy.load_state(resume.strategy)
             if resume.server is None:
-                raise RunFailed("the checkpoint holds no server-part state (server.engine=deepspeed): "
-                                "--resume needs server.engine=torch")
+                raise RunFailed("the checkpoint holds no server-part state (written by a version that did not "
+                                "checkpoint DeepSpeed servers): run without --resume")
             if resume.server:
                 self.executor.restore_server(resume.server)
 

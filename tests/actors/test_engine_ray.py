@@ -8,7 +8,8 @@ import pytest
 import ray
 import torch
 
-from sflam.actors.runtime import RayRuntime
+from sflam.actors.runtime import RayRuntime, start_watchdog
+from sflam.cluster.connect import start_ray
 from sflam.platform.engine import Engine
 from sflam.platform.errors import RunFailed
 from sflam.platform.runtime import run_local
@@ -32,12 +33,15 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory):
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    start_ray(None, num_cpus=3)  # a fresh loopback cluster, never one a stale ray_current_cluster names
+    watchdog = start_watchdog()  # pytest killed: the cluster's agents go with it
     config = tiny_config(*BASE, f"output_dir={tmp_path_factory.mktemp('ray')}")
     runtime = RayRuntime(config)
     yield runtime, runtime.server_checkpoint()
     runtime.shutdown()
     ray.shutdown()
+    watchdog.terminate()
+    watchdog.wait()
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -1,13 +1,20 @@
-"""The Ray runtime equals the reference runtime; DeepSpeed ranks equal the torch engine; faults lose nothing."""
+"""The Ray runtime equals the reference runtime; DeepSpeed ranks equal the torch engine and resume exactly;
+faults lose nothing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import psutil
 import pytest
 import ray
 import torch
 
-from sflam.actors.runtime import RayRuntime, RunFailed, run_ray
+from sflam.actors.runtime import RayRuntime, RunFailed, run_ray, start_watchdog
+from sflam.cluster.connect import start_ray
+from sflam.platform.checkpoint import load_checkpoint, save_checkpoint
+from sflam.platform.engine import Engine, Resume
 from sflam.platform.runtime import run_local
 from tests.conftest import tiny_config
 
@@ -16,9 +23,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    start_ray(None, num_cpus=4)  # a fresh loopback cluster, never one a stale ray_current_cluster names
+    watchdog = start_watchdog()  # pytest killed: the cluster's agents go with it
     yield
     ray.shutdown()
+    watchdog.terminate()
+    watchdog.wait()
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -104,3 +114,51 @@ def test_a_server_failure_stops_the_run_and_keeps_completed_rounds() -> None:
     partial = info.value.partial
     assert partial is not None and [r.round for r in partial.rounds] == [1, 2]
     assert all(r.eval_accuracy is not None for r in partial.rounds)
+
+
+@pytest.mark.slow  # ZeRO-3 across two nodes: tests/cluster/test_multinode.py in the default tier
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_deepspeed_server_state_is_checkpointed_and_resume_continues_exactly(stage: int, tmp_path: Path) -> None:
+    config = tiny_config(*BASE, "runtime=ray", "ray.workers=1", "train.rounds=3", "train.eval_every=1",
+                         "server.engine=deepspeed", "server.ranks=2", f"server.zero_stage={stage}",
+                         "aggregation.strategy=fedadam", "aggregation.server_lr=0.02", f"output_dir={tmp_path}")
+    path = tmp_path / "checkpoint.pt"
+
+    def after_round_one(state: Resume) -> None:  # written as `sflam run` writes it, then the run goes on
+        if state.next_round == 1:
+            save_checkpoint(path, state, config, None)
+
+    runtime = RayRuntime(config)
+    try:
+        clean = Engine(config, runtime).run(checkpoint=after_round_one)
+        resume, _ = load_checkpoint(path, config)
+        # ZeRO: every rank's partition; stage 0: rank 0's file (the ranks hold equal replicas)
+        assert resume.server is not None and len(resume.server["deepspeed"]) >= (2 if stage else 1)
+        # the ranks have trained all three rounds: the restore must bring back round 1's tensors and moments
+        resumed = Engine(config, runtime).run(resume=resume)
+    finally:
+        runtime.shutdown()
+    assert max_difference(clean.device_adapter, resumed.device_adapter) <= 1e-6
+    assert max_difference(clean.server_state, resumed.server_state) <= 1e-6
+    assert [r.step_losses for r in resumed.rounds] == [r.step_losses for r in clean.rounds]
+    assert [r.eval_accuracy for r in resumed.rounds] == [r.eval_accuracy for r in clean.rounds]
+
+
+@pytest.mark.slow
+def test_deepspeed_run_killed_by_sigkill_resumes_from_the_command_line_exactly(tmp_path: Path) -> None:
+    """`sflam run --resume` with server.engine=deepspeed: the DeepSpeed state goes through checkpoint.pt."""
+    import random
+
+    from tests.pipelines.test_resume import ROUNDS, assert_same_run, run_to_end, start_and_kill
+
+    args = ("runtime=ray", "ray.workers=1", "ray.local_cpus=3", "server.engine=deepspeed", "server.ranks=2",
+            "server.zero_stage=3")
+    pids, _ = start_and_kill(tmp_path / "killed", random.Random().randint(1, ROUNDS - 2), *args)
+    for pid in pids:  # the run's own watchdog ends them; never leave them behind if it did not
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    run_to_end(tmp_path / "killed", *args, "--resume")
+    run_to_end(tmp_path / "clean", *args)
+    assert_same_run(tmp_path / "killed" / "resume", tmp_path / "clean" / "resume")

@@ -91,11 +91,17 @@ def test_two_processes_sharing_a_journal_storage_get_unique_trial_numbers(tmp_pa
 def test_parallel_trials_run_as_ray_tasks_and_the_driver_records_them(tmp_path: Path) -> None:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    from sflam.actors.runtime import start_watchdog
+    from sflam.cluster.connect import start_ray
+
+    start_ray(None, num_cpus=2)  # a fresh loopback cluster the study joins, as `ray start` would give it
+    watchdog = start_watchdog()  # pytest killed: the cluster's agents go with it
     try:
         result = run_study(small(tmp_path, "study.trials=3", "study.parallel=2"))
     finally:
         ray.shutdown()
+        watchdog.terminate()
+        watchdog.wait()
     study = optuna.load_study(study_name="study-smoke", storage=result.storage)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -444,11 +444,16 @@ def _min_latency(links: _Links, horizon: float) -> float:
     if horizon <= lower or fits(np.log(horizon)) < 0:
         raise AllocationError(f"no allocation finishes the round within {horizon:.4g} s under the bandwidth, "
                               "power and energy caps; raise allocation.deadline_s or allocation.energy_cap_j")
-    if fits(np.log(lower)) >= 0:
+    # the infinite-bandwidth bound fits only when a device with nothing to send attains it (one that
+    # sends would need an infinite band there)
+    quiet = (links.S == 0) & (links.Sd == 0)
+    if quiet.any() and float(np.max(links.c[quiet])) >= lower and fits(np.log(lower)) >= 0:
         return lower
     # Newton on log T inside the bracket: d/dlogT log sum b_min = T sum(b_min * dlog b_min/dT) / sum b_min
     a, z = float(np.log(lower)), float(np.log(horizon))
-    x = float(np.log(links.T_min_hint)) if links.T_min_hint is not None and lower < links.T_min_hint < horizon else z
+    # start from the last least stage length (nearby bits), else from twice the infinite-bandwidth bound
+    x = float(np.log(links.T_min_hint)) if links.T_min_hint is not None and lower < links.T_min_hint < horizon \
+        else min(a + float(np.log(2.0)), z)
     for _ in range(100):
         need = links.min_bandwidth(float(np.exp(x)))
         total = float(np.sum(need))

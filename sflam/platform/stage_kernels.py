@@ -88,7 +88,7 @@ def min_bandwidth(T: float, S: np.ndarray, Sd: np.ndarray, c: np.ndarray, a_up: 
                 new = step
             else:
                 new = 0.5 * (lo + hi)
-            if f == 0.0:
+            if abs(f) <= 1e-14 * T:  # met to rounding: the step would not move x
                 new = x
             done = abs(new - x) <= tol
             x = new

@@ -38,7 +38,7 @@ from sflam.platform.errors import RunFailed, SflamError
 from sflam.platform.executors import Adapter
 from sflam.platform.quantization import stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult
-from sflam.platform.runtime import Experiment, evaluation_batches
+from sflam.platform.runtime import Experiment, evaluation_batches, summed
 
 Hook = Callable[["RayRuntime", int, int], None]
 ACTOR_FAILURES = (RayActorError,)
@@ -126,14 +126,19 @@ class RayRuntime(Executor):
                              f"per round, but ray.workers={workers}")
         self.layout = PoolLayout(workers, per_worker, ranks, srv.engine, cluster)
         self.config_dict = config.to_dict()
+        # the driver's data and built parts, put once: every actor (and every replacement) starts from them
+        # instead of tokenizing, loading the fp32 model and quantizing again (DESIGN §8)
+        self.data_ref = ray.put(self.exp.data)
+        self.device_part_ref = ray.put(self.exp.device.part)
+        self.server_part_ref = ray.put(self.exp.server.part)
         self._edge_cls = ray.remote(EdgeWorker)
         self._server_cls = ray.remote(ServerRank)
         self.workers = [self._new_worker(i) for i in range(workers)]
         port = _free_port()
         gpus = srv.gpus_per_rank
         self.ranks: list[Any] = [self._server_cls.options(num_cpus=1, num_gpus=gpus, max_concurrency=1).remote(
-            self.config_dict, rank, ranks, "127.0.0.1", port, rc.threads_per_worker,
-            self.log_file("server-rank", rank)) for rank in range(ranks)]
+            self.config_dict, self.server_part_ref, self.exp.device.trains, rank, ranks, "127.0.0.1", port,
+            rc.threads_per_worker, self.log_file("server-rank", rank)) for rank in range(ranks)]
         ray.get([w.ready.remote() for w in self.workers] + [r.ready.remote() for r in self.ranks])
         self.replaced = 0
 
@@ -143,8 +148,10 @@ class RayRuntime(Executor):
 
     def _new_worker(self, i: int) -> Any:
         rc = self.config.ray
-        return self._edge_cls.options(num_cpus=rc.cpus_per_worker).remote(self.config_dict, rc.threads_per_worker,
-                                                                          self.log_file("edge-worker", i))
+        # the server part's reference travels inside a list: Ray resolves it only when a worker first evaluates
+        return self._edge_cls.options(num_cpus=rc.cpus_per_worker).remote(
+            self.config_dict, self.data_ref, self.device_part_ref, [self.server_part_ref], rc.threads_per_worker,
+            self.log_file("edge-worker", i))
 
     # ------------------------------------------------------------------ waiting: every result is awaited
     @staticmethod
@@ -300,22 +307,26 @@ class RayRuntime(Executor):
         return Engine(self.config, self).run_round(round_index, global_adapter)
 
     def evaluate(self, adapter: Adapter) -> tuple[float, float]:
+        """The reference runtime's evaluation spread over the edge workers: each runs its share of the batches
+        through device part, codec and server part on its own copy of the test data; the server's trained
+        tensors (small) are put once, only per-batch figures come back (summed in batch order)."""
         numbers = [n for n, _ in evaluation_batches(self.config, self.exp.data)]
         adapter_ref = ray.put(adapter)
+        # the server's trained tensors (adapters, head: small), put once for every worker
+        server_state_ref = ray.put(self.server_state())
         groups = np.array_split(np.array(numbers), len(self.workers))
-        refs = {i: self.workers[i].infer.remote(adapter_ref, [int(n) for n in g]) for i, g in enumerate(groups)
-                if len(g)}
-        messages = self._gather(refs, lambda i: self._new_and_infer(i, adapter_ref, groups[i]),
-                                lambda i: f"edge worker {i} (evaluation)")
-        message_refs = [ray.put(messages[i]) for i in sorted(messages)]
-        results = self._server_call(-1, "evaluation", [r.evaluate.remote(*message_refs) for r in self.ranks])
-        total_loss, total_correct, total = results[0]
-        return total_correct / total, total_loss / total
 
-    def _new_and_infer(self, i: int, adapter_ref: Any, numbers: np.ndarray) -> Any:
-        self.workers[i] = self._new_worker(i)
-        self.replaced += 1
-        return self.workers[i].infer.remote(adapter_ref, [int(n) for n in numbers])
+        def submit(worker: Any, i: int) -> Any:
+            return worker.evaluate.remote(adapter_ref, server_state_ref, [int(n) for n in groups[i]])
+
+        def recover(i: int) -> Any:
+            self.workers[i] = self._new_worker(i)
+            self.replaced += 1
+            return submit(self.workers[i], i)
+
+        refs = {i: submit(self.workers[i], i) for i, g in enumerate(groups) if len(g)}
+        results = self._gather(refs, recover, lambda i: f"edge worker {i} (evaluation)")
+        return summed([figures for i in sorted(results) for figures in results[i]])
 
     def initial_adapter(self) -> Adapter:
         return self.exp.device.initial_adapter()

@@ -18,10 +18,12 @@ import torch
 
 from sflam.actors.failures import logged
 from sflam.platform import codec
+from sflam.platform.build import quiet_libraries
 from sflam.platform.codec import Encoded
 from sflam.platform.config import config_from_dict
 from sflam.platform.executors import DOWNLINK, Adapter, ServerExecutor, Smashed, _rows, codec_generator
-from sflam.platform.runtime import build_executors
+from sflam.platform.runtime import server_executor
+from sflam.platform.split import ServerPart
 
 StepStats = tuple[float, int, int, int]  # (summed loss, correct, samples, gradient bits) of a rank's shard
 
@@ -52,14 +54,16 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, batch_size: int, 
 class ServerRank:
     """One rank of the server-part group."""
 
-    def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
-                 master_port: int = 29500, threads: int = 1, log_file: str = "server-rank.log") -> None:
+    def __init__(self, config: dict[str, Any], part: ServerPart, send_gradients: bool, rank: int = 0,
+                 world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 1,
+                 log_file: str = "server-rank.log") -> None:
+        """`part` arrives built: the driver's server part through the object store, this rank's own copy."""
         torch.set_num_threads(threads)
         self.log_file = log_file
         self.config = config_from_dict(config)
+        quiet_libraries()
         self.rank, self.world_size = rank, world_size
-        _, device, self.server = build_executors(self.config)
-        del device
+        self.server = server_executor(self.config, part, send_gradients)
         self.engine = None
         if self.config.server.engine == "deepspeed":
             self._init_deepspeed(master_addr, master_port)
@@ -138,23 +142,6 @@ class ServerRank:
             start += rows
         bits = sum(g.payload_bits for g in gradients if g is not None)
         return (float(mean_loss.detach()) * shard_samples, int(correct), shard_samples, bits), gradients
-
-    @logged
-    def evaluate(self, *message_lists: list[Smashed]) -> tuple[float, int, int]:
-        messages = [m for chunk in message_lists for m in chunk]
-        if self.engine is None:
-            return self.server.evaluate(messages)
-        total_loss, total_correct, total = 0.0, 0, 0
-        device = next(self.engine.module.parameters()).device
-        with torch.no_grad():
-            for message in messages:  # every rank evaluates everything: ZeRO-3 forwards are collective
-                hidden, mask, labels = ServerExecutor.assemble([message])
-                logits = self.engine(hidden.to(device), mask.to(device))
-                loss, correct = self.server.part.loss_and_correct(logits, labels.to(device))
-                total_loss += float(loss) * int(labels.shape[0])
-                total_correct += int(correct)
-                total += int(labels.shape[0])
-        return total_loss, total_correct, total
 
     @logged
     def checkpoint(self) -> dict[str, Any] | None:

@@ -26,18 +26,12 @@ from sflam.platform.strategies import FitInstructions, weighted_sum
 class EdgeWorker:
     """Runs the device part for a chunk of the round's devices, step by step."""
 
-    def __init__(self, config: dict[str, Any], data: DataBundle, device_part: DevicePart, server_part: list[Any],
-                 threads: int = 1, log_file: str = "edge-worker.log") -> None:
-        """`data` and `device_part` arrive built (the driver's, through the object store: nothing is tokenized,
-        loaded or quantized again here); `server_part` holds the reference to the driver's server part, fetched
-        at the first evaluation only."""
+    def __init__(self, config: dict[str, Any], threads: int = 1, log_file: str = "edge-worker.log") -> None:
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         self.log_file = log_file
         self.config = config_from_dict(config)
         quiet_libraries()
-        self.data, self.device = data, device_executor(self.config, device_part)
-        self.server_part_ref = server_part
         self.server_part: ServerPart | None = None
         self.states: list[DeviceState] = []
         self.batches: dict[int, list] = {}
@@ -45,6 +39,15 @@ class EdgeWorker:
         self.steps: list[int] = []
         self.weights: list[float] = []
         self.round_index = -1
+
+    @logged
+    def load(self, data: DataBundle, device_part: DevicePart, server_part: list[Any]) -> int:
+        """`data` and `device_part` arrive built (the driver's, through the object store: nothing is tokenized,
+        loaded or quantized again here); `server_part` holds the reference to the driver's server part, fetched
+        at the first evaluation only."""
+        self.data, self.device = data, device_executor(self.config, device_part)
+        self.server_part_ref = server_part
+        return os.getpid()
 
     def ready(self) -> int:
         return os.getpid()

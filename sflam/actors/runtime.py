@@ -98,9 +98,9 @@ class RayRuntime(Executor):
     def __init__(self, config: ExperimentConfig, experiment: Experiment | None = None,
                  hooks: dict[str, Hook] | None = None) -> None:
         self.config = config
-        self.exp = experiment or Experiment.build(config)
-        self.data, self.planner = self.exp.data, self.exp.planner
         self.hooks = hooks or {}
+        self.workers: list[Any] = []
+        self.ranks: list[Any] = []
         self.log_dir = Path(config.output_dir).resolve() / config.name / "logs"
         self.watchdog: subprocess.Popen[bytes] | None = None
         rc, srv = config.ray, config.server
@@ -126,21 +126,37 @@ class RayRuntime(Executor):
                              f"per round, but ray.workers={workers}")
         self.layout = PoolLayout(workers, per_worker, ranks, srv.engine, cluster)
         self.config_dict = config.to_dict()
-        # the driver's data and built parts, put once: every actor (and every replacement) starts from them
-        # instead of tokenizing, loading the fp32 model and quantizing again (DESIGN §8)
+        self.replaced = 0
+        try:
+            self._start_pool(workers, ranks, experiment)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_pool(self, workers: int, ranks: int, experiment: Experiment | None) -> None:
+        """Actors first, so their processes import torch and the model code while this driver builds the
+        experiment; then the driver's data and built parts go to them through the object store, put once:
+        no actor (nor any replacement) tokenizes, loads the fp32 model or quantizes again (DESIGN §8)."""
+        rc, srv = self.config.ray, self.config.server
+        self._edge_cls = ray.remote(EdgeWorker)
+        self._server_cls = ray.remote(ServerRank)
+        self.workers = [self._edge_cls.options(num_cpus=rc.cpus_per_worker).remote(
+            self.config_dict, rc.threads_per_worker, self.log_file("edge-worker", i)) for i in range(workers)]
+        port = _free_port()
+        self.ranks = [self._server_cls.options(num_cpus=1, num_gpus=srv.gpus_per_rank, max_concurrency=1).remote(
+            self.config_dict, rank, ranks, "127.0.0.1", port, rc.threads_per_worker,
+            self.log_file("server-rank", rank)) for rank in range(ranks)]
+        self.exp = experiment or Experiment.build(self.config)
+        self.data, self.planner = self.exp.data, self.exp.planner
         self.data_ref = ray.put(self.exp.data)
         self.device_part_ref = ray.put(self.exp.device.part)
         self.server_part_ref = ray.put(self.exp.server.part)
-        self._edge_cls = ray.remote(EdgeWorker)
-        self._server_cls = ray.remote(ServerRank)
-        self.workers = [self._new_worker(i) for i in range(workers)]
-        port = _free_port()
-        gpus = srv.gpus_per_rank
-        self.ranks: list[Any] = [self._server_cls.options(num_cpus=1, num_gpus=gpus, max_concurrency=1).remote(
-            self.config_dict, self.server_part_ref, self.exp.device.trains, rank, ranks, "127.0.0.1", port,
-            rc.threads_per_worker, self.log_file("server-rank", rank)) for rank in range(ranks)]
-        ray.get([w.ready.remote() for w in self.workers] + [r.ready.remote() for r in self.ranks])
-        self.replaced = 0
+        ray.get([w.load.remote(*self._shared()) for w in self.workers]
+                + [r.load.remote(self.server_part_ref, self.exp.device.trains) for r in self.ranks])
+
+    def _shared(self) -> tuple[Any, ...]:
+        # the server part's reference travels inside a list: Ray resolves it only when a worker first evaluates
+        return self.data_ref, self.device_part_ref, [self.server_part_ref]
 
     def log_file(self, kind: str, index: int) -> str:
         """Where an actor writes the tracebacks of its failures (on the node it runs on)."""
@@ -148,10 +164,10 @@ class RayRuntime(Executor):
 
     def _new_worker(self, i: int) -> Any:
         rc = self.config.ray
-        # the server part's reference travels inside a list: Ray resolves it only when a worker first evaluates
-        return self._edge_cls.options(num_cpus=rc.cpus_per_worker).remote(
-            self.config_dict, self.data_ref, self.device_part_ref, [self.server_part_ref], rc.threads_per_worker,
-            self.log_file("edge-worker", i))
+        worker: Any = self._edge_cls.options(num_cpus=rc.cpus_per_worker).remote(
+            self.config_dict, rc.threads_per_worker, self.log_file("edge-worker", i))
+        worker.load.remote(*self._shared())  # calls on an actor run in order: every later call sees it loaded
+        return worker
 
     # ------------------------------------------------------------------ waiting: every result is awaited
     @staticmethod

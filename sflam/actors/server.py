@@ -54,19 +54,23 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, batch_size: int, 
 class ServerRank:
     """One rank of the server-part group."""
 
-    def __init__(self, config: dict[str, Any], part: ServerPart, send_gradients: bool, rank: int = 0,
-                 world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 1,
-                 log_file: str = "server-rank.log") -> None:
-        """`part` arrives built: the driver's server part through the object store, this rank's own copy."""
+    def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1",
+                 master_port: int = 29500, threads: int = 1, log_file: str = "server-rank.log") -> None:
         torch.set_num_threads(threads)
         self.log_file = log_file
         self.config = config_from_dict(config)
         quiet_libraries()
         self.rank, self.world_size = rank, world_size
-        self.server = server_executor(self.config, part, send_gradients)
+        self.master = (master_addr, master_port)
         self.engine = None
+
+    @logged
+    def load(self, part: ServerPart, send_gradients: bool) -> int:
+        """`part` arrives built: the driver's server part through the object store (this rank's own copy)."""
+        self.server = server_executor(self.config, part, send_gradients)
         if self.config.server.engine == "deepspeed":
-            self._init_deepspeed(master_addr, master_port)
+            self._init_deepspeed(*self.master)
+        return os.getpid()
 
     def _init_deepspeed(self, master_addr: str, master_port: int) -> None:
         os.environ.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0",

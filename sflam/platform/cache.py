@@ -6,8 +6,8 @@ versions of torch, transformers, peft and bitsandbytes), so a changed setting or
 and a stale entry is never read. Files are written atomically; an unreadable or malformed entry is
 measured again and overwritten, never an error.
 
-Location: `$SFLAM_CACHE_DIR` if set (`off` disables the cache), else `$XDG_CACHE_HOME/sflam`, else
-`~/.cache/sflam`.
+Location: `$SFLAM_COST_CACHE` if set (`off` disables the cache), else `costs/` in sflam's cache folder:
+`$SFLAM_CACHE`, else `$XDG_CACHE_HOME/sflam`, else `~/.cache/sflam`.
 """
 
 from __future__ import annotations
@@ -23,20 +23,25 @@ import torch
 
 from sflam.platform.checkpoint import write_text
 
-CACHE_ENV = "SFLAM_CACHE_DIR"
+ROOT_ENV = "SFLAM_CACHE"        # sflam's cache folder (also the converted dinov2-s14 backbone's)
+CACHE_ENV = "SFLAM_COST_CACHE"  # this cache's own folder, or "off"
 FORMAT = 1  # bump when the meaning of a cached figure changes
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
 
 
+def cache_root() -> Path:
+    """$SFLAM_CACHE, else $XDG_CACHE_HOME/sflam, else ~/.cache/sflam."""
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sflam"
+
+
 def cache_dir() -> Path | None:
-    """The cache folder, or None when `SFLAM_CACHE_DIR=off`."""
+    """The cost cache's folder: $SFLAM_COST_CACHE, else <cache_root>/costs; None when SFLAM_COST_CACHE=off."""
     configured = os.environ.get(CACHE_ENV, "").strip()
     if configured.lower() in ("off", "0", "none", "false"):
         return None
-    if configured:
-        return Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sflam"
+    return Path(configured).expanduser() if configured else cache_root() / "costs"
 
 
 def _version(package: str) -> str:

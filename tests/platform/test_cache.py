@@ -124,5 +124,8 @@ def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     monkeypatch.setenv(CACHE_ENV, "off")
     assert cache_dir() is None and CostCache("flops", {}).path is None
     monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("SFLAM_CACHE", str(tmp_path / "sflam"))
+    assert cache_dir() == tmp_path / "sflam" / "costs"
+    monkeypatch.delenv("SFLAM_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "sflam"
+    assert cache_dir() == tmp_path / "xdg" / "sflam" / "costs"

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,14 +92,19 @@ class Workload:
         return self.trainable(), samples, loss
 
 
-_WORKLOAD: list[Workload] = []
-
-
 def workload() -> Workload:
-    """One model per worker process, as Flower's users cache it (Flower itself would rebuild it every call)."""
-    if not _WORKLOAD:
-        _WORKLOAD.append(Workload())
-    return _WORKLOAD[0]
+    """One model per worker process, as Flower's users cache it (Flower itself would rebuild it every call).
+
+    Kept in sys.modules: the client app reaches Ray's actors by value (cloudpickle), so a global of this
+    script would arrive empty with every copy, while sys.modules is the actor process's own."""
+    holder = sys.modules.get("_peers_workload")
+    if holder is None:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        holder = types.ModuleType("_peers_workload")
+        holder.value = Workload()  # type: ignore[attr-defined]
+        sys.modules["_peers_workload"] = holder
+    return holder.value  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- Flower
@@ -151,6 +157,8 @@ def run_flower(rounds: int) -> dict:
 
     started = time.perf_counter()
     cpus = os.cpu_count() or 1
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per client actor, as sflam's Ray workers
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=CLIENTS,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": cpus, "include_dashboard": False}})

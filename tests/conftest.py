@@ -22,6 +22,16 @@ def tiny_config(*overrides: str) -> ExperimentConfig:
     return load_config(None, base + list(overrides))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cost_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The test session's own cost cache (sflam.platform.cache): tests measure, never read the user's cache."""
+    from sflam.platform.cache import CACHE_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("sflam-cache")))
+        yield
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT

@@ -1,4 +1,4 @@
-"""Edge worker: a Ray actor that loads the model and its quantized device part once and serves many
+"""Edge worker: a Ray actor that receives the built, quantized device part once and serves many
 virtual devices. A device is data (an id, its shard, its adapter and optimizer for the round), so one
 worker carries any number of them; the driver decides (devices, batches, bits, dropouts, weights,
 instructions), the worker executes (DESIGN §8). A failure inside a call is written with its traceback
@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from sflam.actors.failures import logged
+from sflam.platform.build import DataBundle, quiet_libraries
 from sflam.platform.codec import Encoded
 from sflam.platform.config import config_from_dict
 from sflam.platform.data import collate
-from sflam.platform.executors import Adapter, DeviceState, Smashed, codec_generator
-from sflam.platform.runtime import EVAL_DEVICE, build_executors
+from sflam.platform.executors import Adapter, DeviceState, Smashed
+from sflam.platform.runtime import device_executor, evaluate_batch, evaluation_batches
+from sflam.platform.split import DevicePart, ServerPart
 from sflam.platform.strategies import FitInstructions, weighted_sum
 
 
@@ -29,13 +31,23 @@ class EdgeWorker:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         self.log_file = log_file
         self.config = config_from_dict(config)
-        self.data, self.device, _ = build_executors(self.config)
+        quiet_libraries()
+        self.server_part: ServerPart | None = None
         self.states: list[DeviceState] = []
         self.batches: dict[int, list] = {}
         self.bits: dict[int, int] = {}
         self.steps: list[int] = []
         self.weights: list[float] = []
         self.round_index = -1
+
+    @logged
+    def load(self, data: DataBundle, device_part: DevicePart, server_part: list[Any]) -> int:
+        """`data` and `device_part` arrive built (the driver's, through the object store: nothing is tokenized,
+        loaded or quantized again here); `server_part` holds the reference to the driver's server part, fetched
+        at the first evaluation only."""
+        self.data, self.device = data, device_executor(self.config, device_part)
+        self.server_part_ref = server_part
+        return os.getpid()
 
     def ready(self) -> int:
         return os.getpid()
@@ -94,14 +106,19 @@ class EdgeWorker:
 
     # ------------------------------------------------------------------ evaluation
     @logged
-    def infer(self, adapter: Adapter, numbers: list[int]) -> list[Smashed]:
-        """Device-side inference of evaluation batches (numbered as in the reference runtime)."""
-        from sflam.platform.runtime import evaluation_batches
+    def evaluate(self, adapter: Adapter, server_state: Adapter, numbers: list[int]) -> list[tuple[float, int, int]]:
+        """Evaluation batches `numbers` (as the reference runtime numbers them) through the whole deployed
+        pipeline here: this worker's own test data, the device part, the codec and the server part with the
+        server's current trained tensors. Only the batches' figures travel back."""
+        if self.server_part is None:
+            import ray
 
+            self.server_part = ray.get(self.server_part_ref[0])
+        part = self.server_part
+        with torch.no_grad():
+            for name, param in part.named_parameters():
+                if param.requires_grad:
+                    param.copy_(server_state[name])
         wanted = set(numbers)
-        out = []
-        for number, batch in evaluation_batches(self.config, self.data):
-            if number in wanted:
-                generator = codec_generator(self.config.seed, 0, number, EVAL_DEVICE, 0)
-                out.append(self.device.infer(adapter, batch, generator))
-        return out
+        return [evaluate_batch(self.config, self.device, part, adapter, number, batch)
+                for number, batch in evaluation_batches(self.config, self.data) if number in wanted]

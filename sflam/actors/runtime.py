@@ -44,7 +44,7 @@ from sflam.platform.errors import RunFailed, SflamError
 from sflam.platform.executors import Adapter
 from sflam.platform.quantization import stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult
-from sflam.platform.runtime import Experiment, evaluation_batches
+from sflam.platform.runtime import Experiment, evaluation_batches, summed
 
 Hook = Callable[["RayRuntime", int, int], None]
 ACTOR_FAILURES = (RayActorError,)
@@ -105,9 +105,9 @@ class RayRuntime(Executor):
     def __init__(self, config: ExperimentConfig, experiment: Experiment | None = None,
                  hooks: dict[str, Hook] | None = None) -> None:
         self.config = config
-        self.exp = experiment or Experiment.build(config)
-        self.data, self.planner = self.exp.data, self.exp.planner
         self.hooks = hooks or {}
+        self.workers: list[Any] = []
+        self.ranks: list[Any] = []
         self.log_dir = Path(config.output_dir).resolve() / config.name / "logs"
         self.watchdog: subprocess.Popen[bytes] | None = None
         rc, srv = config.ray, config.server
@@ -123,16 +123,14 @@ class RayRuntime(Executor):
         self.owns_ray, cluster = connect(config, workers * rc.cpus_per_worker + ranks)
         if self.owns_ray and "local" in cluster:
             self.watchdog = start_watchdog()
-        self.workers: list[Any] = []
-        self.ranks: list[Any] = []
         self.server_group: PlacementGroup | None = None
         try:
-            self._start_pool(workers, ranks, cluster)
+            self._start_pool(workers, ranks, cluster, experiment)
         except BaseException:  # nothing of a pool that could not start stays on the cluster
             self.shutdown()
             raise
 
-    def _start_pool(self, workers: int, ranks: int, cluster: str) -> None:
+    def _start_pool(self, workers: int, ranks: int, cluster: str, experiment: Experiment | None) -> None:
         config, rc, srv = self.config, self.config.ray, self.config.server
         K = config.train.devices_per_round
         if not (rc.workers or rc.devices_per_worker) and "local" not in cluster:
@@ -145,6 +143,14 @@ class RayRuntime(Executor):
                              f"per round, but ray.workers={workers}")
         self.layout = PoolLayout(workers, per_worker, ranks, srv.engine, cluster)
         self.config_dict = config.to_dict()
+        self.replaced = 0
+        self._start_actors(workers, ranks, experiment)
+
+    def _start_actors(self, workers: int, ranks: int, experiment: Experiment | None) -> None:
+        """Actors first, so their processes import torch and the model code while this driver builds the
+        experiment; then the driver's data and built parts go to them through the object store, put once:
+        no actor (nor any replacement) tokenizes, loads the fp32 model or quantizes again (DESIGN §8)."""
+        rc, srv = self.config.ray, self.config.server
         self._edge_cls = ray.remote(EdgeWorker)
         self._server_cls = ray.remote(ServerRank)
         # a shape no node has fails at once; one that only has to wait for free resources gets the timeout
@@ -158,15 +164,27 @@ class RayRuntime(Executor):
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
         ).remote(self.config_dict, rank, ranks, rc.threads_per_worker, self.log_file("server-rank", rank))
             for rank in range(ranks)]
-        self.workers = [self._new_worker(i) for i in range(workers)]
+        self.workers = [self._spawn_worker(i) for i in range(workers)]
+        # while the actors start and import, the driver builds the experiment once
+        self.exp = experiment or Experiment.build(self.config)
+        self.data, self.planner = self.exp.data, self.exp.planner
         self._ready([r.ready.remote() for r in self.ranks] + [w.ready.remote() for w in self.workers],
                     f"{ranks} server rank(s) and {workers} edge worker(s)")
+        self.data_ref = ray.put(self.exp.data)
+        self.device_part_ref = ray.put(self.exp.device.part)
+        self.server_part_ref = ray.put(self.exp.server.part)
+        self._ready([w.load.remote(*self._shared()) for w in self.workers]
+                    + [r.load.remote(self.server_part_ref, self.exp.device.trains) for r in self.ranks],
+                    f"loading the experiment into {ranks} server rank(s) and {workers} edge worker(s)")
         self.master: tuple[str, int] | None = None
         self.backend: str | None = None
         if srv.engine == "deepspeed":  # rank 0 names the meeting point on its own node; all ranks join there
             self.master = self._server_call(-1, "rendezvous", [self.ranks[0].rendezvous.remote()])[0]
             self.backend = self._server_call(-1, "start-up", [r.join.remote(*self.master) for r in self.ranks])[0]
-        self.replaced = 0
+
+    def _shared(self) -> tuple[Any, ...]:
+        # the server part's reference travels inside a list: Ray resolves it only when a worker first evaluates
+        return self.data_ref, self.device_part_ref, [self.server_part_ref]
 
     def _rank_bundle(self) -> dict[str, float]:
         srv = self.config.server
@@ -225,6 +243,11 @@ class RayRuntime(Executor):
 
     def _new_worker(self, i: int) -> Any:
         """An edge worker, spread over the nodes by default; a replacement lands on whichever node can host it."""
+        worker = self._spawn_worker(i)
+        worker.load.remote(*self._shared())  # calls on an actor run in order: every later call sees it loaded
+        return worker
+
+    def _spawn_worker(self, i: int) -> Any:
         rc = self.config.ray
         return self._edge_cls.options(
             num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker, resources=dict(rc.resources),
@@ -391,22 +414,26 @@ class RayRuntime(Executor):
         return Engine(self.config, self).run_round(round_index, global_adapter)
 
     def evaluate(self, adapter: Adapter) -> tuple[float, float]:
+        """The reference runtime's evaluation spread over the edge workers: each runs its share of the batches
+        through device part, codec and server part on its own copy of the test data; the server's trained
+        tensors (small) are put once, only per-batch figures come back (summed in batch order)."""
         numbers = [n for n, _ in evaluation_batches(self.config, self.exp.data)]
         adapter_ref = ray.put(adapter)
+        # the server's trained tensors (adapters, head: small), put once for every worker
+        server_state_ref = ray.put(self.server_state())
         groups = np.array_split(np.array(numbers), len(self.workers))
-        refs = {i: self.workers[i].infer.remote(adapter_ref, [int(n) for n in g]) for i, g in enumerate(groups)
-                if len(g)}
-        messages = self._gather(refs, lambda i: self._new_and_infer(i, adapter_ref, groups[i]),
-                                lambda i: f"edge worker {i} (evaluation)")
-        message_refs = [ray.put(messages[i]) for i in sorted(messages)]
-        results = self._server_call(-1, "evaluation", [r.evaluate.remote(*message_refs) for r in self.ranks])
-        total_loss, total_correct, total = results[0]
-        return total_correct / total, total_loss / total
 
-    def _new_and_infer(self, i: int, adapter_ref: Any, numbers: np.ndarray) -> Any:
-        self.workers[i] = self._new_worker(i)
-        self.replaced += 1
-        return self.workers[i].infer.remote(adapter_ref, [int(n) for n in numbers])
+        def submit(worker: Any, i: int) -> Any:
+            return worker.evaluate.remote(adapter_ref, server_state_ref, [int(n) for n in groups[i]])
+
+        def recover(i: int) -> Any:
+            self.workers[i] = self._new_worker(i)
+            self.replaced += 1
+            return submit(self.workers[i], i)
+
+        refs = {i: submit(self.workers[i], i) for i, g in enumerate(groups) if len(g)}
+        results = self._gather(refs, recover, lambda i: f"edge worker {i} (evaluation)")
+        return summed([figures for i in sorted(results) for figures in results[i]])
 
     def initial_adapter(self) -> Adapter:
         return self.exp.device.initial_adapter()

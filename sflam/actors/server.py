@@ -27,10 +27,12 @@ import torch
 
 from sflam.actors.failures import logged
 from sflam.platform import codec
+from sflam.platform.build import quiet_libraries
 from sflam.platform.codec import Encoded
 from sflam.platform.config import config_from_dict
 from sflam.platform.executors import DOWNLINK, Adapter, ServerExecutor, Smashed, _rows, codec_generator
-from sflam.platform.runtime import build_executors
+from sflam.platform.runtime import server_executor
+from sflam.platform.split import ServerPart
 
 StepStats = tuple[float, int, int, int]  # (summed loss, correct, samples, gradient bits) of a rank's shard
 
@@ -76,15 +78,20 @@ class ServerRank:
         torch.set_num_threads(threads)
         self.log_file = log_file
         self.config = config_from_dict(config)
+        quiet_libraries()
         self.rank, self.world_size = rank, world_size
-        _, device, self.server = build_executors(self.config)
-        del device
         self.engine: Any = None
         # the torch engine on the GPU Ray reserved for it (Ray sets CUDA_VISIBLE_DEVICES to it)
         self.device = torch.device("cuda" if self.config.server.gpus_per_rank > 0 and torch.cuda.is_available()
                                    else "cpu")
+
+    @logged
+    def load(self, part: ServerPart, send_gradients: bool) -> int:
+        """`part` arrives built: the driver's server part through the object store (this rank's own copy)."""
+        self.server = server_executor(self.config, part, send_gradients)
         if self.config.server.engine == "torch" and self.device.type == "cuda":
             self.server.part.to(self.device)
+        return os.getpid()
 
     @logged
     def rendezvous(self) -> tuple[str, int]:
@@ -96,7 +103,7 @@ class ServerRank:
 
     @logged
     def join(self, master_addr: str, master_port: int) -> str:
-        """Join the DeepSpeed group at rank 0's address; returns the collectives backend in use."""
+        """Join the DeepSpeed group at rank 0's address (after `load`); returns the collectives backend in use."""
         self._init_deepspeed(master_addr, master_port)
         return str(self.backend)
 
@@ -183,23 +190,6 @@ class ServerRank:
             start += rows
         bits = sum(g.payload_bits for g in gradients if g is not None)
         return (float(mean_loss.detach()) * shard_samples, int(correct), shard_samples, bits), gradients
-
-    @logged
-    def evaluate(self, *message_lists: list[Smashed]) -> tuple[float, int, int]:
-        messages = [m for chunk in message_lists for m in chunk]
-        if self.engine is None and self.device.type == "cpu":
-            return self.server.evaluate(messages)
-        total_loss, total_correct, total = 0.0, 0, 0
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            for message in messages:  # every rank evaluates everything: ZeRO-3 forwards are collective
-                hidden, mask, labels = ServerExecutor.assemble([message])
-                logits = self.model(hidden.to(device), mask.to(device))
-                loss, correct = self.server.part.loss_and_correct(logits, labels.to(device))
-                total_loss += float(loss) * int(labels.shape[0])
-                total_correct += int(correct)
-                total += int(labels.shape[0])
-        return total_loss, total_correct, total
 
     @logged
     def checkpoint(self) -> dict[str, Any]:

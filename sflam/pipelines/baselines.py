@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from sflam.platform.build import build_parts, prepare_data, quiet_libraries, validate
+from sflam.platform.cache import CostCache
 from sflam.platform.config import ExperimentConfig, config_from_dict
-from sflam.platform.costs import FlopTable, RoundPlanner, measure_device_memory
+from sflam.platform.costs import FlopTable, RoundPlanner, cached_device_memory, cost_fields
 from sflam.platform.data import collate
 from sflam.platform.engine import Engine, Executor, Resume, RoundOutcome, RoundTask
 from sflam.platform.executors import Adapter, trainable_state
@@ -90,10 +91,12 @@ class LocalTrainingExecutor(Executor):
         self.model = WholeModel(device_part, self.server_part)
         self.initial = trainable_state(self.model)
         self.adapter_bits = 32 * sum(t.numel() for t in self.initial.values())
-        flops = FlopTable(self.model, nn.Identity(), self.initial, int(device_part.config.hidden_size))
+        fields = {**cost_fields(whole_cut, self.model), "method": "fl"}
+        flops = FlopTable(self.model, nn.Identity(), self.initial, int(device_part.config.hidden_size),
+                          cache=CostCache("flops", fields))
         longest = np.argsort([-len(s) for s in self.data.train.input_ids])[: config.train.batch_size]
-        self.memory = measure_device_memory(self.model, self.initial,
-                                            collate(self.data.train, longest, self.data.pad_token_id))
+        self.memory = cached_device_memory(config, self.model, self.initial,
+                                           collate(self.data.train, longest, self.data.pad_token_id), fields)
         self.planner = build_planner("fl", config, flops, self.adapter_bits, True)
 
     def initial_adapter(self) -> Adapter:

@@ -41,12 +41,12 @@ def run_experiment(config: ExperimentConfig, progress: Callable[[RoundMetrics], 
     """Run every round on the configured runtime (from a checkpoint's round when resuming)."""
     from sflam.platform.runtime import Experiment, run_local
 
-    exp = experiment or Experiment.build(config)
-    if config.runtime == "ray":
+    if config.runtime == "ray":  # the Ray runtime builds the experiment while its actors start
         from sflam.actors.runtime import run_ray
 
-        return run_ray(config, progress=progress, experiment=exp, announce=announce, checkpoint=checkpoint,
+        return run_ray(config, progress=progress, experiment=experiment, announce=announce, checkpoint=checkpoint,
                        resume=resume)
+    exp = experiment or Experiment.build(config)
     return run_local(config, progress=progress, experiment=exp, checkpoint=checkpoint, resume=resume)
 
 

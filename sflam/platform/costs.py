@@ -14,6 +14,8 @@ turns a round's real mini-batches into the phases of the schedule the runtime ex
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ from sflam.platform.allocation import (
     equal_allocation,
     reference_costs,
 )
+from sflam.platform.cache import CostCache, parts_fingerprint
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.data import Batch
 from sflam.platform.quantization import bnb, stored_weight_bytes
@@ -81,13 +84,37 @@ class FlopTable:
     """Forward and backward FLOPs per sample of the device part and the server part, by input shape."""
 
     def __init__(self, device_part: torch.nn.Module, server_part: torch.nn.Module, adapter: dict[str, torch.Tensor],
-                 hidden_size: int) -> None:
+                 hidden_size: int, cache: CostCache | None = None) -> None:
+        """`cache`: the on-disk entry of these parts (see `cost_fields`); counts found there are not redone,
+        new ones are added to it."""
         self.device_part = device_part
         self.server_part = server_part
         self.adapter = adapter
         self.hidden_size = hidden_size
+        self.cache = cache
         self._device: dict[tuple[int, ...], tuple[int, int]] = {}
         self._server: dict[int, tuple[int, int]] = {}
+        self.cached = self._load()
+
+    def _load(self) -> int:
+        """Counts from the cache entry (a malformed one is ignored as a whole); how many were read."""
+        if self.cache is None:
+            return 0
+        value = self.cache.load()
+        try:
+            device = {tuple(int(v) for v in key.split(",")): (int(f), int(b))
+                      for key, (f, b) in value.get("device", {}).items()}
+            server = {int(key): (int(f), int(b)) for key, (f, b) in value.get("server", {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            return 0
+        self._device.update(device)
+        self._server.update(server)
+        return len(device) + len(server)
+
+    def _save(self) -> None:
+        if self.cache is not None:
+            self.cache.save({"device": {",".join(str(v) for v in key): list(fb) for key, fb in self._device.items()},
+                             "server": {str(key): list(fb) for key, fb in self._server.items()}})
 
     def device_batch(self, batch: Batch) -> tuple[int, int]:
         """(forward, backward) FLOPs of one sample of `batch` (at its padded shape) through the device part."""
@@ -104,6 +131,7 @@ class FlopTable:
             fwd = _count(forward, self.device_part)
             bwd = _count(lambda: out[0].backward(torch.ones_like(out[0])), self.device_part) if adapter else 0
             self._device[key] = (fwd, bwd)
+            self._save()
         return self._device[key]
 
     def device(self, length: int) -> tuple[int, int]:
@@ -126,6 +154,7 @@ class FlopTable:
             bwd = _count(lambda: out[0].backward(), self.server_part)
             self.server_part.zero_grad(set_to_none=True)
             self._server[length] = (fwd, bwd)
+            self._save()
         return self._server[length]
 
 
@@ -213,6 +242,38 @@ def measure_device_memory(part: torch.nn.Module, adapter: dict[str, torch.Tensor
     rest = max(0, peak - weights - adapters - gradients - state)
     return DeviceMemory(weights=weights, adapters=adapters, gradients=gradients, optimizer=state,
                         activations=int(rest), peak=int(peak))
+
+
+def cost_fields(config: ExperimentConfig, *parts: torch.nn.Module) -> dict[str, Any]:
+    """What the FLOP table and the device memory of built parts depend on, for their cache key: the model,
+    task, cut layer, weight mode, LoRA, and the parts' own structure (which covers label heads, image sizes
+    and any other setting that changes a layer)."""
+    m = config.model
+    return {"model": m.name, "task": m.task, "image_size": m.image_size,
+            "cut_layer": config.split.cut_layer, "weights": config.quant.weights,
+            "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha,
+                     "targets": list(config.lora.target_modules), "server": config.lora.server},
+            "parts": parts_fingerprint(*parts)}
+
+
+def cached_device_memory(config: ExperimentConfig, part: torch.nn.Module, adapter: dict[str, torch.Tensor],
+                         batch: Batch, fields: dict[str, Any]) -> DeviceMemory:
+    """`measure_device_memory`, read from the cache when this step (parts, batch, threads, device) was measured
+    before; a missing or malformed entry is measured and written."""
+    digest = hashlib.sha256(batch.input_ids.numpy().tobytes() + batch.attention_mask.numpy().tobytes()).hexdigest()
+    cuda = any(p.is_cuda for p in part.parameters())
+    cache = CostCache("memory", {**fields, "batch": [list(batch.input_ids.shape), str(batch.input_ids.dtype), digest],
+                                 "batch_size": config.train.batch_size, "max_length": config.model.max_length,
+                                 "adapter": {n: list(t.shape) for n, t in adapter.items()},
+                                 "device": torch.cuda.get_device_name() if cuda else "cpu",
+                                 "threads": torch.get_num_threads()})
+    value = cache.load()
+    names = [f.name for f in dataclasses.fields(DeviceMemory)]
+    if sorted(value) == sorted(names) and all(isinstance(value[n], int) for n in names):
+        return DeviceMemory(**value)
+    memory = measure_device_memory(part, adapter, batch)
+    cache.save(dataclasses.asdict(memory))
+    return memory
 
 
 # --------------------------------------------------------------------------- the round plan

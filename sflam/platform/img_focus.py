@@ -128,9 +128,9 @@ def convert(path: Path, folder: Path) -> None:
 
 def cache_dir() -> Path:
     """SFLAM_CACHE, else $XDG_CACHE_HOME/sflam, else ~/.cache/sflam."""
-    if os.environ.get("SFLAM_CACHE"):
-        return Path(os.environ["SFLAM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sflam"
+    from sflam.platform.cache import cache_root
+
+    return cache_root()
 
 
 def _fingerprint(path: Path) -> str:

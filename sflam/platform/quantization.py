@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copyreg
 import logging
 import warnings
 from typing import TypeGuard
@@ -16,6 +17,23 @@ with warnings.catch_warnings():
     import bitsandbytes as bnb
 
 BLOCKSIZE = 64
+
+
+def _rebuild_quantized(cls: type, data: torch.Tensor, requires_grad: bool, state: dict) -> torch.Tensor:
+    param: torch.Tensor = torch.Tensor._make_subclass(cls, data, requires_grad)
+    param.__dict__.update(state)
+    return param
+
+
+def _reduce_quantized(param: torch.Tensor) -> tuple:
+    """Pickle a bitsandbytes parameter as itself: torch's Parameter reduction would return a plain Parameter
+    without its class, so a device part shared through Ray's object store keeps its quantized layers whole."""
+    return _rebuild_quantized, (type(param), param.detach().as_subclass(torch.Tensor), param.requires_grad,
+                                dict(param.__dict__))
+
+
+for _cls in (bnb.nn.Params4bit, bnb.nn.Int8Params):
+    copyreg.pickle(_cls, _reduce_quantized)
 
 
 def _linear_4bit(layer: nn.Linear, quant_type: str) -> nn.Module:

@@ -19,8 +19,9 @@ import torch
 
 from sflam.platform import codec
 from sflam.platform.build import DataBundle, build_parts, prepare_data, quiet_libraries, validate
+from sflam.platform.cache import CostCache
 from sflam.platform.config import ExperimentConfig
-from sflam.platform.costs import DeviceMemory, FlopTable, RoundPlanner, measure_device_memory
+from sflam.platform.costs import DeviceMemory, FlopTable, RoundPlanner, cached_device_memory, cost_fields
 from sflam.platform.data import Batch, collate, device_batches
 from sflam.platform.engine import (
     Engine,
@@ -35,6 +36,7 @@ from sflam.platform.engine import (
 from sflam.platform.executors import Adapter, DeviceExecutor, ServerExecutor, codec_generator
 from sflam.platform.quantization import stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult, round_line
+from sflam.platform.split import DevicePart, ServerPart
 from sflam.platform.strategies import weighted_sum
 
 EVAL_DEVICE = -2
@@ -60,13 +62,8 @@ class Experiment:
 
     def evaluate(self, adapter: Adapter) -> tuple[float, float]:
         """Test accuracy and loss of the deployed pipeline: device part, activation codec, server part."""
-        total_loss, correct, total = 0.0, 0, 0
-        for number, batch in evaluation_batches(self.config, self.data):
-            generator = codec_generator(self.config.seed, 0, number, EVAL_DEVICE, 0)
-            message = self.device.infer(adapter, batch, generator)
-            batch_loss, batch_correct, count = self.server.evaluate([message])
-            total_loss, correct, total = total_loss + batch_loss, correct + batch_correct, total + count
-        return correct / total, total_loss / total
+        return summed([evaluate_batch(self.config, self.device, self.server.part, adapter, number, batch)
+                       for number, batch in evaluation_batches(self.config, self.data)])
 
 
 def build_executors(config: ExperimentConfig) -> tuple[DataBundle, DeviceExecutor, ServerExecutor]:
@@ -77,12 +74,41 @@ def build_executors(config: ExperimentConfig) -> tuple[DataBundle, DeviceExecuto
     spec = validate(config)
     data = prepare_data(config, spec)
     device_part, server_part = build_parts(config, spec, data)
+    device = device_executor(config, device_part)
+    return data, device, server_executor(config, server_part, send_gradients=device.trains)
+
+
+def device_executor(config: ExperimentConfig, part: DevicePart) -> DeviceExecutor:
+    """The device executor over an already built device part (a Ray actor gets the driver's part)."""
     q = config.quant
-    device = DeviceExecutor(device_part, q.activation_bits, q.gradient_bits, q.side_dtype,
-                            config.train.device_lr, config.seed)
-    server = ServerExecutor(server_part, q.gradient_bits, codec.GRADIENT_SIDE_DTYPE, config.train.server_lr,
-                            config.seed, send_gradients=device.trains)
-    return data, device, server
+    return DeviceExecutor(part, q.activation_bits, q.gradient_bits, q.side_dtype, config.train.device_lr, config.seed)
+
+
+def server_executor(config: ExperimentConfig, part: ServerPart, send_gradients: bool) -> ServerExecutor:
+    """The server executor over an already built server part."""
+    return ServerExecutor(part, config.quant.gradient_bits, codec.GRADIENT_SIDE_DTYPE, config.train.server_lr,
+                          config.seed, send_gradients=send_gradients)
+
+
+def evaluate_batch(config: ExperimentConfig, device: DeviceExecutor, server_part: ServerPart, adapter: Adapter,
+                   number: int, batch: Batch) -> tuple[float, int, int]:
+    """One evaluation batch through the deployed pipeline (device part, activation codec, server part):
+    summed loss, correct predictions, samples. Every runtime evaluates a batch with this function."""
+    generator = codec_generator(config.seed, 0, number, EVAL_DEVICE, 0)
+    message = device.infer(adapter, batch, generator)
+    with torch.no_grad():
+        hidden, mask, labels = ServerExecutor.assemble([message])
+        loss, correct = server_part.loss_and_correct(server_part(hidden, mask), labels)
+    return float(loss) * int(labels.shape[0]), int(correct), int(labels.shape[0])
+
+
+def summed(results: list[tuple[float, int, int]]) -> tuple[float, float]:
+    """Accuracy and mean loss from the evaluation batches' figures, added in batch order (so every runtime,
+    however it spreads the batches, gets the same floating-point sums)."""
+    total_loss, correct, total = 0.0, 0, 0
+    for batch_loss, batch_correct, count in results:
+        total_loss, correct, total = total_loss + batch_loss, correct + batch_correct, total + count
+    return correct / total, total_loss / total
 
 
 def evaluation_batches(config: ExperimentConfig, data: DataBundle) -> list[tuple[int, Batch]]:
@@ -95,10 +121,12 @@ def evaluation_batches(config: ExperimentConfig, data: DataBundle) -> list[tuple
 
 def plan_costs(config: ExperimentConfig, data: DataBundle, device: DeviceExecutor, server: ServerExecutor
                ) -> tuple[RoundPlanner, DeviceMemory]:
-    """The FLOP table and device memory, measured once on the real parts, and the round planner."""
+    """The FLOP table and device memory, measured on the real parts (or read from the on-disk cache of earlier
+    measurements of the same parts, `sflam.platform.cache`), and the round planner."""
     adapter = device.initial_adapter()
     hidden = int(device.part.config.hidden_size)
-    flops = FlopTable(device.part, server.part, adapter, hidden)
+    fields = cost_fields(config, device.part, server.part)
+    flops = FlopTable(device.part, server.part, adapter, hidden, cache=CostCache("flops", fields))
     adapter_bits = 32 * sum(t.numel() for t in adapter.values())
     planner = RoundPlanner(config, flops, adapter_bits, trains_device=device.trains)
     if config.allocation.deadline_s is not None:  # a deadline no allocation can meet fails before any training
@@ -106,7 +134,8 @@ def plan_costs(config: ExperimentConfig, data: DataBundle, device: DeviceExecuto
         planner.plan(0, selected, device_round_batches(config, data, 0, selected))
     # a full-length mini-batch of real training sentences: the step that needs the most activation memory
     longest = np.argsort([-len(s) for s in data.train.input_ids])[: config.train.batch_size]
-    memory = measure_device_memory(device.part, adapter, collate(data.train, longest, data.pad_token_id))
+    memory = cached_device_memory(config, device.part, adapter, collate(data.train, longest, data.pad_token_id),
+                                  fields)
     return planner, memory
 
 

@@ -15,7 +15,7 @@ from sflam.actors.runtime import RayRuntime, RunFailed, run_ray, start_watchdog
 from sflam.cluster.connect import start_ray
 from sflam.platform.checkpoint import load_checkpoint, save_checkpoint
 from sflam.platform.engine import Engine, Resume
-from sflam.platform.runtime import run_local
+from sflam.platform.runtime import Experiment, run_local
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.integration
@@ -162,3 +162,28 @@ def test_deepspeed_run_killed_by_sigkill_resumes_from_the_command_line_exactly(t
     run_to_end(tmp_path / "killed", *args, "--resume")
     run_to_end(tmp_path / "clean", *args)
     assert_same_run(tmp_path / "killed" / "resume", tmp_path / "clean" / "resume")
+
+
+def test_ray_evaluation_equals_the_reference_exactly_and_survives_a_lost_worker() -> None:
+    """Each edge worker evaluates its share of the batches on its own test data with the server's current
+    tensors; the sums come out bit for bit as the reference runtime's, also after a worker is replaced."""
+    config = tiny_config(*BASE, "runtime=ray", "ray.workers=2", "train.eval_batch_size=16")
+    exp = Experiment.build(config)
+    runtime = RayRuntime(config, exp)  # the actors get the parts as built
+    try:
+        generator = torch.Generator().manual_seed(5)
+        adapter = {n: t + 0.05 * torch.randn(t.shape, generator=generator)
+                   for n, t in exp.device.initial_adapter().items()}  # a trained-looking adapter
+        with torch.no_grad():  # the server part moves on after the actors got their copies
+            for param in exp.server.part.parameters():
+                if param.requires_grad:
+                    param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        reference = exp.evaluate(adapter)
+        assert 0.0 < reference[0] < 1.0 and reference[1] > 0
+        assert runtime.evaluate(adapter) != reference  # the server rank still holds the built tensors
+        runtime.restore_server({"part": exp.server.state(), "optimizer": None})
+        assert runtime.evaluate(adapter) == reference
+        ray.kill(runtime.workers[1], no_restart=True)
+        assert runtime.evaluate(adapter) == reference and runtime.replaced == 1
+    finally:
+        runtime.shutdown()

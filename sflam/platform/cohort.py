@@ -3,7 +3,7 @@
 All devices of an executor share the device part's frozen (possibly quantized) base weights; only their
 LoRA adapters differ. A cohort keeps every device's adapter stacked, (devices, ...) per tensor, and runs a
 local step for all live devices at once: the base layers over the stacked batch (each device's mini-batch
-right-padded to the step's longest sequence; rows grouped by device), each LoRA layer's delta as batched
+of the same sequence length stacked; rows grouped by device), each LoRA layer's delta as batched
 matmuls over a (devices, rows, in) view (the multi-adapter technique of S-LoRA and Punica), and one
 multi-tensor AdamW step over the stacked adapters, elementwise the same update as one AdamW per device.
 What each device sends and receives is encoded with its own seeded stream, so every message, adapter and
@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -64,7 +65,7 @@ class Cohort:
     anchor: Adapter | None = None        # the global adapter, for FedProx's proximal term
     proximal_mu: float = 0.0
     samples_trained: int = 0
-    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    pending: dict[int, list[tuple[torch.Tensor, torch.Tensor, list[int]]]] = field(default_factory=dict)
 
     def stacked(self, name: str) -> torch.Tensor:
         """Every device's copy of a tensor (a frozen one is the same for all)."""
@@ -105,14 +106,8 @@ def start(part: nn.Module, devices: list[int], global_adapter: Adapter, lr: floa
 
 
 def stack_batches(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The live devices' mini-batches as one right-padded batch, rows grouped by device."""
-    length = max(int(b.attention_mask.shape[1]) for b in batches)
-    if batches[0].input_ids.dim() > 2:  # vision: pixels, every device's tokens have the same count
-        return torch.cat([b.input_ids for b in batches]), torch.cat([b.attention_mask for b in batches])
-    pad = [length - int(b.attention_mask.shape[1]) for b in batches]
-    ids = torch.cat([nn.functional.pad(b.input_ids, (0, p)) for b, p in zip(batches, pad, strict=True)])
-    mask = torch.cat([nn.functional.pad(b.attention_mask, (0, p)) for b, p in zip(batches, pad, strict=True)])
-    return ids, mask
+    """Mini-batches of one sequence length as one batch, rows grouped by device."""
+    return torch.cat([b.input_ids for b in batches]), torch.cat([b.attention_mask for b in batches])
 
 
 def layout(live: list[int], batches: list[Batch]) -> Layout:
@@ -156,25 +151,49 @@ def batched_lora(part: nn.Module, cohort: Cohort, where: Layout) -> Iterator[Non
             del module.forward
 
 
-def forward(part: nn.Module, cohort: Cohort, live: list[int], batches: list[Batch]
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device part over the live devices' stacked batch: hidden states (samples, T, H) and their mask."""
-    ids, mask = stack_batches(batches)
-    where = layout(live, batches)
+def forward(part: nn.Module, cohort: Cohort, live: list[int], batches: list[Batch], step: int) -> torch.Tensor:
+    """The device part over the live devices' batches; returns the rows of their real tokens, device after device.
+
+    Devices whose mini-batches have the same sequence length run as one stacked batch: padding a sequence further
+    changes bf16 attention in its last bit, so each device keeps exactly the length it has on its own.
+    """
+    lengths: dict[int, list[int]] = {}
+    for j, batch in enumerate(batches):
+        lengths.setdefault(int(batch.attention_mask.shape[1]), []).append(j)
     grad_mode = torch.enable_grad() if cohort.optimizer is not None else torch.no_grad()
-    with grad_mode, batched_lora(part, cohort, where):
-        hidden = part(ids, mask)
-    return hidden, mask
+    groups: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
+    pieces: list[torch.Tensor | None] = [None] * len(batches)
+    for members in lengths.values():
+        ids, mask = stack_batches([batches[j] for j in members])
+        where = layout([live[j] for j in members], [batches[j] for j in members])
+        with grad_mode, batched_lora(part, cohort, where):
+            hidden = part(ids, mask)
+        groups.append((hidden, mask, members))
+        rows = hidden.detach()[mask.bool()]
+        counts = [int(batches[j].attention_mask.sum()) for j in members]
+        for j, piece in zip(members, torch.split(rows, counts), strict=True):
+            pieces[j] = piece
+    if cohort.optimizer is not None:
+        cohort.pending[step] = groups
+    return torch.cat([p for p in pieces if p is not None])
 
 
 def backward(cohort: Cohort, step: int, gradients: list[Encoded | None]) -> None:
     """Each live device's received activation gradient into one backward, then one AdamW step for all."""
-    hidden, mask = cohort.pending.pop(step)
+    groups = cohort.pending.pop(step)
     if cohort.optimizer is None or all(g is None for g in gradients):
         return
-    full = torch.zeros(hidden.shape, dtype=hidden.dtype)
-    full[mask.bool()] = codec.decode_many([g for g in gradients if g is not None])
-    hidden.backward(full)
+    received = [g for g in gradients if g is not None]
+    if len(received) != len(gradients):
+        raise ValueError("the server sent gradients to some live devices only")
+    decoded = torch.split(codec.decode_many(received), [int(np.prod(g.shape[:-1])) for g in received])
+    outputs, grads = [], []
+    for hidden, mask, members in groups:
+        full = torch.zeros(hidden.shape, dtype=hidden.dtype)
+        full[mask.bool()] = torch.cat([decoded[j] for j in members])
+        outputs.append(hidden)
+        grads.append(full)
+    torch.autograd.backward(outputs, grads)
     if cohort.anchor is not None:  # FedProx: + mu (w - w_global) on every trained tensor
         with torch.no_grad():
             for name, tensor in cohort.adapter.items():

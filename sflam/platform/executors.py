@@ -27,6 +27,7 @@ __all__ = ["Cohort", "DeviceExecutor", "ServerExecutor", "fedavg", "weighted_sum
 Adapter = dict[str, torch.Tensor]
 
 UPLINK, DOWNLINK = 0, 1
+SERVER_CHUNK_SAMPLES = 2048  # samples per server forward/backward within one local step
 
 
 def codec_generator(seed: int, round_index: int, step: int, device: int, direction: int) -> torch.Generator:
@@ -156,20 +157,20 @@ class DeviceExecutor:
                        bits: list[int]) -> list[Smashed]:
         """`forward` of the live devices (positions in the cohort) on their mini-batches, as one computation;
         every device's smashed data is encoded with its own stream, so each message equals `forward`'s."""
-        hidden, mask = cohort.forward(self.part, group, live, batches)
+        if not live:  # every device of this executor has dropped out
+            return []
+        rows = cohort.forward(self.part, group, live, batches, step)
         devices = [group.devices[i] for i in live]
         counts = [int(b.attention_mask.sum()) for b in batches]
         generators = [codec_generator(self.seed, round_index, step, k, UPLINK) for k in devices]
-        encoded = codec.encode_many(_rows(hidden, mask), counts, [q or self.activation_bits for q in bits],
+        encoded = codec.encode_many(rows, counts, [q or self.activation_bits for q in bits],
                                     generators, self.side_dtype)
-        if group.optimizer is not None:
-            group.pending[step] = (hidden, mask)
         group.samples_trained += sum(len(b) for b in batches)
         return [Smashed(k, e, b.attention_mask, b.labels) for k, e, b in zip(devices, encoded, batches, strict=True)]
 
     def backward_cohort(self, group: Cohort, step: int, gradients: list[Encoded | None]) -> None:
         """`backward` of the live devices of a step (gradients in their order), one optimizer step for all."""
-        if group.optimizer is not None:
+        if group.optimizer is not None and step in group.pending:
             cohort.backward(group, step, gradients)
 
     @torch.no_grad()
@@ -213,9 +214,9 @@ class ServerExecutor:
                 group["lr"] = self.lr * factor
 
     @staticmethod
-    def assemble(messages: list[Smashed]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode every device's activations and pad them into one batch (right padding)."""
-        length = max(int(m.attention_mask.shape[1]) for m in messages)
+    def assemble(messages: list[Smashed], length: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode every device's activations and pad them into one batch (right padding, to `length` if longer)."""
+        length = max([length] + [int(m.attention_mask.shape[1]) for m in messages])
         mask = torch.cat([torch.nn.functional.pad(m.attention_mask, (0, length - int(m.attention_mask.shape[1])))
                           for m in messages])
         # every message's rows are its real tokens in order, so all decode into the stacked mask at once
@@ -223,13 +224,39 @@ class ServerExecutor:
         return hidden, mask, torch.cat([m.labels for m in messages])
 
     def step(self, messages: list[Smashed], round_index: int, step: int) -> ServerStepResult:
-        hidden, mask, labels = self.assemble(messages)
-        hidden.requires_grad_(self.send_gradients)
-        with torch.enable_grad():
-            logits = self.part(hidden, mask)
-            loss, correct = self.part.loss_and_correct(logits, labels)
-            if self.optimizer is not None or self.send_gradients:
-                loss.backward()
+        """Forward/backward of the mean loss over every message's samples, one optimizer step, encoded gradients.
+
+        Thousands of devices' samples run in chunks of about SERVER_CHUNK_SAMPLES (the gradients of a mean
+        accumulate chunk by chunk), so the server's activation memory stays bounded at any number of devices.
+        """
+        total = sum(int(m.labels.shape[0]) for m in messages)
+        length = max(int(m.attention_mask.shape[1]) for m in messages)
+        chunks: list[list[Smashed]] = []
+        current: list[Smashed] = []
+        size = 0
+        for message in messages:
+            if current and size + int(message.labels.shape[0]) > SERVER_CHUNK_SAMPLES:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(message)
+            size += int(message.labels.shape[0])
+        chunks.append(current)
+        loss_sum, correct, rows = 0.0, 0, []
+        for chunk in chunks:
+            hidden, mask, labels = self.assemble(chunk, length)
+            hidden.requires_grad_(self.send_gradients)
+            with torch.enable_grad():
+                logits = self.part(hidden, mask)
+                loss, chunk_correct = self.part.loss_and_correct(logits, labels)
+                share = int(labels.shape[0]) / total
+                if len(chunks) > 1:
+                    loss = loss * share
+                if self.optimizer is not None or self.send_gradients:
+                    loss.backward()
+            loss_sum += float(loss.detach())
+            correct += int(chunk_correct)
+            if self.send_gradients:
+                rows.append(_rows(hidden.grad, mask))  # type: ignore[arg-type]
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -237,9 +264,9 @@ class ServerExecutor:
         if self.send_gradients:  # each device's rows with its own stream, all devices' statistics at once
             counts = [int(m.attention_mask.sum()) for m in messages]
             generators = [codec_generator(self.seed, round_index, step, m.device, DOWNLINK) for m in messages]
-            gradients = list(codec.encode_many(_rows(hidden.grad, mask), counts,  # type: ignore[arg-type]
-                                               [self.gradient_bits] * len(messages), generators, self.side_dtype))
-        return ServerStepResult(float(loss.detach()), int(correct), int(labels.shape[0]), gradients)
+            gradients = list(codec.encode_many(torch.cat(rows), counts, [self.gradient_bits] * len(messages),
+                                               generators, self.side_dtype))
+        return ServerStepResult(loss_sum, correct, total, gradients)
 
     @torch.no_grad()
     def evaluate(self, messages: list[Smashed]) -> tuple[float, int, int]:

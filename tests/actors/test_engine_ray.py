@@ -68,9 +68,9 @@ def test_an_exception_inside_a_workers_backward_fails_the_run_with_one_line(pool
     runtime.restore_server(fresh_server)
 
     def corrupt(worker) -> None:  # a real exception in torch's backward: the kept activations lose their graph
-        for state in worker.states:
-            for step, (hidden, mask) in state.pending.items():
-                state.pending[step] = (hidden.detach(), mask)
+        pending = worker.cohort.pending
+        for step, groups in pending.items():
+            pending[step] = [(hidden.detach(), mask, members) for hidden, mask, members in groups]
 
     def sabotage(rt: RayRuntime, round_index: int, step: int) -> None:
         if (round_index, step) == (1, 1):

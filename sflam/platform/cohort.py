@@ -2,12 +2,13 @@
 
 All devices of an executor share the device part's frozen (possibly quantized) base weights; only their
 LoRA adapters differ. A cohort keeps every device's adapter stacked, (devices, ...) per tensor, and runs a
-local step for all live devices at once: the base layers over the stacked batch (each device's mini-batch
-of the same sequence length stacked; rows grouped by device), each LoRA layer's delta as batched
-matmuls over a (devices, rows, in) view (the multi-adapter technique of S-LoRA and Punica), and one
+local step for all live devices at once: the base layers over the stacked batch (the mini-batches of
+devices of one sequence length stacked, in chunks; rows grouped by device), each LoRA layer's delta as
+batched matmuls over a (devices, rows, in) view (the multi-adapter technique of S-LoRA and Punica), and one
 multi-tensor AdamW step over the stacked adapters, elementwise the same update as one AdamW per device.
-What each device sends and receives is encoded with its own seeded stream, so every message, adapter and
-loss equals the device-by-device path (`DeviceExecutor.start/forward/backward`) within float rounding.
+The backward recomputes each chunk's forward instead of keeping its graph, so memory stays bounded. What
+each device sends and receives is encoded with its own seeded stream, so every message, adapter and loss
+equals the device-by-device path (`DeviceExecutor.start/forward/backward`) within float rounding.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sflam.platform.data import Batch
 
 Adapter = dict[str, torch.Tensor]
 LORA = "default"  # the adapter name peft's inject_adapter_in_model gives
+CHUNK_SAMPLES = 2048  # samples per stacked device-part batch
 
 
 @dataclass
@@ -55,6 +57,9 @@ class Layout:
         return y if self.index is None else y.index_select(0, self.index)
 
 
+Chunk = tuple[list[int], torch.Tensor, torch.Tensor, Layout]  # live devices (by order), ids, mask, layout
+
+
 @dataclass
 class Cohort:
     """The devices an executor holds in a round: stacked adapters, one optimizer over them, pending graphs."""
@@ -65,7 +70,7 @@ class Cohort:
     anchor: Adapter | None = None        # the global adapter, for FedProx's proximal term
     proximal_mu: float = 0.0
     samples_trained: int = 0
-    pending: dict[int, list[tuple[torch.Tensor, torch.Tensor, list[int]]]] = field(default_factory=dict)
+    pending: dict[int, list[Chunk]] = field(default_factory=dict)
 
     def stacked(self, name: str) -> torch.Tensor:
         """Every device's copy of a tensor (a frozen one is the same for all)."""
@@ -151,49 +156,65 @@ def batched_lora(part: nn.Module, cohort: Cohort, where: Layout) -> Iterator[Non
             del module.forward
 
 
-def forward(part: nn.Module, cohort: Cohort, live: list[int], batches: list[Batch], step: int) -> torch.Tensor:
-    """The device part over the live devices' batches; returns the rows of their real tokens, device after device.
-
-    Devices whose mini-batches have the same sequence length run as one stacked batch: padding a sequence further
-    changes bf16 attention in its last bit, so each device keeps exactly the length it has on its own.
-    """
+def chunks(live: list[int], batches: list[Batch]) -> list[Chunk]:
+    """The live devices in stacked batches: devices of one sequence length together (padding a sequence further
+    changes bf16 attention in its last bit, so each device keeps exactly its own length), at most about
+    CHUNK_SAMPLES samples each."""
     lengths: dict[int, list[int]] = {}
     for j, batch in enumerate(batches):
         lengths.setdefault(int(batch.attention_mask.shape[1]), []).append(j)
-    grad_mode = torch.enable_grad() if cohort.optimizer is not None else torch.no_grad()
-    groups: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
-    pieces: list[torch.Tensor | None] = [None] * len(batches)
+    out = []
     for members in lengths.values():
-        ids, mask = stack_batches([batches[j] for j in members])
-        where = layout([live[j] for j in members], [batches[j] for j in members])
-        with grad_mode, batched_lora(part, cohort, where):
-            hidden = part(ids, mask)
-        groups.append((hidden, mask, members))
-        rows = hidden.detach()[mask.bool()]
-        counts = [int(batches[j].attention_mask.sum()) for j in members]
-        for j, piece in zip(members, torch.split(rows, counts), strict=True):
-            pieces[j] = piece
+        runs: list[list[int]] = [[]]
+        size = 0
+        for j in members:
+            if runs[-1] and size + len(batches[j]) > CHUNK_SAMPLES:
+                runs.append([])
+                size = 0
+            runs[-1].append(j)
+            size += len(batches[j])
+        for run in runs:
+            ids, mask = stack_batches([batches[j] for j in run])
+            out.append((run, ids, mask, layout([live[j] for j in run], [batches[j] for j in run])))
+    return out
+
+
+def forward(part: nn.Module, cohort: Cohort, live: list[int], batches: list[Batch], step: int) -> torch.Tensor:
+    """The device part over the live devices' batches; returns the rows of their real tokens, device after device.
+
+    No graph is kept: the backward recomputes each chunk's forward (the same computation, so the same values),
+    which keeps the memory of a step bounded by one chunk's activations at any number of devices.
+    """
+    pieces: list[torch.Tensor | None] = [None] * len(batches)
+    work = chunks(live, batches)
+    with torch.no_grad():
+        for members, ids, mask, where in work:
+            with batched_lora(part, cohort, where):
+                hidden = part(ids, mask)
+            counts = [int(batches[j].attention_mask.sum()) for j in members]
+            for j, piece in zip(members, torch.split(hidden[mask.bool()], counts), strict=True):
+                pieces[j] = piece
     if cohort.optimizer is not None:
-        cohort.pending[step] = groups
+        cohort.pending[step] = work
     return torch.cat([p for p in pieces if p is not None])
 
 
-def backward(cohort: Cohort, step: int, gradients: list[Encoded | None]) -> None:
-    """Each live device's received activation gradient into one backward, then one AdamW step for all."""
-    groups = cohort.pending.pop(step)
+def backward(part: nn.Module, cohort: Cohort, step: int, gradients: list[Encoded | None]) -> None:
+    """Each live device's received activation gradient through its chunk's recomputed forward, then one AdamW
+    step for all devices."""
+    work = cohort.pending.pop(step)
     if cohort.optimizer is None or all(g is None for g in gradients):
         return
     received = [g for g in gradients if g is not None]
     if len(received) != len(gradients):
         raise ValueError("the server sent gradients to some live devices only")
     decoded = torch.split(codec.decode_many(received), [int(np.prod(g.shape[:-1])) for g in received])
-    outputs, grads = [], []
-    for hidden, mask, members in groups:
+    for members, ids, mask, where in work:
+        with torch.enable_grad(), batched_lora(part, cohort, where):
+            hidden = part(ids, mask)
         full = torch.zeros(hidden.shape, dtype=hidden.dtype)
         full[mask.bool()] = torch.cat([decoded[j] for j in members])
-        outputs.append(hidden)
-        grads.append(full)
-    torch.autograd.backward(outputs, grads)
+        hidden.backward(full)
     if cohort.anchor is not None:  # FedProx: + mu (w - w_global) on every trained tensor
         with torch.no_grad():
             for name, tensor in cohort.adapter.items():

@@ -171,7 +171,7 @@ class DeviceExecutor:
     def backward_cohort(self, group: Cohort, step: int, gradients: list[Encoded | None]) -> None:
         """`backward` of the live devices of a step (gradients in their order), one optimizer step for all."""
         if group.optimizer is not None and step in group.pending:
-            cohort.backward(group, step, gradients)
+            cohort.backward(self.part, group, step, gradients)
 
     @torch.no_grad()
     def infer(self, adapter: Adapter, batch: Batch, generator: torch.Generator) -> Smashed:

@@ -67,10 +67,9 @@ def test_an_exception_inside_a_workers_backward_fails_the_run_with_one_line(pool
     config = tiny_config(*BASE)
     runtime.restore_server(fresh_server)
 
-    def corrupt(worker) -> None:  # a real exception in torch's backward: the kept activations lose their graph
-        pending = worker.cohort.pending
-        for step, groups in pending.items():
-            pending[step] = [(hidden.detach(), mask, members) for hidden, mask, members in groups]
+    def corrupt(worker) -> None:  # a real exception in torch's backward: the adapters lose their gradients
+        for tensor in worker.cohort.adapter.values():
+            tensor.requires_grad_(False)
 
     def sabotage(rt: RayRuntime, round_index: int, step: int) -> None:
         if (round_index, step) == (1, 1):

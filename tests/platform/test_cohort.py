@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sflam.platform import codec, executors
+from sflam.platform import codec, cohort, executors
 from sflam.platform.data import collate
 from sflam.platform.executors import DeviceExecutor, ServerExecutor
 from sflam.platform.runtime import build_executors
@@ -103,6 +103,13 @@ def test_fedprox_and_ffa_lora_instructions_are_applied_per_device() -> None:
     for name, tensor in frozen.items():
         moved = float((tensor / trained - initial[name]).abs().max())
         assert (moved < 1e-6) if "lora_A" in name else (moved > 1e-4), name
+
+
+def test_devices_in_small_chunks_equal_the_device_by_device_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cohort, "CHUNK_SAMPLES", 6)  # several stacked batches per sequence length
+    device, server, batches = parts("tiny-gpt2", "bf16")
+    assert len(cohort.chunks([0, 1, 2, 3], [b[0] for b in batches])) >= 3
+    assert_same(device, server, batches)
 
 
 def test_a_device_part_without_adapters_runs_batched() -> None:

@@ -12,8 +12,8 @@ thread. For each K, in this process on the same round's plan (server part restor
 Each is the executor's time for the round's local steps (device part, codec and server part); the driver's
 planning of the round (selection, batches, cost model) is the same for every path and reported apart. Sizes
 from `--one-step-from` on time the first local step only (device by device would take minutes). Ray: the full
-round (planning and, in the last round, the evaluation of 256 samples included) on two edge workers of one
-thread and one server rank, the median over the rounds after the first. Peak host memory: the largest sum of
+round (planning included, no evaluation) on two edge workers of one thread and one server rank, the median
+over the rounds after the first. Peak host memory: the largest sum of
 proportional set sizes (PSS: shared pages split between the processes that map them) over this process and
 every process below it (the Ray cluster it starts), sampled every half second during the Ray run.
 """
@@ -120,12 +120,23 @@ def local_paths(config: ExperimentConfig, one_step: bool) -> dict[str, float]:
 
 
 def ray_round(K: int, rounds: int) -> tuple[float, int]:
-    from sflam.actors.runtime import run_ray
+    """The Ray runtime's seconds per round (planning included, no evaluation) and the peak host memory."""
+    from sflam.actors.runtime import RayRuntime
+    from sflam.platform.engine import Engine
 
+    config = load_config(None, scenario(K, rounds, "ray"))
     with PeakMemory() as memory:
-        result = run_ray(load_config(None, scenario(K, rounds, "ray")))
-    # after the first round (warm-up); the last round includes the final evaluation (256 samples)
-    return float(np.median([r.wall_s for r in result.rounds[1:]])), memory.peak
+        runtime = RayRuntime(config)
+        try:
+            engine = Engine(config, runtime)
+            adapter = runtime.initial_adapter()
+            times = []
+            for r in range(rounds):
+                adapter, metrics = engine.run_round(r, adapter)
+                times.append(metrics.wall_s)
+        finally:
+            runtime.shutdown()
+    return float(np.median(times[1:])), memory.peak  # after the first round (warm-up)
 
 
 def main() -> None:

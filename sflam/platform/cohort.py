@@ -6,7 +6,7 @@ local step for all live devices at once: the base layers over the stacked batch 
 devices of one sequence length stacked, in chunks; rows grouped by device), each LoRA layer's delta as
 batched matmuls over a (devices, rows, in) view (the multi-adapter technique of S-LoRA and Punica), and one
 multi-tensor AdamW step over the stacked adapters, elementwise the same update as one AdamW per device.
-The backward recomputes each chunk's forward instead of keeping its graph, so memory stays bounded. What
+With many samples the backward recomputes each chunk's forward instead of keeping its graph (bounded memory). What
 each device sends and receives is encoded with its own seeded stream, so every message, adapter and loss
 equals the device-by-device path (`DeviceExecutor.start/forward/backward`) within float rounding.
 """
@@ -31,6 +31,7 @@ from sflam.platform.data import Batch
 Adapter = dict[str, torch.Tensor]
 LORA = "default"  # the adapter name peft's inject_adapter_in_model gives
 CHUNK_SAMPLES = 2048  # samples per stacked device-part batch
+KEEP_GRAPH_SAMPLES = 8192  # up to this many samples per step the forward keeps its graph, above it recomputes
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Cohort:
     anchor: Adapter | None = None        # the global adapter, for FedProx's proximal term
     proximal_mu: float = 0.0
     samples_trained: int = 0
-    pending: dict[int, list[Chunk]] = field(default_factory=dict)
+    pending: dict[int, list[tuple[Chunk, torch.Tensor | None]]] = field(default_factory=dict)  # graph if kept
 
     def stacked(self, name: str) -> torch.Tensor:
         """Every device's copy of a tensor (a frozen one is the same for all)."""
@@ -182,20 +183,22 @@ def chunks(live: list[int], batches: list[Batch]) -> list[Chunk]:
 def forward(part: nn.Module, cohort: Cohort, live: list[int], batches: list[Batch], step: int) -> torch.Tensor:
     """The device part over the live devices' batches; returns the rows of their real tokens, device after device.
 
-    No graph is kept: the backward recomputes each chunk's forward (the same computation, so the same values),
-    which keeps the memory of a step bounded by one chunk's activations at any number of devices.
+    Above KEEP_GRAPH_SAMPLES samples no graph is kept: the backward recomputes each chunk's forward (the same
+    computation, so the same values), which bounds the memory of a step by one chunk's activations.
     """
     pieces: list[torch.Tensor | None] = [None] * len(batches)
     work = chunks(live, batches)
-    with torch.no_grad():
-        for members, ids, mask, where in work:
-            with batched_lora(part, cohort, where):
-                hidden = part(ids, mask)
-            counts = [int(batches[j].attention_mask.sum()) for j in members]
-            for j, piece in zip(members, torch.split(hidden[mask.bool()], counts), strict=True):
-                pieces[j] = piece
+    keep = cohort.optimizer is not None and sum(len(b) for b in batches) <= KEEP_GRAPH_SAMPLES
+    graphs: list[torch.Tensor | None] = []
+    for members, ids, mask, where in work:
+        with torch.set_grad_enabled(keep), batched_lora(part, cohort, where):
+            hidden = part(ids, mask)
+        graphs.append(hidden if keep else None)
+        counts = [int(batches[j].attention_mask.sum()) for j in members]
+        for j, piece in zip(members, torch.split(hidden.detach()[mask.bool()], counts), strict=True):
+            pieces[j] = piece
     if cohort.optimizer is not None:
-        cohort.pending[step] = work
+        cohort.pending[step] = list(zip(work, graphs, strict=True))
     return torch.cat([p for p in pieces if p is not None])
 
 
@@ -209,9 +212,11 @@ def backward(part: nn.Module, cohort: Cohort, step: int, gradients: list[Encoded
     if len(received) != len(gradients):
         raise ValueError("the server sent gradients to some live devices only")
     decoded = torch.split(codec.decode_many(received), [int(np.prod(g.shape[:-1])) for g in received])
-    for members, ids, mask, where in work:
-        with torch.enable_grad(), batched_lora(part, cohort, where):
-            hidden = part(ids, mask)
+    for (members, ids, mask, where), kept in work:
+        hidden = kept
+        if hidden is None:
+            with torch.enable_grad(), batched_lora(part, cohort, where):
+                hidden = part(ids, mask)
         full = torch.zeros(hidden.shape, dtype=hidden.dtype)
         full[mask.bool()] = torch.cat([decoded[j] for j in members])
         hidden.backward(full)

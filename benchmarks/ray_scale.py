@@ -1,36 +1,50 @@
-"""Ray runtime against the reference runtime on the same work: wall time per round and peak host memory.
+"""Many devices per round: the batched cohort against devices one after another and against one single-adapter
+pass, and the Ray runtime's wall time per round and peak host memory.
 
-Run: .venv/bin/python benchmarks/ray_scale.py [--sizes 10 100 1000] [--rounds 3]
-Work: tiny-llama on the synthetic task, every device selected every round (K devices per round), a few
-samples each, 2 local steps of mini-batch 4, nf4 device weights, 8-bit smashed data, torch server engine.
-The time per round is the median over rounds after the first (warm-up); both runtimes use both cores
-(the local runtime two torch threads, the Ray runtime two edge workers of one thread each).
-Peak host memory is the largest sum of proportional set sizes (PSS: shared pages split between the processes
-that map them, so shared libraries count once) of this process and every Ray process.
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ray_scale.py [--sizes 10 100 1000 10000] [--out PATH]
+Work: tiny-llama on the synthetic task, every device selected every round (K devices per round), 12 samples
+each, 2 local steps of mini-batch 4, nf4 device weights, 8-bit smashed data, torch server part, one torch
+thread. For each K, in this process on the same round's plan (server part restored before each path):
+- batched: the local runtime's executor, all devices as one cohort (the default);
+- device by device: the same executor with `batched=False` (each device's forward, backward and AdamW alone);
+- single adapter: one adapter over all the round's samples as one batch per local step (no per-device work at
+  all: the machine's limit for this work).
+Each is the executor's time for the round's local steps (device part, codec and server part); the driver's
+planning of the round (selection, batches, cost model) is the same for every path and reported apart; batched and
+single adapter alternate (`--repeats`) and keep their fastest run. Sizes
+from `--one-step-from` on time the first local step only (device by device would take minutes). Ray: the full
+round (planning included, no evaluation) on two edge workers of one thread and one server rank, the median
+over the rounds after the first. Peak host memory: the largest sum of
+proportional set sizes (PSS: shared pages split between the processes that map them) over this process and
+every process below it (the Ray cluster it starts), sampled every half second during the Ray run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
 
 from sflam.platform.build import quiet_libraries
-from sflam.platform.config import load_config
+from sflam.platform.config import ExperimentConfig, load_config
 
 
 def scenario(K: int, rounds: int, runtime: str) -> list[str]:
     return ["model.name=tiny-llama", "data.dataset=synthetic", f"data.num_devices={K}",
             f"data.synthetic_samples={max(12 * K, 200)}", f"train.devices_per_round={K}", f"train.rounds={rounds}",
             "train.local_steps=2", "train.batch_size=4", f"train.eval_every={rounds}", "data.eval_samples=256",
-            "quant.weights=nf4", f"runtime={runtime}", "ray.workers=2", "allocation.policy=equal"]
+            "quant.weights=nf4", "quant.activation_bits=8", "quant.gradient_bits=8", f"runtime={runtime}",
+            "ray.workers=2", "ray.threads_per_worker=1", "threads=1", "allocation.policy=equal"]
 
 
 class PeakMemory:
-    """Samples the memory (PSS) of this process tree and every Ray process."""
+    """Samples the summed PSS of this process and all its descendants."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -41,16 +55,13 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            procs = [me, *me.children(recursive=True)]
-            procs += [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and any(
-                "ray" in part for part in p.info["cmdline"][:3]) and p.pid not in {q.pid for q in procs}]
-            for proc in procs:
+            for proc in [me, *me.children(recursive=True)]:
                 try:
                     total += proc.memory_full_info().pss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
-            time.sleep(0.2)
+            time.sleep(0.5)
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -61,27 +72,105 @@ class PeakMemory:
         self._thread.join()
 
 
+def single_adapter(exp, task, global_adapter) -> float:  # type: ignore[no-untyped-def]
+    """One adapter over all the round's samples as one batch per local step; seconds for the local steps."""
+    from sflam.platform.data import collate
+
+    devices = [int(k) for k in task.devices]
+    batches = []
+    for step in range(max(task.steps)):
+        live = task.live(step)
+        indices = np.concatenate([task.indices[devices[i]][step] for i in live])
+        batches.append(collate(exp.data.train, indices, exp.data.pad_token_id))
+    started = time.perf_counter()
+    state = exp.device.start(0, global_adapter, task.lr_factor, task.fit)
+    for step, batch in enumerate(batches):
+        message = exp.device.forward(state, batch, task.round_index, step, task.bits[0])
+        result = exp.server.step([message], task.round_index, step)
+        exp.device.backward(state, step, result.gradients[0])
+    return time.perf_counter() - started
+
+
+def local_paths(config: ExperimentConfig, one_step: bool, repeats: int) -> dict[str, float]:
+    """Seconds of the batched, device-by-device and single-adapter local steps on one round's plan."""
+    from sflam.platform.engine import Engine
+    from sflam.platform.runtime import Experiment, LocalExecutor
+
+    exp = Experiment.build(config)
+    fresh = exp.server.checkpoint()
+    adapter = exp.device.initial_adapter()
+    batched, reference = LocalExecutor(exp, batched=True), LocalExecutor(exp, batched=False)
+    warm, _, _ = Engine(config, batched).configure(0)
+    n = min(len(warm.devices), 100)  # warm-up on a hundred devices: first calls of every kernel
+    batched.execute(dataclasses.replace(warm, devices=warm.devices[:n], bits=warm.bits[:n], steps=warm.steps[:n],
+                                        weights=warm.weights[:n]), adapter)
+    started = time.perf_counter()
+    task, _, _ = Engine(config, batched).configure(1)
+    configure_s = time.perf_counter() - started
+    if one_step:
+        task = dataclasses.replace(task, steps=[1] * len(task.steps))
+    out = {"configure": configure_s}
+    # the machine is shared: batched and single adapter alternate `repeats` times and keep their fastest
+    order = [("batched", lambda: batched.execute(task, adapter)),
+             ("single", lambda: single_adapter(exp, task, adapter))] * repeats
+    for name, run in [*order, ("reference", lambda: reference.execute(task, adapter))]:
+        exp.server.restore(fresh)
+        started = time.perf_counter()
+        run()
+        out[name] = min(out.get(name, float("inf")), time.perf_counter() - started)
+    return out
+
+
+def ray_round(K: int, rounds: int) -> tuple[float, int]:
+    """The Ray runtime's seconds per round (planning included, no evaluation) and the peak host memory."""
+    from sflam.actors.runtime import RayRuntime
+    from sflam.platform.engine import Engine
+
+    config = load_config(None, scenario(K, rounds, "ray"))
+    with PeakMemory() as memory:
+        runtime = RayRuntime(config)
+        try:
+            engine = Engine(config, runtime)
+            adapter = runtime.initial_adapter()
+            times = []
+            for r in range(rounds):
+                adapter, metrics = engine.run_round(r, adapter)
+                times.append(metrics.wall_s)
+        finally:
+            runtime.shutdown()
+    return float(np.median(times[1:])), memory.peak  # after the first round (warm-up)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    parser.add_argument("--one-step-from", type=int, default=10000)
+    parser.add_argument("--ray-rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the batched and single-adapter paths")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/ray_scale.md"))
     args = parser.parse_args()
     quiet_libraries()
-    from sflam.actors.runtime import run_ray
-    from sflam.platform.runtime import run_local
-
-    print("| devices per round | local s/round | ray s/round | ray / local | peak host memory, ray (GiB) |")
-    print("|---:|---:|---:|---:|---:|")
+    lines = ["| devices per round | planning s | batched s | device by device s | device by device / batched | "
+             "single adapter s | batched / single adapter | ray s/round | peak host memory, ray (GiB) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
     for K in args.sizes:
-        with PeakMemory() as memory:  # first, so the driver holds nothing of the local run
-            remote = run_ray(load_config(None, scenario(K, args.rounds, "ray")))
-        local = run_local(load_config(None, scenario(K, args.rounds, "local")))
-        t_local = float(np.median([r.wall_s for r in local.rounds[1:]]))
-        t_ray = float(np.median([r.wall_s for r in remote.rounds[1:]]))
-        same = max(float((local.device_adapter[n] - remote.device_adapter[n]).abs().max())
-                   for n in local.device_adapter)
-        print(f"| {K} | {t_local:.2f} | {t_ray:.2f} | {t_ray / t_local:.2f} | {memory.peak / 2**30:.2f} |"
-              f"  <!-- max adapter difference {same:.1e} -->", flush=True)
+        one_step = K >= args.one_step_from
+        t = local_paths(load_config(None, scenario(K, 2, "local")), one_step, 1 if one_step else args.repeats)
+        ray_s, peak = ray_round(K, args.ray_rounds)
+        mark = " (1 local step)" if one_step else ""
+        line = (f"| {K}{mark} | {t['configure']:.2f} | {t['batched']:.2f} | {t['reference']:.2f} | "
+                f"{t['reference'] / t['batched']:.1f} | {t['single']:.2f} | {t['batched'] / t['single']:.2f} | "
+                f"{ray_s:.2f} | {peak / 2**30:.2f} |")
+        lines.append(line)
+        print(line, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python benchmarks/ray_scale.py "
+               f"--sizes {' '.join(map(str, args.sizes))} --out {args.out}")
+    text = f"Command: {command}\n\n" + "\n".join(lines) + "\n"
+    partial = args.out.with_suffix(".md.tmp")
+    partial.write_text(text)
+    partial.replace(args.out)  # atomic
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Edge worker: a Ray actor that receives the built, quantized device part once and serves many
 virtual devices. A device is data (an id, its shard, its adapter and optimizer for the round), so one
-worker carries any number of them; the driver decides (devices, batches, bits, dropouts, weights,
-instructions), the worker executes (DESIGN §8). A failure inside a call is written with its traceback
-to the worker's log file and raised as one line that names it."""
+worker carries any number of them, all as one batched cohort per local step; the driver decides (devices,
+batches, bits, dropouts, weights, instructions), the worker executes (DESIGN §8). A failure inside a call
+is written with its traceback to the worker's log file and raised as one line that names it."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from sflam.platform.build import DataBundle, quiet_libraries
 from sflam.platform.codec import Encoded
 from sflam.platform.config import config_from_dict
 from sflam.platform.data import collate
-from sflam.platform.executors import Adapter, DeviceState, Smashed
+from sflam.platform.executors import Adapter, Cohort, Smashed
 from sflam.platform.runtime import device_executor, evaluate_batch, evaluation_batches
 from sflam.platform.split import DevicePart, ServerPart
-from sflam.platform.strategies import FitInstructions, weighted_sum
+from sflam.platform.strategies import FitInstructions
 
 
 class EdgeWorker:
@@ -33,7 +33,8 @@ class EdgeWorker:
         self.config = config_from_dict(config)
         quiet_libraries()
         self.server_part: ServerPart | None = None
-        self.states: list[DeviceState] = []
+        self.cohort: Cohort | None = None
+        self.devices: list[int] = []
         self.batches: dict[int, list] = {}
         self.bits: dict[int, int] = {}
         self.steps: list[int] = []
@@ -59,39 +60,46 @@ class EdgeWorker:
               fit: FitInstructions) -> None:
         """Every device of the chunk starts from the global adapter with a fresh optimizer, on the driver's batches."""
         self.round_index = round_index
-        self.states = [self.device.start(k, global_adapter, lr_factor, fit) for k in devices]
+        self.devices = list(devices)
+        self.cohort = self.device.start_cohort(self.devices, global_adapter, lr_factor, fit)
         self.batches = {k: [collate(self.data.train, idx, self.data.pad_token_id) for idx in indices[k]]
                         for k in devices}
         self.bits = dict(zip(devices, bits, strict=True))
         self.steps, self.weights = list(steps), list(weights)
 
-    def _live(self, step: int) -> list[DeviceState]:
-        return [state for state, s in zip(self.states, self.steps, strict=True) if s > step]
+    def _live(self, step: int) -> list[int]:
+        """Positions in the chunk of the devices still taking part at a step."""
+        return [i for i, s in enumerate(self.steps) if s > step]
 
     @logged
     def forward(self, step: int) -> tuple[list[Smashed], int]:
-        """The live devices' smashed data of a step, and its size in bits (a small second return the driver
-        waits on, while the messages go to the server by reference)."""
-        messages = [self.device.forward(state, self.batches[state.device][step], self.round_index, step,
-                                        self.bits[state.device]) for state in self._live(step)]
+        """The live devices' smashed data of a step, one batched computation, and its size in bits (a small second
+        return the driver waits on, while the messages go to the server by reference as one object)."""
+        assert self.cohort is not None, "start the round first"
+        live = self._live(step)
+        devices = [self.devices[i] for i in live]
+        messages = self.device.forward_cohort(self.cohort, live, [self.batches[k][step] for k in devices],
+                                              self.round_index, step, [self.bits[k] for k in devices])
         return messages, sum(m.payload_bits for m in messages)
 
     @logged
     def backward(self, step: int, offset: int, *gradient_shards: list[Encoded | None]) -> None:
         """Apply the server's gradients: the shards of all server ranks in device order, ours from `offset`."""
-        live = self._live(step)
-        gradients = [g for shard in gradient_shards for g in shard][offset:offset + len(live)]
-        for state, gradient in zip(live, gradients, strict=True):
-            self.device.backward(state, step, gradient)
+        assert self.cohort is not None, "start the round first"
+        count = len(self._live(step))
+        gradients = [g for shard in gradient_shards for g in shard][offset:offset + count]
+        if len(gradients) != count:
+            raise ValueError(f"{len(gradients)} gradients for {count} live devices at local step {step + 1}")
+        self.device.backward_cohort(self.cohort, step, gradients)
 
     @logged
     def finish(self) -> tuple[Adapter, float, int]:
         """The chunk's weighted adapter sum over the devices that finished, its total weight, samples trained."""
-        kept = [(state, w) for state, w in zip(self.states, self.weights, strict=True) if w > 0]
-        partial = weighted_sum([self.device.final_adapter(s) for s, _ in kept], [w for _, w in kept])
-        samples = sum(state.samples_trained for state in self.states)
-        self.states = []
-        return partial, float(sum(w for _, w in kept)), samples
+        assert self.cohort is not None, "start the round first"
+        partial = self.cohort.weighted_sum(self.weights)
+        samples = self.cohort.samples_trained
+        self.cohort = None
+        return partial, float(sum(w for w in self.weights if w > 0)), samples
 
     @logged
     def replay(self, gradients: list[list[Encoded | None]], *start_args: Any) -> None:

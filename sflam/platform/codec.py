@@ -150,3 +150,64 @@ def step_size(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Δ per row: the quantization step the variance bound Δ²/4 refers to (fp32 side information)."""
     rows = x.detach().float().reshape(-1, x.shape[-1])
     return (rows.max(dim=1).values - rows.min(dim=1).values) / float(2**bits - 1)
+
+
+def encode_many(rows: torch.Tensor, counts: list[int], bits: list[int], generators: list[torch.Generator],
+                side_dtype: str = "fp32") -> list[Encoded]:
+    """`encode` of many devices' rows at once: `rows` holds each device's rows in turn (`counts` of them), each
+    device at its own bits with its own generator. Row statistics and rounding run once per bit width; only the
+    noise is drawn device by device, from each device's stream, so every result equals `encode` of its rows."""
+    for q in set(bits):
+        if not (q == 32 or 1 <= q <= 16):
+            raise CodecError(f"bits={q} is invalid: allowed are 1..16, or 32 for raw fp32")
+    if side_dtype not in SIDE_DTYPES:
+        raise CodecError(f"side_dtype={side_dtype!r} is invalid: allowed are fp32, fp16")
+    data = rows.detach().float()
+    if not bool(torch.isfinite(data).all()):
+        bad = int((~torch.isfinite(data)).sum())
+        raise CodecError(f"smashed data holds {bad} non-finite value(s) (NaN or inf); refusing to send them")
+    width = int(data.shape[-1])
+    pieces = torch.split(data, counts)
+    out: list[Encoded | None] = [None] * len(counts)
+    np_side = np.float32 if side_dtype == "fp32" else np.float16
+    for q in sorted(set(bits)):
+        members = [i for i, b in enumerate(bits) if b == q]
+        if q == 32:
+            for i in members:
+                raw = pieces[i].contiguous().numpy().view(np.uint8).reshape(-1).copy()
+                out[i] = Encoded(32, (counts[i], width), raw, None, None)
+            continue
+        group = data if len(members) == len(counts) else torch.cat([pieces[i] for i in members])
+        offset, scale = _side_range(group, q, SIDE_DTYPES[side_dtype])
+        safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        position = (group - offset[:, None]) / safe_scale[:, None]
+        noise = torch.cat([torch.rand((counts[i], width), generator=generators[i], dtype=position.dtype)
+                           for i in members])
+        levels = torch.floor(position + noise).clamp_(0, 2**q - 1)
+        level_values = torch.where(scale[:, None] > 0, levels, torch.zeros_like(levels)).to(torch.int64).numpy()
+        offsets, scales = offset.numpy().astype(np_side), scale.numpy().astype(np_side)
+        member_rows = [counts[i] for i in members]
+        bounds = np.concatenate([[0], np.cumsum(member_rows)])
+        if all(n * width * q % 8 == 0 for n in member_rows):  # whole bytes per device: pack once, split the bytes
+            packed = _pack(level_values, q)
+            byte_bounds = bounds * width * q // 8
+            chunks = [packed[byte_bounds[j]:byte_bounds[j + 1]] for j in range(len(members))]
+        else:
+            chunks = [_pack(level_values[bounds[j]:bounds[j + 1]], q) for j in range(len(members))]
+        for j, i in enumerate(members):
+            out[i] = Encoded(q, (counts[i], width), chunks[j], offsets[bounds[j]:bounds[j + 1]],
+                             scales[bounds[j]:bounds[j + 1]])
+    return [e for e in out if e is not None]
+
+
+def decode_many(encoded: list[Encoded]) -> torch.Tensor:
+    """The decoded rows of many encoded tensors of the same row size, one after another (as `decode` of each)."""
+    if encoded and all(e.bits == encoded[0].bits != 32 for e in encoded) and all(
+            int(np.prod(e.shape)) * e.bits % 8 == 0 for e in encoded):
+        bits, width = encoded[0].bits, encoded[0].shape[-1]
+        count = sum(int(np.prod(e.shape)) for e in encoded)
+        levels = torch.from_numpy(_unpack(np.concatenate([e.packed for e in encoded]), bits, count)).float()
+        offset = torch.from_numpy(np.concatenate([e.offset for e in encoded]).astype(np.float32))  # type: ignore[misc]
+        scale = torch.from_numpy(np.concatenate([e.scale for e in encoded]).astype(np.float32))  # type: ignore[misc]
+        return (levels.reshape(offset.shape[0], -1) * scale[:, None] + offset[:, None]).reshape(-1, width)
+    return torch.cat([decode(e).reshape(-1, e.shape[-1]) for e in encoded])

@@ -2,8 +2,10 @@
 
 The reference runtime calls these in one process; the Ray actors call the same code. A virtual
 device is data: an id, its adapter tensors and its optimizer. The device part's frozen base weights
-are shared by all virtual devices; each device's forward runs with its own adapter through
-`torch.func.functional_call`, so many devices' graphs can be alive at once.
+are shared by all virtual devices. The devices an executor holds run as one cohort, one batched
+computation per local step (`sflam.platform.cohort`); the device-by-device path (`start`, `forward`,
+`backward`: each device's forward with its own adapter through `torch.func.functional_call`) is the
+reference the cohort is tested against.
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sflam.platform import codec
+from sflam.platform import codec, cohort
 from sflam.platform.codec import Encoded
+from sflam.platform.cohort import Cohort
 from sflam.platform.data import Batch
 from sflam.platform.split import DevicePart, ServerPart
 from sflam.platform.strategies import FitInstructions, weighted_average, weighted_sum
 
-__all__ = ["DeviceExecutor", "ServerExecutor", "fedavg", "weighted_sum"]
+__all__ = ["Cohort", "DeviceExecutor", "ServerExecutor", "fedavg", "weighted_sum"]
 
 Adapter = dict[str, torch.Tensor]
 
 UPLINK, DOWNLINK = 0, 1
+SERVER_CHUNK_SAMPLES = 2048  # samples per server forward/backward within one local step
 
 
 def codec_generator(seed: int, round_index: int, step: int, device: int, direction: int) -> torch.Generator:
@@ -141,6 +145,34 @@ class DeviceExecutor:
     def final_adapter(self, state: DeviceState) -> Adapter:
         return {name: t.detach().clone() for name, t in state.adapter.items()}
 
+    # ------------------------------------------------------------------ all of an executor's devices at once
+    def start_cohort(self, devices: list[int], global_adapter: Adapter, lr_factor: float = 1.0,
+                     fit: FitInstructions | None = None) -> Cohort:
+        """`start` for every listed device, their adapters stacked and one optimizer over them."""
+        fit = fit or FitInstructions()
+        frozen = [name for name in global_adapter if fit.is_frozen(name)]
+        return cohort.start(self.part, devices, global_adapter, self.lr * lr_factor, fit.proximal_mu, frozen)
+
+    def forward_cohort(self, group: Cohort, live: list[int], batches: list[Batch], round_index: int, step: int,
+                       bits: list[int]) -> list[Smashed]:
+        """`forward` of the live devices (positions in the cohort) on their mini-batches, as one computation;
+        every device's smashed data is encoded with its own stream, so each message equals `forward`'s."""
+        if not live:  # every device of this executor has dropped out
+            return []
+        rows = cohort.forward(self.part, group, live, batches, step)
+        devices = [group.devices[i] for i in live]
+        counts = [int(b.attention_mask.sum()) for b in batches]
+        generators = [codec_generator(self.seed, round_index, step, k, UPLINK) for k in devices]
+        encoded = codec.encode_many(rows, counts, [q or self.activation_bits for q in bits],
+                                    generators, self.side_dtype)
+        group.samples_trained += sum(len(b) for b in batches)
+        return [Smashed(k, e, b.attention_mask, b.labels) for k, e, b in zip(devices, encoded, batches, strict=True)]
+
+    def backward_cohort(self, group: Cohort, step: int, gradients: list[Encoded | None]) -> None:
+        """`backward` of the live devices of a step (gradients in their order), one optimizer step for all."""
+        if group.optimizer is not None and step in group.pending:
+            cohort.backward(self.part, group, step, gradients)
+
     @torch.no_grad()
     def infer(self, adapter: Adapter, batch: Batch, generator: torch.Generator) -> Smashed:
         hidden = torch.func.functional_call(self.part, adapter, (batch.input_ids, batch.attention_mask),
@@ -182,42 +214,59 @@ class ServerExecutor:
                 group["lr"] = self.lr * factor
 
     @staticmethod
-    def assemble(messages: list[Smashed]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode every device's activations and pad them into one batch (right padding)."""
-        length = max(int(m.attention_mask.shape[1]) for m in messages)
-        hidden_parts, masks = [], []
-        for message in messages:
-            mask = message.attention_mask
-            pad = length - int(mask.shape[1])
-            full = _scatter(codec.decode(message.activations), mask)
-            hidden_parts.append(torch.nn.functional.pad(full, (0, 0, 0, pad)))
-            masks.append(torch.nn.functional.pad(mask, (0, pad)))
-        return torch.cat(hidden_parts), torch.cat(masks), torch.cat([m.labels for m in messages])
+    def assemble(messages: list[Smashed], length: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode every device's activations and pad them into one batch (right padding, to `length` if longer)."""
+        length = max([length] + [int(m.attention_mask.shape[1]) for m in messages])
+        mask = torch.cat([torch.nn.functional.pad(m.attention_mask, (0, length - int(m.attention_mask.shape[1])))
+                          for m in messages])
+        # every message's rows are its real tokens in order, so all decode into the stacked mask at once
+        hidden = _scatter(codec.decode_many([m.activations for m in messages]), mask)
+        return hidden, mask, torch.cat([m.labels for m in messages])
 
     def step(self, messages: list[Smashed], round_index: int, step: int) -> ServerStepResult:
-        hidden, mask, labels = self.assemble(messages)
-        hidden.requires_grad_(self.send_gradients)
-        with torch.enable_grad():
-            logits = self.part(hidden, mask)
-            loss, correct = self.part.loss_and_correct(logits, labels)
-            if self.optimizer is not None or self.send_gradients:
-                loss.backward()
+        """Forward/backward of the mean loss over every message's samples, one optimizer step, encoded gradients.
+
+        Thousands of devices' samples run in chunks of about SERVER_CHUNK_SAMPLES (the gradients of a mean
+        accumulate chunk by chunk), so the server's activation memory stays bounded at any number of devices.
+        """
+        total = sum(int(m.labels.shape[0]) for m in messages)
+        length = max(int(m.attention_mask.shape[1]) for m in messages)
+        chunks: list[list[Smashed]] = []
+        current: list[Smashed] = []
+        size = 0
+        for message in messages:
+            if current and size + int(message.labels.shape[0]) > SERVER_CHUNK_SAMPLES:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(message)
+            size += int(message.labels.shape[0])
+        chunks.append(current)
+        loss_sum, correct, rows = 0.0, 0, []
+        for chunk in chunks:
+            hidden, mask, labels = self.assemble(chunk, length)
+            hidden.requires_grad_(self.send_gradients)
+            with torch.enable_grad():
+                logits = self.part(hidden, mask)
+                loss, chunk_correct = self.part.loss_and_correct(logits, labels)
+                share = int(labels.shape[0]) / total
+                if len(chunks) > 1:
+                    loss = loss * share
+                if self.optimizer is not None or self.send_gradients:
+                    loss.backward()
+            loss_sum += float(loss.detach())
+            correct += int(chunk_correct)
+            if self.send_gradients:
+                rows.append(_rows(hidden.grad, mask))  # type: ignore[arg-type]
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        gradients: list[Encoded | None] = []
-        start = 0
-        for message in messages:
-            rows = int(message.labels.shape[0])
-            if not self.send_gradients:
-                gradients.append(None)
-            else:
-                own_mask = mask[start:start + rows]
-                grad_rows = _rows(hidden.grad[start:start + rows], own_mask)  # type: ignore[index]
-                generator = codec_generator(self.seed, round_index, step, message.device, DOWNLINK)
-                gradients.append(codec.encode(grad_rows, self.gradient_bits, generator, self.side_dtype))
-            start += rows
-        return ServerStepResult(float(loss.detach()), int(correct), int(labels.shape[0]), gradients)
+        gradients: list[Encoded | None] = [None] * len(messages)
+        if self.send_gradients:  # each device's rows with its own stream, all devices' statistics at once
+            counts = [int(m.attention_mask.sum()) for m in messages]
+            generators = [codec_generator(self.seed, round_index, step, m.device, DOWNLINK) for m in messages]
+            gradients = list(codec.encode_many(torch.cat(rows), counts, [self.gradient_bits] * len(messages),
+                                               generators, self.side_dtype))
+        return ServerStepResult(loss_sum, correct, total, gradients)
 
     @torch.no_grad()
     def evaluate(self, messages: list[Smashed]) -> tuple[float, int, int]:

@@ -153,10 +153,12 @@ def round_batches(exp: Experiment, round_index: int, selected: np.ndarray) -> di
 
 
 class LocalExecutor(Executor):
-    """The reference runtime's executor: every device and the server part in this process."""
+    """The reference runtime's executor: every device and the server part in this process. Its devices run as
+    one batched cohort; `batched=False` runs them one after another (the reference the cohort is tested against)."""
 
-    def __init__(self, exp: Experiment) -> None:
+    def __init__(self, exp: Experiment, batched: bool = True) -> None:
         self.exp = exp
+        self.batched = batched
         self.config, self.data, self.planner = exp.config, exp.data, exp.planner
 
     def initial_adapter(self) -> Adapter:
@@ -165,15 +167,23 @@ class LocalExecutor(Executor):
     def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
         exp, r = self.exp, task.round_index
         exp.server.set_lr_factor(task.lr_factor)
-        states = [exp.device.start(int(k), global_adapter, task.lr_factor, task.fit) for k in task.devices]
+        devices = [int(k) for k in task.devices]
+        if self.batched:
+            group = exp.device.start_cohort(devices, global_adapter, task.lr_factor, task.fit)
+        else:
+            states = [exp.device.start(k, global_adapter, task.lr_factor, task.fit) for k in devices]
         losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
         for step in range(self.config.train.local_steps):
             live = task.live(step)
             if not live:
                 break
             # ---- devices: forward and encode the smashed data
-            messages = [exp.device.forward(states[i], task.batches[states[i].device][step], r, step, task.bits[i])
-                        for i in live]
+            if self.batched:
+                messages = exp.device.forward_cohort(group, live, [task.batches[devices[i]][step] for i in live],
+                                                     r, step, [task.bits[i] for i in live])
+            else:
+                messages = [exp.device.forward(states[i], task.batches[devices[i]][step], r, step, task.bits[i])
+                            for i in live]
             uplink += sum(m.payload_bits for m in messages)
             # ---- server: one batch over all devices, one optimizer step, encoded gradients back
             result = exp.server.step(messages, r, step)
@@ -181,11 +191,18 @@ class LocalExecutor(Executor):
             losses.append(result.loss)
             correct, seen = correct + result.correct, seen + result.samples
             # ---- devices: backward with the received gradients, local optimizer step
-            for i, gradient in zip(live, result.gradients, strict=True):
-                exp.device.backward(states[i], step, gradient)
-        kept = [(exp.device.final_adapter(state), w) for state, w in zip(states, task.weights, strict=True) if w > 0]
-        return RoundOutcome(weighted_sum([a for a, _ in kept], [w for _, w in kept]), float(sum(w for _, w in kept)),
-                            losses, correct, seen, uplink, downlink)
+            if self.batched:
+                exp.device.backward_cohort(group, step, result.gradients)
+            else:
+                for i, gradient in zip(live, result.gradients, strict=True):
+                    exp.device.backward(states[i], step, gradient)
+        if self.batched:
+            summed = group.weighted_sum(task.weights)
+        else:
+            kept = [(exp.device.final_adapter(s), w) for s, w in zip(states, task.weights, strict=True) if w > 0]
+            summed = weighted_sum([a for a, _ in kept], [w for _, w in kept])
+        return RoundOutcome(summed, float(sum(w for w in task.weights if w > 0)), losses, correct, seen, uplink,
+                            downlink)
 
     def evaluate(self, adapter: Adapter) -> tuple[float, float]:
         return self.exp.evaluate(adapter)

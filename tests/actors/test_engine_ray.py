@@ -71,10 +71,12 @@ def test_an_exception_inside_a_workers_backward_fails_the_run_with_one_line(pool
     config = tiny_config(*BASE)
     runtime.restore_server(fresh_server)
 
-    def corrupt(worker) -> None:  # a real exception in torch's backward: the kept activations lose their graph
-        for state in worker.states:
-            for step, (hidden, mask) in state.pending.items():
-                state.pending[step] = (hidden.detach(), mask)
+    def corrupt(worker) -> None:  # a real exception in torch's backward: the activations lose their graph
+        pending = worker.cohort.pending
+        for step, work in pending.items():
+            pending[step] = [(chunk, None if graph is None else graph.detach()) for chunk, graph in work]
+        for tensor in worker.cohort.adapter.values():  # and a recomputed forward builds none
+            tensor.requires_grad_(False)
 
     def sabotage(rt: RayRuntime, round_index: int, step: int) -> None:
         if (round_index, step) == (1, 1):

@@ -15,7 +15,7 @@ from sflam.actors.runtime import RayRuntime, RunFailed, run_ray, start_watchdog
 from sflam.cluster.connect import start_ray
 from sflam.platform.checkpoint import load_checkpoint, save_checkpoint
 from sflam.platform.engine import Engine, Resume
-from sflam.platform.runtime import Experiment, run_local
+from sflam.platform.runtime import Experiment, LocalExecutor, run_local
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,9 @@ BASE = ("quant.weights=nf4", "quant.activation_bits=6", "quant.gradient_bits=8",
 
 
 def test_ray_torch_engine_gives_the_reference_runtimes_adapters() -> None:
-    local = run_local(tiny_config(*BASE))
+    # the reference: devices one after another in this process; the edge workers run theirs batched
+    config = tiny_config(*BASE)
+    local = Engine(config, LocalExecutor(Experiment.build(config), batched=False)).run()
     remote = run_ray(tiny_config(*BASE, "runtime=ray", "ray.workers=2"))
     assert max_difference(local.device_adapter, remote.device_adapter) <= 1e-5
     assert max_difference(local.server_state, remote.server_state) <= 1e-5

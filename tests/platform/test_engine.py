@@ -30,21 +30,25 @@ def engine_for(exp: Experiment, *overrides: str) -> Engine:
 
 
 def recorded_round(engine: Engine, round_index: int, global_adapter):
-    """Run a round and record every device's final adapter as the executor produced it."""
+    """Run a round and record every device's final adapter as the executor produced it (its batched cohort)."""
     device = engine.executor.exp.device  # type: ignore[attr-defined]
     finals: dict[int, dict[str, torch.Tensor]] = {}
-    original = device.final_adapter
+    cohorts = []
+    original = device.start_cohort
 
-    def record(state):
-        finals[state.device] = original(state)
-        return finals[state.device]
+    def record(*args, **kwargs):
+        cohorts.append(original(*args, **kwargs))
+        return cohorts[-1]
 
-    device.final_adapter = record
+    device.start_cohort = record
     try:
         task, _, _ = engine.configure(round_index)
         new, metrics = engine.run_round(round_index, global_adapter)
     finally:
-        device.final_adapter = original
+        device.start_cohort = original
+    for group in cohorts:
+        for i, k in enumerate(group.devices):
+            finals[k] = group.adapter_of(i)
     return task, new, metrics, finals
 
 

@@ -1,0 +1,230 @@
+"""Many virtual devices as one batched computation per local step (DESIGN §8).
+
+All devices of an executor share the device part's frozen (possibly quantized) base weights; only their
+LoRA adapters differ. A cohort keeps every device's adapter stacked, (devices, ...) per tensor, and runs a
+local step for all live devices at once: the base layers over the stacked batch (the mini-batches of
+devices of one sequence length stacked, in chunks; rows grouped by device), each LoRA layer's delta as
+batched matmuls over a (devices, rows, in) view (the multi-adapter technique of S-LoRA and Punica), and one
+multi-tensor AdamW step over the stacked adapters, elementwise the same update as one AdamW per device.
+With many samples the backward recomputes each chunk's forward instead of keeping its graph (bounded memory). What
+each device sends and receives is encoded with its own seeded stream, so every message, adapter and loss
+equals the device-by-device path (`DeviceExecutor.start/forward/backward`) within float rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from sflam.platform import codec
+from sflam.platform.codec import Encoded
+from sflam.platform.data import Batch
+
+Adapter = dict[str, torch.Tensor]
+LORA = "default"  # the adapter name peft's inject_adapter_in_model gives
+CHUNK_SAMPLES = 2048  # samples per stacked device-part batch
+KEEP_GRAPH_SAMPLES = 8192  # up to this many samples per step the forward keeps its graph, above it recomputes
+
+
+@dataclass
+class Layout:
+    """Where each live device's samples sit in the stacked batch, and its padded (devices, rows) view."""
+
+    live: torch.Tensor            # positions in the cohort of the devices in this step, in order
+    samples: list[int]            # samples per live device
+    index: torch.Tensor | None    # row of each stacked sample in the (devices * most samples) view; None: uniform
+
+    @property
+    def most(self) -> int:
+        return max(self.samples)
+
+    def to_devices(self, x: torch.Tensor) -> torch.Tensor:
+        """(samples, ..., in) grouped by device -> (devices, most samples * ..., in); padded rows are zeros."""
+        if self.index is not None:
+            x = x.new_zeros((len(self.samples) * self.most, *x.shape[1:])).index_copy(0, self.index, x)
+        return x.reshape(len(self.samples), -1, x.shape[-1])
+
+    def from_devices(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_devices` for a result of `like`'s leading shape."""
+        y = y.reshape(len(self.samples) * self.most, *like.shape[1:-1], y.shape[-1])
+        return y if self.index is None else y.index_select(0, self.index)
+
+
+Chunk = tuple[list[int], torch.Tensor, torch.Tensor, Layout]  # live devices (by order), ids, mask, layout
+
+
+@dataclass
+class Cohort:
+    """The devices an executor holds in a round: stacked adapters, one optimizer over them, pending graphs."""
+
+    devices: list[int]
+    adapter: Adapter                     # name -> (devices, ...) trained tensor, or the shared global one if frozen
+    optimizer: torch.optim.Optimizer | None
+    anchor: Adapter | None = None        # the global adapter, for FedProx's proximal term
+    proximal_mu: float = 0.0
+    samples_trained: int = 0
+    pending: dict[int, list[tuple[Chunk, torch.Tensor | None]]] = field(default_factory=dict)  # graph if kept
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """Every device's copy of a tensor (a frozen one is the same for all)."""
+        tensor = self.adapter[name]
+        return tensor if tensor.requires_grad else tensor.expand(len(self.devices), *tensor.shape)
+
+    def adapter_of(self, position: int) -> Adapter:
+        return {name: self.stacked(name)[position].detach().clone() for name in self.adapter}
+
+    def weighted_sum(self, weights: list[float]) -> Adapter:
+        """What `strategies.weighted_sum` gives over the devices' adapters (float64, devices with weight > 0)."""
+        kept = [i for i, w in enumerate(weights) if w > 0]
+        if not kept or not self.adapter:
+            return {}
+        index = torch.tensor(kept)
+        w = torch.tensor([weights[i] for i in kept], dtype=torch.float64)
+        out = {}
+        for name in self.adapter:
+            stacked = self.stacked(name).detach().index_select(0, index).double()
+            out[name] = (w.reshape(-1, *[1] * (stacked.dim() - 1)) * stacked).sum(0)
+        return out
+
+
+def start(part: nn.Module, devices: list[int], global_adapter: Adapter, lr: float, proximal_mu: float,
+          frozen: list[str]) -> Cohort:
+    """Every device starts from the global adapter with a fresh AdamW state over its trained tensors."""
+    adapter: Adapter = {}
+    for name, tensor in global_adapter.items():
+        if name in frozen:
+            adapter[name] = tensor.detach()
+        else:
+            adapter[name] = tensor.detach().unsqueeze(0).repeat(len(devices), *[1] * tensor.dim()).requires_grad_()
+    trained = [t for t in adapter.values() if t.requires_grad]
+    # foreach: one multi-tensor update whose elementwise maths are torch's per-device AdamW (weight_decay=0)
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0, foreach=True) if trained else None
+    anchor = global_adapter if proximal_mu > 0 else None
+    return Cohort(list(devices), adapter, optimizer, anchor, proximal_mu)
+
+
+def stack_batches(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mini-batches of one sequence length as one batch, rows grouped by device."""
+    return torch.cat([b.input_ids for b in batches]), torch.cat([b.attention_mask for b in batches])
+
+
+def layout(live: list[int], batches: list[Batch]) -> Layout:
+    samples = [len(b) for b in batches]
+    most = max(samples)
+    index = None
+    if min(samples) != most:
+        index = torch.cat([torch.arange(n) + d * most for d, n in enumerate(samples)])
+    return Layout(torch.tensor(live), samples, index)
+
+
+def _lora_forward(module: Any, name: str, cohort: Cohort, where: Layout, x: torch.Tensor, *args, **kwargs
+                  ) -> torch.Tensor:
+    """peft's LoRA forward (base layer + B A x * scaling, dtypes as peft casts them) with each device's A and B."""
+    result = module.base_layer(x, *args, **kwargs)
+    result_dtype = result.dtype
+    a, b = (cohort.adapter[f"{name}.lora_{part}.{LORA}.weight"] for part in "AB")
+    if a.requires_grad and len(where.samples) < len(cohort.devices):
+        a = a.index_select(0, where.live)
+    if b.requires_grad and len(where.samples) < len(cohort.devices):
+        b = b.index_select(0, where.live)
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != a.dtype:
+        x = x.to(a.dtype)
+    rows = where.to_devices(x)
+    delta = torch.matmul(torch.matmul(rows, a.transpose(-1, -2)), b.transpose(-1, -2)) * module.scaling[LORA]
+    result = result + where.from_devices(delta, x).to(result.dtype)
+    return result.to(result_dtype)
+
+
+@contextmanager
+def batched_lora(part: nn.Module, cohort: Cohort, where: Layout) -> Iterator[None]:
+    """Within: every LoRA layer of `part` applies each live device's own adapter to that device's rows."""
+    layers: list[tuple[str, Any]] = [(name, m) for name, m in part.named_modules()
+                                           if isinstance(m, LoraLayer) and LORA in m.lora_A]
+    try:
+        for name, module in layers:
+            module.forward = functools.partial(_lora_forward, module, name, cohort, where)
+        yield
+    finally:
+        for _, module in layers:
+            del module.forward
+
+
+def chunks(live: list[int], batches: list[Batch]) -> list[Chunk]:
+    """The live devices in stacked batches: devices of one sequence length together (padding a sequence further
+    changes bf16 attention in its last bit, so each device keeps exactly its own length), at most about
+    CHUNK_SAMPLES samples each."""
+    lengths: dict[int, list[int]] = {}
+    for j, batch in enumerate(batches):
+        lengths.setdefault(int(batch.attention_mask.shape[1]), []).append(j)
+    out = []
+    for members in lengths.values():
+        runs: list[list[int]] = [[]]
+        size = 0
+        for j in members:
+            if runs[-1] and size + len(batches[j]) > CHUNK_SAMPLES:
+                runs.append([])
+                size = 0
+            runs[-1].append(j)
+            size += len(batches[j])
+        for run in runs:
+            ids, mask = stack_batches([batches[j] for j in run])
+            out.append((run, ids, mask, layout([live[j] for j in run], [batches[j] for j in run])))
+    return out
+
+
+def forward(part: nn.Module, cohort: Cohort, live: list[int], batches: list[Batch], step: int) -> torch.Tensor:
+    """The device part over the live devices' batches; returns the rows of their real tokens, device after device.
+
+    Above KEEP_GRAPH_SAMPLES samples no graph is kept: the backward recomputes each chunk's forward (the same
+    computation, so the same values), which bounds the memory of a step by one chunk's activations.
+    """
+    pieces: list[torch.Tensor | None] = [None] * len(batches)
+    work = chunks(live, batches)
+    keep = cohort.optimizer is not None and sum(len(b) for b in batches) <= KEEP_GRAPH_SAMPLES
+    graphs: list[torch.Tensor | None] = []
+    for members, ids, mask, where in work:
+        with torch.set_grad_enabled(keep), batched_lora(part, cohort, where):
+            hidden = part(ids, mask)
+        graphs.append(hidden if keep else None)
+        counts = [int(batches[j].attention_mask.sum()) for j in members]
+        for j, piece in zip(members, torch.split(hidden.detach()[mask.bool()], counts), strict=True):
+            pieces[j] = piece
+    if cohort.optimizer is not None:
+        cohort.pending[step] = list(zip(work, graphs, strict=True))
+    return torch.cat([p for p in pieces if p is not None])
+
+
+def backward(part: nn.Module, cohort: Cohort, step: int, gradients: list[Encoded | None]) -> None:
+    """Each live device's received activation gradient through its chunk's recomputed forward, then one AdamW
+    step for all devices."""
+    work = cohort.pending.pop(step)
+    if cohort.optimizer is None or all(g is None for g in gradients):
+        return
+    received = [g for g in gradients if g is not None]
+    if len(received) != len(gradients):
+        raise ValueError("the server sent gradients to some live devices only")
+    decoded = torch.split(codec.decode_many(received), [int(np.prod(g.shape[:-1])) for g in received])
+    for (members, ids, mask, where), kept in work:
+        hidden = kept
+        if hidden is None:
+            with torch.enable_grad(), batched_lora(part, cohort, where):
+                hidden = part(ids, mask)
+        full = torch.zeros(hidden.shape, dtype=hidden.dtype)
+        full[mask.bool()] = torch.cat([decoded[j] for j in members])
+        hidden.backward(full)
+    if cohort.anchor is not None:  # FedProx: + mu (w - w_global) on every trained tensor
+        with torch.no_grad():
+            for name, tensor in cohort.adapter.items():
+                if tensor.grad is not None:
+                    tensor.grad += cohort.proximal_mu * (tensor - cohort.anchor[name])
+    # a device that dropped out has a zero gradient here and its state moves on, but its adapter is never used
+    cohort.optimizer.step()
+    cohort.optimizer.zero_grad(set_to_none=True)

@@ -27,6 +27,7 @@ from torch import nn
 from sflam.platform import codec
 from sflam.platform.codec import Encoded
 from sflam.platform.data import Batch
+from sflam.platform.strategies import local_step
 
 Adapter = dict[str, torch.Tensor]
 LORA = "default"  # the adapter name peft's inject_adapter_in_model gives
@@ -220,11 +221,5 @@ def backward(part: nn.Module, cohort: Cohort, step: int, gradients: list[Encoded
         full = torch.zeros(hidden.shape, dtype=hidden.dtype)
         full[mask.bool()] = torch.cat([decoded[j] for j in members])
         hidden.backward(full)
-    if cohort.anchor is not None:  # FedProx: + mu (w - w_global) on every trained tensor
-        with torch.no_grad():
-            for name, tensor in cohort.adapter.items():
-                if tensor.grad is not None:
-                    tensor.grad += cohort.proximal_mu * (tensor - cohort.anchor[name])
     # a device that dropped out has a zero gradient here and its state moves on, but its adapter is never used
-    cohort.optimizer.step()
-    cohort.optimizer.zero_grad(set_to_none=True)
+    local_step(cohort.adapter, cohort.optimizer, cohort.anchor, cohort.proximal_mu)

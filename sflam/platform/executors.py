@@ -20,7 +20,7 @@ from sflam.platform.codec import Encoded
 from sflam.platform.cohort import Cohort
 from sflam.platform.data import Batch
 from sflam.platform.split import DevicePart, ServerPart
-from sflam.platform.strategies import FitInstructions, weighted_average, weighted_sum
+from sflam.platform.strategies import FitInstructions, local_step, weighted_average, weighted_sum
 
 __all__ = ["Cohort", "DeviceExecutor", "ServerExecutor", "fedavg", "weighted_sum"]
 
@@ -134,13 +134,7 @@ class DeviceExecutor:
             return
         hidden, mask = state.pending.pop(step)
         hidden.backward(_scatter(codec.decode(gradient), mask))
-        if state.anchor is not None:  # FedProx: + mu (w - w_global) on every trained tensor
-            with torch.no_grad():
-                for name, tensor in state.adapter.items():
-                    if tensor.grad is not None:
-                        tensor.grad += state.proximal_mu * (tensor - state.anchor[name])
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
+        local_step(state.adapter, state.optimizer, state.anchor, state.proximal_mu)
 
     def final_adapter(self, state: DeviceState) -> Adapter:
         return {name: t.detach().clone() for name, t in state.adapter.items()}

@@ -167,3 +167,16 @@ STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedPr
 
 def build_strategy(config: ExperimentConfig) -> Strategy:
     return STRATEGIES[config.aggregation.strategy](config)
+
+
+def local_step(adapter: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               anchor: dict[str, torch.Tensor] | None, proximal_mu: float) -> None:
+    """A device's optimizer step after its backward; FedProx adds mu (w - w_global) to every trained gradient
+    first (one device's adapter, or a cohort's stacked adapters against the stacked global one)."""
+    if anchor is not None:
+        with torch.no_grad():
+            for name, tensor in adapter.items():
+                if tensor.grad is not None:
+                    tensor.grad += proximal_mu * (tensor - anchor[name])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

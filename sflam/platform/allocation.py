@@ -437,17 +437,19 @@ def _min_latency(links: _Links, horizon: float) -> float:
     B = links.p.bandwidth_hz
     lower = links.latency_lower_bound()
 
-    def fits(log_T: float) -> float:
-        need = np.minimum(links.min_bandwidth(float(np.exp(log_T))), 2 * B)
-        return float(np.log(B) - np.log(float(np.sum(need))))
+    def fits(log_T: float) -> tuple[float, np.ndarray, float]:
+        """log B - log sum b_min(T) (>= 0: the minimum bandwidths fit), with b_min and their sum."""
+        need = links.min_bandwidth(float(np.exp(log_T)))
+        total = float(np.sum(need))
+        return (float(np.log(B) - np.log(total)) if np.isfinite(total) else -np.inf), need, total
 
-    if horizon <= lower or fits(np.log(horizon)) < 0:
+    if horizon <= lower or fits(np.log(horizon))[0] < 0:
         raise AllocationError(f"no allocation finishes the round within {horizon:.4g} s under the bandwidth, "
                               "power and energy caps; raise allocation.deadline_s or allocation.energy_cap_j")
     # the infinite-bandwidth bound fits only when a device with nothing to send attains it (one that
     # sends would need an infinite band there)
     quiet = (links.S == 0) & (links.Sd == 0)
-    if quiet.any() and float(np.max(links.c[quiet])) >= lower and fits(np.log(lower)) >= 0:
+    if quiet.any() and float(np.max(links.c[quiet])) >= lower and fits(np.log(lower))[0] >= 0:
         return lower
     # Newton on log T inside the bracket: d/dlogT log sum b_min = T sum(b_min * dlog b_min/dT) / sum b_min
     a, z = float(np.log(lower)), float(np.log(horizon))
@@ -455,9 +457,7 @@ def _min_latency(links: _Links, horizon: float) -> float:
     x = float(np.log(links.T_min_hint)) if links.T_min_hint is not None and lower < links.T_min_hint < horizon \
         else min(a + float(np.log(2.0)), z)
     for _ in range(100):
-        need = links.min_bandwidth(float(np.exp(x)))
-        total = float(np.sum(need))
-        value = float(np.log(B) - np.log(total)) if np.isfinite(total) else -np.inf
+        value, need, total = fits(x)
         if value >= 0:
             z = x
         else:

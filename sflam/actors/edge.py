@@ -48,7 +48,16 @@ class EdgeWorker:
         at the first evaluation only."""
         self.data, self.device = data, device_executor(self.config, device_part)
         self.server_part_ref = server_part
+        if self.config.ray.gpus_per_worker > 0 and torch.cuda.is_available():
+            # Ray reserved GPUs for this worker and set CUDA_VISIBLE_DEVICES to them: "cuda" is its own
+            self.device.place(torch.device("cuda"))
         return os.getpid()
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The device the device part computes on and the GPUs Ray assigned to this worker."""
+        import ray
+
+        return str(self.device.compute), list(ray.get_gpu_ids())
 
     def ready(self) -> int:
         return os.getpid()

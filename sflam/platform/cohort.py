@@ -74,24 +74,28 @@ class Cohort:
     samples_trained: int = 0
     pending: dict[int, list[tuple[Chunk, torch.Tensor | None]]] = field(default_factory=dict)  # graph if kept
 
+    @property
+    def adapter_device(self) -> torch.device:
+        """Where the device part and the adapters run (the CPU, or an edge worker's GPU)."""
+        return next(iter(self.adapter.values())).device if self.adapter else torch.device("cpu")
+
     def stacked(self, name: str) -> torch.Tensor:
         """Every device's copy of a tensor (a frozen one is the same for all)."""
         tensor = self.adapter[name]
         return tensor if tensor.requires_grad else tensor.expand(len(self.devices), *tensor.shape)
 
     def adapter_of(self, position: int) -> Adapter:
-        return {name: self.stacked(name)[position].detach().clone() for name in self.adapter}
+        return {name: self.stacked(name)[position].detach().cpu().clone() for name in self.adapter}
 
     def weighted_sum(self, weights: list[float]) -> Adapter:
         """What `strategies.weighted_sum` gives over the devices' adapters (float64, devices with weight > 0)."""
         kept = [i for i, w in enumerate(weights) if w > 0]
         if not kept or not self.adapter:
             return {}
-        index = torch.tensor(kept)
-        w = torch.tensor([weights[i] for i in kept], dtype=torch.float64)
         out = {}
-        for name in self.adapter:
-            stacked = self.stacked(name).detach().index_select(0, index).double()
+        for name in self.adapter:  # on the CPU: the sum leaves the executor (an edge worker's GPU) anyway
+            stacked = self.stacked(name).detach().cpu().index_select(0, torch.tensor(kept)).double()
+            w = torch.tensor([weights[i] for i in kept], dtype=torch.float64)
             out[name] = (w.reshape(-1, *[1] * (stacked.dim() - 1)) * stacked).sum(0)
         return out
 
@@ -118,12 +122,14 @@ def stack_batches(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def layout(live: list[int], batches: list[Batch]) -> Layout:
+    """On the batches' device (where the adapters are)."""
+    device = batches[0].input_ids.device
     samples = [len(b) for b in batches]
     most = max(samples)
     index = None
     if min(samples) != most:
-        index = torch.cat([torch.arange(n) + d * most for d, n in enumerate(samples)])
-    return Layout(torch.tensor(live), samples, index)
+        index = torch.cat([torch.arange(n) + d * most for d, n in enumerate(samples)]).to(device)
+    return Layout(torch.tensor(live, device=device), samples, index)
 
 
 def _lora_forward(module: Any, name: str, cohort: Cohort, where: Layout, x: torch.Tensor, *args, **kwargs
@@ -212,13 +218,14 @@ def backward(part: nn.Module, cohort: Cohort, step: int, gradients: list[Encoded
     received = [g for g in gradients if g is not None]
     if len(received) != len(gradients):
         raise ValueError("the server sent gradients to some live devices only")
-    decoded = torch.split(codec.decode_many(received), [int(np.prod(g.shape[:-1])) for g in received])
+    decoded = torch.split(codec.decode_many(received).to(cohort.adapter_device),
+                          [int(np.prod(g.shape[:-1])) for g in received])
     for (members, ids, mask, where), kept in work:
         hidden = kept
         if hidden is None:
             with torch.enable_grad(), batched_lora(part, cohort, where):
                 hidden = part(ids, mask)
-        full = torch.zeros(hidden.shape, dtype=hidden.dtype)
+        full = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         full[mask.bool()] = torch.cat([decoded[j] for j in members])
         hidden.backward(full)
     # a device that dropped out has a zero gradient here and its state moves on, but its adapter is never used

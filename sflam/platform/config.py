@@ -261,7 +261,8 @@ class RayConfig:
     local_cpus: int = field(default=0, metadata={"help": "logical CPUs of a local cluster (0: enough for the pool)"})
     placement: str = field(default="spread", metadata={
         "help": "edge workers over the nodes: spread (one node after another) | default (Ray's packing policy)"})
-    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs reserved by each edge worker"})
+    gpus_per_worker: float = field(default=0.0, metadata={
+        "help": "GPUs of each edge worker (its device part runs there; 0.5: two share one)"})
     resources: dict[str, float] = field(default_factory=dict, metadata={
         "help": "custom Ray resources each edge worker needs (e.g. {edge: 1} for nodes started with that resource)"})
     placement_timeout_s: float = field(default=600.0, metadata={

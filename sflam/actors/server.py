@@ -175,19 +175,14 @@ class ServerRank:
             if self.server.optimizer is not None:
                 self.server.optimizer.step()
                 self.server.optimizer.zero_grad(set_to_none=True)
-        gradients: list[Encoded | None] = []
-        start = 0
-        for message in shard:
-            rows = int(message.labels.shape[0])
-            if not self.server.send_gradients:
-                gradients.append(None)
-            else:
-                own = hidden.grad[start:start + rows].cpu() / self.world_size  # type: ignore[index]
-                grad_rows = _rows(own, mask[start:start + rows].cpu())
-                generator = codec_generator(self.config.seed, round_index, step, message.device, DOWNLINK)
-                gradients.append(codec.encode(grad_rows, self.server.gradient_bits, generator,
-                                              self.server.side_dtype))
-            start += rows
+        gradients: list[Encoded | None] = [None] * len(shard)
+        if self.server.send_gradients:  # every device's rows with its own stream, the shard's statistics at once
+            mask = mask.cpu()
+            grad_rows = _rows(hidden.grad.cpu() / self.world_size, mask)  # type: ignore[union-attr]
+            counts = [int(m.attention_mask.sum()) for m in shard]
+            generators = [codec_generator(self.config.seed, round_index, step, m.device, DOWNLINK) for m in shard]
+            gradients = list(codec.encode_many(grad_rows, counts, [self.server.gradient_bits] * len(shard),
+                                               generators, self.server.side_dtype))
         bits = sum(g.payload_bits for g in gradients if g is not None)
         return (float(mean_loss.detach()) * shard_samples, int(correct), shard_samples, bits), gradients
 

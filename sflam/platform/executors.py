@@ -11,6 +11,7 @@ reference the cohort is tested against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from sflam.platform.data import Batch
 from sflam.platform.split import DevicePart, ServerPart
 from sflam.platform.strategies import FitInstructions, local_step, weighted_average, weighted_sum
 
-__all__ = ["Cohort", "DeviceExecutor", "ServerExecutor", "fedavg", "weighted_sum"]
+__all__ = ["Cohort", "DeviceExecutor", "Messages", "ServerExecutor", "fedavg", "weighted_sum"]
 
 Adapter = dict[str, torch.Tensor]
 
@@ -49,6 +50,37 @@ class Smashed:
     def payload_bits(self) -> int:
         # side header: per sample, the sequence length (16 bits) and the label (16 bits)
         return self.activations.payload_bits + 32 * int(self.labels.shape[0])
+
+
+class Messages(list):  # type: ignore[type-arg]
+    """One executor's smashed messages of a step, crossing processes as a few arrays (one object per worker and
+    step: thousands of small messages pickle one by one far more slowly). Unpickled, the same list."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        masks = [m.attention_mask for m in self]
+        labels = [m.labels for m in self]
+        encoded = codec.pack_many([m.activations for m in self])
+        if (encoded is None or len({t.dtype for t in masks}) > 1 or len({t.dtype for t in labels}) > 1
+                or any(t.requires_grad for t in masks + labels)):
+            return (list, (list(self),))
+        mask_flat = torch.cat([t.reshape(-1) for t in masks]).numpy() if masks else np.zeros(0, np.int64)
+        label_flat = torch.cat([t.reshape(-1) for t in labels]).numpy() if labels else np.zeros(0, np.int64)
+        shapes = [(tuple(a.shape), tuple(b.shape)) for a, b in zip(masks, labels, strict=True)]
+        return (_messages, ([m.device for m in self], encoded, mask_flat, label_flat, shapes))
+
+
+def _messages(devices: list[int], encoded: tuple[Any, ...], mask_flat: np.ndarray, label_flat: np.ndarray,
+              shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> Messages:
+    masks, labels = torch.from_numpy(mask_flat.copy()), torch.from_numpy(label_flat.copy())
+    out = Messages()
+    a = b = 0
+    for device, activations, (mask_shape, label_shape) in zip(devices, codec.unpack_many(encoded), shapes,
+                                                              strict=True):
+        m, n = int(np.prod(mask_shape)), int(np.prod(label_shape))
+        out.append(Smashed(device, activations, masks[a:a + m].view(mask_shape),  # type: ignore[arg-type]
+                           labels[b:b + n].view(label_shape)))
+        a, b = a + m, b + n
+    return out
 
 
 @dataclass
@@ -220,45 +252,52 @@ class ServerExecutor:
     def step(self, messages: list[Smashed], round_index: int, step: int) -> ServerStepResult:
         """Forward/backward of the mean loss over every message's samples, one optimizer step, encoded gradients.
 
-        Thousands of devices' samples run in chunks of about SERVER_CHUNK_SAMPLES (the gradients of a mean
-        accumulate chunk by chunk), so the server's activation memory stays bounded at any number of devices.
+        Every sample runs at its own length: the samples of all messages are grouped by their number of real
+        tokens, so no position is padding (sequences are right-padded and attention is causal or masked, so the
+        real tokens' results are those of the padded batch). Thousands of devices' samples run in chunks of
+        about SERVER_CHUNK_SAMPLES (the gradients of a mean accumulate chunk by chunk), so the server's
+        activation memory stays bounded at any number of devices.
         """
-        total = sum(int(m.labels.shape[0]) for m in messages)
-        length = max(int(m.attention_mask.shape[1]) for m in messages)
-        chunks: list[list[Smashed]] = []
-        current: list[Smashed] = []
-        size = 0
-        for message in messages:
-            if current and size + int(message.labels.shape[0]) > SERVER_CHUNK_SAMPLES:
-                chunks.append(current)
-                current, size = [], 0
-            current.append(message)
-            size += int(message.labels.shape[0])
-        chunks.append(current)
-        loss_sum, correct, rows = 0.0, 0, []
-        for chunk in chunks:
-            hidden, mask, labels = self.assemble(chunk, length)
+        rows = codec.decode_many([m.activations for m in messages])  # every message's real tokens, in order
+        lengths = torch.cat([m.attention_mask.sum(1) for m in messages])  # per sample, in message order
+        labels = torch.cat([m.labels for m in messages])
+        total = int(labels.shape[0])
+        starts = torch.cumsum(lengths, 0) - lengths  # each sample's first row in `rows`
+        order = torch.sort(lengths, stable=True)
+        edges = torch.unique_consecutive(order.values, return_counts=True)
+        chunks: list[tuple[int, torch.Tensor]] = []  # (length, sample positions) of same-length samples
+        at = 0
+        for length, count in zip(edges[0].tolist(), edges[1].tolist(), strict=True):
+            members = order.indices[at:at + count]
+            at += count
+            for piece in torch.split(members, SERVER_CHUNK_SAMPLES):
+                chunks.append((int(length), piece))
+        grad_rows = torch.zeros_like(rows) if self.send_gradients else None
+        loss_sum, correct = 0.0, 0
+        for length, samples in chunks:
+            index = starts[samples, None] + torch.arange(length)  # (samples, length) rows of these samples
+            hidden = rows[index]
             hidden.requires_grad_(self.send_gradients)
+            mask = torch.ones(index.shape, dtype=torch.long)
             with torch.enable_grad():
                 logits = self.part(hidden, mask)
-                loss, chunk_correct = self.part.loss_and_correct(logits, labels)
-                share = int(labels.shape[0]) / total
+                loss, chunk_correct = self.part.loss_and_correct(logits, labels[samples])
                 if len(chunks) > 1:
-                    loss = loss * share
+                    loss = loss * (int(samples.shape[0]) / total)
                 if self.optimizer is not None or self.send_gradients:
                     loss.backward()
             loss_sum += float(loss.detach())
             correct += int(chunk_correct)
-            if self.send_gradients:
-                rows.append(_rows(hidden.grad, mask))  # type: ignore[arg-type]
+            if grad_rows is not None:
+                grad_rows[index] = hidden.grad  # type: ignore[assignment]
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         gradients: list[Encoded | None] = [None] * len(messages)
-        if self.send_gradients:  # each device's rows with its own stream, all devices' statistics at once
+        if grad_rows is not None:  # each device's rows with its own stream, all devices' statistics at once
             counts = [int(m.attention_mask.sum()) for m in messages]
             generators = [codec_generator(self.seed, round_index, step, m.device, DOWNLINK) for m in messages]
-            gradients = list(codec.encode_many(torch.cat(rows), counts, [self.gradient_bits] * len(messages),
+            gradients = list(codec.encode_many(grad_rows, counts, [self.gradient_bits] * len(messages),
                                                generators, self.side_dtype))
         return ServerStepResult(loss_sum, correct, total, gradients)
 

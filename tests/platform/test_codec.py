@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,19 @@ def test_fp16_side_information_that_would_widen_the_step_is_refused() -> None:
     with pytest.raises(CodecError, match="widen"):
         codec.encode(_rows() * 1e-6, 8, torch.Generator().manual_seed(0), "fp16")
     assert codec.GRADIENT_SIDE_DTYPE == "fp32"
+
+
+@pytest.mark.parametrize("side", ["fp32", "fp16"])
+def test_many_devices_encoded_at_once_equal_each_encoded_alone(side: str) -> None:
+    """`encode_many` (one pass over every device's rows) gives each device exactly `encode`'s bytes."""
+    counts, bits = [3, 1, 4, 2, 5, 3], [8, 4, 3, 8, 12, 32]
+    rows = torch.randn(sum(counts), 10, generator=torch.Generator().manual_seed(1))
+    rows[3] = 0.5  # a constant row: zero scale
+    many = codec.encode_many(rows, counts, bits, [torch.Generator().manual_seed(k) for k in range(len(counts))], side)
+    for k, (piece, encoded) in enumerate(zip(torch.split(rows, counts), many, strict=True)):
+        alone = codec.encode(piece, bits[k], torch.Generator().manual_seed(k), side)
+        assert encoded.bits == alone.bits and encoded.shape == alone.shape
+        assert np.array_equal(encoded.packed, alone.packed)
+        for a, b in ((encoded.offset, alone.offset), (encoded.scale, alone.scale)):
+            assert (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+    assert torch.equal(codec.decode_many(many[:4]), torch.cat([codec.decode(e) for e in many[:4]]))

@@ -252,52 +252,45 @@ class ServerExecutor:
     def step(self, messages: list[Smashed], round_index: int, step: int) -> ServerStepResult:
         """Forward/backward of the mean loss over every message's samples, one optimizer step, encoded gradients.
 
-        Every sample runs at its own length: the samples of all messages are grouped by their number of real
-        tokens, so no position is padding (sequences are right-padded and attention is causal or masked, so the
-        real tokens' results are those of the padded batch). Thousands of devices' samples run in chunks of
-        about SERVER_CHUNK_SAMPLES (the gradients of a mean accumulate chunk by chunk), so the server's
-        activation memory stays bounded at any number of devices.
+        Thousands of devices' samples run in chunks of about SERVER_CHUNK_SAMPLES (the gradients of a mean
+        accumulate chunk by chunk), so the server's activation memory stays bounded at any number of devices.
         """
-        rows = codec.decode_many([m.activations for m in messages])  # every message's real tokens, in order
-        lengths = torch.cat([m.attention_mask.sum(1) for m in messages])  # per sample, in message order
-        labels = torch.cat([m.labels for m in messages])
-        total = int(labels.shape[0])
-        starts = torch.cumsum(lengths, 0) - lengths  # each sample's first row in `rows`
-        order = torch.sort(lengths, stable=True)
-        edges = torch.unique_consecutive(order.values, return_counts=True)
-        chunks: list[tuple[int, torch.Tensor]] = []  # (length, sample positions) of same-length samples
-        at = 0
-        for length, count in zip(edges[0].tolist(), edges[1].tolist(), strict=True):
-            members = order.indices[at:at + count]
-            at += count
-            for piece in torch.split(members, SERVER_CHUNK_SAMPLES):
-                chunks.append((int(length), piece))
-        grad_rows = torch.zeros_like(rows) if self.send_gradients else None
-        loss_sum, correct = 0.0, 0
-        for length, samples in chunks:
-            index = starts[samples, None] + torch.arange(length)  # (samples, length) rows of these samples
-            hidden = rows[index]
+        total = sum(int(m.labels.shape[0]) for m in messages)
+        length = max(int(m.attention_mask.shape[1]) for m in messages)
+        chunks: list[list[Smashed]] = []
+        current: list[Smashed] = []
+        size = 0
+        for message in messages:
+            if current and size + int(message.labels.shape[0]) > SERVER_CHUNK_SAMPLES:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(message)
+            size += int(message.labels.shape[0])
+        chunks.append(current)
+        loss_sum, correct, rows = 0.0, 0, []
+        for chunk in chunks:
+            hidden, mask, labels = self.assemble(chunk, length)
             hidden.requires_grad_(self.send_gradients)
-            mask = torch.ones(index.shape, dtype=torch.long)
             with torch.enable_grad():
                 logits = self.part(hidden, mask)
-                loss, chunk_correct = self.part.loss_and_correct(logits, labels[samples])
+                loss, chunk_correct = self.part.loss_and_correct(logits, labels)
+                share = int(labels.shape[0]) / total
                 if len(chunks) > 1:
-                    loss = loss * (int(samples.shape[0]) / total)
+                    loss = loss * share
                 if self.optimizer is not None or self.send_gradients:
                     loss.backward()
             loss_sum += float(loss.detach())
             correct += int(chunk_correct)
-            if grad_rows is not None:
-                grad_rows[index] = hidden.grad  # type: ignore[assignment]
+            if self.send_gradients:
+                rows.append(_rows(hidden.grad, mask))  # type: ignore[arg-type]
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         gradients: list[Encoded | None] = [None] * len(messages)
-        if grad_rows is not None:  # each device's rows with its own stream, all devices' statistics at once
+        if self.send_gradients:  # each device's rows with its own stream, all devices' statistics at once
             counts = [int(m.attention_mask.sum()) for m in messages]
             generators = [codec_generator(self.seed, round_index, step, m.device, DOWNLINK) for m in messages]
-            gradients = list(codec.encode_many(grad_rows, counts, [self.gradient_bits] * len(messages),
+            gradients = list(codec.encode_many(torch.cat(rows), counts, [self.gradient_bits] * len(messages),
                                                generators, self.side_dtype))
         return ServerStepResult(loss_sum, correct, total, gradients)
 

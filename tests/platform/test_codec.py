@@ -144,3 +144,27 @@ def test_many_devices_encoded_at_once_equal_each_encoded_alone(side: str) -> Non
         for a, b in ((encoded.offset, alone.offset), (encoded.scale, alone.scale)):
             assert (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
     assert torch.equal(codec.decode_many(many[:4]), torch.cat([codec.decode(e) for e in many[:4]]))
+
+
+def test_messages_and_gradients_cross_processes_as_the_same_values() -> None:
+    """A worker's messages and the server's gradients pickle as a few arrays and come back value for value."""
+    import pickle
+
+    from sflam.platform.executors import Messages, Smashed
+
+    rows = torch.randn(9, 6, generator=torch.Generator().manual_seed(2))
+    encoded = codec.encode_many(rows, [4, 2, 3], [8, 32, 3], [torch.Generator().manual_seed(k) for k in range(3)])
+    masks = [torch.tensor([[1, 1, 1], [1, 0, 0]]), torch.tensor([[1, 1]]), torch.tensor([[1, 1, 1]])]
+    sent = Messages(Smashed(k, e, m, torch.arange(m.shape[0])) for k, e, m in zip((5, 9, 2), encoded, masks,
+                                                                                   strict=True))
+    back = pickle.loads(pickle.dumps(sent))
+    assert isinstance(back, Messages) and len(back) == 3
+    for a, b in zip(sent, back, strict=True):
+        assert a.device == b.device and a.payload_bits == b.payload_bits
+        assert torch.equal(a.attention_mask, b.attention_mask) and torch.equal(a.labels, b.labels)
+        assert torch.equal(codec.decode(a.activations), codec.decode(b.activations))
+    gradients = codec.EncodedList([encoded[0], None, encoded[2]])
+    returned = pickle.loads(pickle.dumps(gradients))
+    assert returned[1] is None and [e.payload_bits for e in returned if e] == [encoded[0].payload_bits,
+                                                                               encoded[2].payload_bits]
+    assert torch.equal(codec.decode_many([returned[0], returned[2]]), codec.decode_many([encoded[0], encoded[2]]))

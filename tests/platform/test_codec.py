@@ -154,7 +154,7 @@ def test_messages_and_gradients_cross_processes_as_the_same_values() -> None:
 
     rows = torch.randn(9, 6, generator=torch.Generator().manual_seed(2))
     encoded = codec.encode_many(rows, [4, 2, 3], [8, 32, 3], [torch.Generator().manual_seed(k) for k in range(3)])
-    masks = [torch.tensor([[1, 1, 1], [1, 0, 0]]), torch.tensor([[1, 1]]), torch.tensor([[1, 1, 1]])]
+    masks = [torch.tensor([[1, 1, 1], [1, 0, 0]]), torch.tensor([[1, 1, 0]]), torch.tensor([[1], [1], [1]])]
     sent = Messages(Smashed(k, e, m, torch.arange(m.shape[0])) for k, e, m in zip((5, 9, 2), encoded, masks,
                                                                                    strict=True))
     back = pickle.loads(pickle.dumps(sent))

@@ -16,7 +16,8 @@ from `--one-step-from` on time the first local step only (device by device would
 round (planning included, no evaluation) on two edge workers of one thread and one server rank, the median
 over the rounds after the first. Peak host memory: the largest sum of
 proportional set sizes (PSS: shared pages split between the processes that map them) over this process and
-every process below it (the Ray cluster it starts), sampled every half second during the Ray run.
+every process below it (the Ray cluster it starts), sampled during the Ray run every half second, or less often
+when one sample costs more than a twentieth of that time in CPU (reading PSS walks every page of every process).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class PeakMemory:
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
+            started = time.thread_time()
             total = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
@@ -61,7 +63,9 @@ class PeakMemory:
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
-            time.sleep(0.5)
+            # reading PSS walks every page of every process (about 50 ms of CPU per GiB): at most a twentieth of
+            # one core goes to sampling, which would otherwise slow the measured runs on a small machine
+            self._stop.wait(max(0.5, 20 * (time.thread_time() - started)))
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()

@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 from sflam.actors.failures import logged
+from sflam.actors.memory import trimmed
 from sflam.platform.build import DataBundle, quiet_libraries
 from sflam.platform.codec import Encoded
 from sflam.platform.config import config_from_dict
 from sflam.platform.data import collate
-from sflam.platform.executors import Adapter, Cohort, Smashed
+from sflam.platform.executors import Adapter, Cohort, Messages, Smashed
 from sflam.platform.runtime import device_executor, evaluate_batch, evaluation_batches
 from sflam.platform.split import DevicePart, ServerPart
 from sflam.platform.strategies import FitInstructions
@@ -64,6 +65,7 @@ class EdgeWorker:
 
     # ------------------------------------------------------------------ a round
     @logged
+    @trimmed
     def start(self, round_index: int, devices: list[int], bits: list[int], steps: list[int], weights: list[float],
               indices: dict[int, list[np.ndarray]], global_adapter: Adapter, lr_factor: float,
               fit: FitInstructions) -> None:
@@ -81,6 +83,7 @@ class EdgeWorker:
         return [i for i, s in enumerate(self.steps) if s > step]
 
     @logged
+    @trimmed
     def forward(self, step: int) -> tuple[list[Smashed], int]:
         """The live devices' smashed data of a step, one batched computation, and its size in bits (a small second
         return the driver waits on, while the messages go to the server by reference as one object)."""
@@ -89,9 +92,10 @@ class EdgeWorker:
         devices = [self.devices[i] for i in live]
         messages = self.device.forward_cohort(self.cohort, live, [self.batches[k][step] for k in devices],
                                               self.round_index, step, [self.bits[k] for k in devices])
-        return messages, sum(m.payload_bits for m in messages)
+        return Messages(messages), sum(m.payload_bits for m in messages)  # one compact object to the server
 
     @logged
+    @trimmed
     def backward(self, step: int, offset: int, *gradient_shards: list[Encoded | None]) -> None:
         """Apply the server's gradients: the shards of all server ranks in device order, ours from `offset`."""
         assert self.cohort is not None, "start the round first"
@@ -102,6 +106,7 @@ class EdgeWorker:
         self.device.backward_cohort(self.cohort, step, gradients)
 
     @logged
+    @trimmed
     def finish(self) -> tuple[Adapter, float, int]:
         """The chunk's weighted adapter sum over the devices that finished, its total weight, samples trained."""
         assert self.cohort is not None, "start the round first"

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from sflam.actors.failures import logged
+from sflam.actors.memory import trimmed
 from sflam.platform import codec
 from sflam.platform.build import quiet_libraries
-from sflam.platform.codec import Encoded
+from sflam.platform.codec import Encoded, EncodedList
 from sflam.platform.config import config_from_dict
 from sflam.platform.executors import DOWNLINK, Adapter, ServerExecutor, Smashed, _rows, codec_generator
 from sflam.platform.runtime import server_executor
@@ -139,6 +140,7 @@ class ServerRank:
                 group["lr"] = self.config.train.server_lr * factor
 
     @logged
+    @trimmed
     def step(self, round_index: int, step: int, lr_factor: float, *message_lists: list[Smashed]
              ) -> tuple[StepStats, list[Encoded | None]]:
         """Forward/backward of this rank's shard of the step's devices, one optimizer step, encoded gradients."""
@@ -147,7 +149,7 @@ class ServerRank:
         if self.engine is None and self.device.type == "cpu":  # the reference runtime's own code path
             result = self.server.step(messages, round_index, step)
             return ((result.loss * result.samples, result.correct, result.samples, sum(result.downlink_bits)),
-                    result.gradients)
+                    EncodedList(result.gradients))  # one compact object to the edge workers
         start, stop = shard_bounds(len(messages), self.world_size, self.rank)
         return self._sharded_step(messages[start:stop], sum(int(m.labels.shape[0]) for m in messages),
                                   round_index, step)
@@ -184,7 +186,7 @@ class ServerRank:
             gradients = list(codec.encode_many(grad_rows, counts, [self.server.gradient_bits] * len(shard),
                                                generators, self.server.side_dtype))
         bits = sum(g.payload_bits for g in gradients if g is not None)
-        return (float(mean_loss.detach()) * shard_samples, int(correct), shard_samples, bits), gradients
+        return (float(mean_loss.detach()) * shard_samples, int(correct), shard_samples, bits), EncodedList(gradients)
 
     @logged
     def checkpoint(self) -> dict[str, Any]:

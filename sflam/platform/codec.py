@@ -9,6 +9,7 @@ q = 32 sends raw fp32. The payload size in bits is exact: packed values plus sid
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,11 +181,15 @@ def encode_many(rows: torch.Tensor, counts: list[int], bits: list[int], generato
         group = data if len(members) == len(counts) else torch.cat([pieces[i] for i in members])
         offset, scale = _side_range(group, q, SIDE_DTYPES[side_dtype])
         safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        position = (group - offset[:, None]) / safe_scale[:, None]
-        noise = torch.cat([torch.rand((counts[i], width), generator=generators[i], dtype=position.dtype)
-                           for i in members])
-        levels = torch.floor(position + noise).clamp_(0, 2**q - 1)
-        level_values = torch.where(scale[:, None] > 0, levels, torch.zeros_like(levels)).to(torch.int64).numpy()
+        # in place, one buffer: thousands of devices' rows are hundreds of MiB (the same operations as `encode`)
+        levels = torch.empty_like(group)
+        at = 0
+        for i in members:  # each device's noise from its own stream: what torch.rand draws, written in place
+            levels[at:at + counts[i]].uniform_(generator=generators[i])
+            at += counts[i]
+        levels.add_((group - offset[:, None]).div_(safe_scale[:, None])).floor_().clamp_(0, 2**q - 1)
+        levels.masked_fill_(~(scale[:, None] > 0), 0)
+        level_values = levels.to(torch.uint8 if q <= 8 else torch.int32).numpy()
         offsets, scales = offset.numpy().astype(np_side), scale.numpy().astype(np_side)
         member_rows = [counts[i] for i in members]
         bounds = np.concatenate([[0], np.cumsum(member_rows)])
@@ -211,3 +216,58 @@ def decode_many(encoded: list[Encoded]) -> torch.Tensor:
         scale = torch.from_numpy(np.concatenate([e.scale for e in encoded]).astype(np.float32))  # type: ignore[misc]
         return (levels.reshape(offset.shape[0], -1) * scale[:, None] + offset[:, None]).reshape(-1, width)
     return torch.cat([decode(e).reshape(-1, e.shape[-1]) for e in encoded])
+
+
+def _joined(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays of one dtype as one array and the bounds of each."""
+    bounds = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int64)
+    return (np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.uint8)), bounds
+
+
+def pack_many(items: list[Encoded | None]) -> tuple[Any, ...] | None:
+    """Many encoded tensors as a few arrays (None: they differ in side dtype and travel as they are)."""
+    present = [e for e in items if e is not None]
+    sides = {e.offset.dtype for e in present if e.offset is not None}
+    if len(sides) > 1:
+        return None
+    packed, packed_bounds = _joined([e.packed for e in present])
+    with_side = [e for e in present if e.offset is not None]
+    offsets, side_bounds = _joined([e.offset for e in with_side])  # type: ignore[misc]
+    scales, _ = _joined([e.scale for e in with_side])  # type: ignore[misc]
+    flags = [None if e is None else (e.bits, e.shape, e.offset is not None) for e in items]
+    return flags, packed, packed_bounds, offsets, scales, side_bounds
+
+
+def unpack_many(fields: tuple[Any, ...]) -> list[Encoded | None]:
+    """The inverse of `pack_many`: each tensor's arrays are views of the shared ones (copied once, writable)."""
+    flags, packed, packed_bounds, offsets, scales, side_bounds = fields
+    packed, offsets, scales = packed.copy(), offsets.copy(), scales.copy()
+    out: list[Encoded | None] = []
+    j = s = 0
+    for flag in flags:
+        if flag is None:
+            out.append(None)
+            continue
+        bits, shape, has_side = flag
+        body = packed[packed_bounds[j]:packed_bounds[j + 1]]
+        j += 1
+        if has_side:
+            a, b = side_bounds[s], side_bounds[s + 1]
+            out.append(Encoded(bits, shape, body, offsets[a:b], scales[a:b]))
+            s += 1
+        else:
+            out.append(Encoded(bits, shape, body, None, None))
+    return out
+
+
+class EncodedList(list):  # type: ignore[type-arg]
+    """A list of encoded tensors (or None) that crosses processes as a few arrays: thousands of small objects
+    pickle one by one far more slowly. Unpickled, it is the same list, value for value."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        fields = pack_many(list(self))
+        return (list, (list(self),)) if fields is None else (_encoded_list, (fields,))
+
+
+def _encoded_list(fields: tuple[Any, ...]) -> EncodedList:
+    return EncodedList(unpack_many(fields))

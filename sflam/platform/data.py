@@ -12,6 +12,7 @@ the UCI repository (Alpaydin & Kaynak, 1998), 1,797 images, as shipped in scikit
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -243,13 +244,14 @@ def collate(data: TokenizedData | ImageData, indices: np.ndarray | list[int], pa
         labels = torch.as_tensor(data.labels[np.asarray(indices)], dtype=torch.long)
         return Batch(data.pixels(indices), torch.ones((len(labels), data.num_tokens), dtype=torch.long), labels)
     seqs = [data.input_ids[i] for i in indices]
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return Batch(ids, mask, torch.as_tensor(data.labels[np.asarray(indices)], dtype=torch.long))
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    # right padding in one pass (thousands of devices' batches are collated every round): the real positions in
+    # row-major order are the sequences' tokens one after another
+    real = np.arange(lengths.max()) < lengths[:, None]
+    ids = np.full(real.shape, pad_token_id, dtype=np.int64)
+    ids[real] = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    return Batch(torch.from_numpy(ids), torch.from_numpy(real.astype(np.int64)),
+                 torch.as_tensor(data.labels[np.asarray(indices)], dtype=torch.long))
 
 
 def device_batches(shard: np.ndarray, batch_size: int, steps: int, seed: int, round_index: int, device: int

@@ -11,6 +11,7 @@ reference the cohort is tested against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from sflam.platform.data import Batch
 from sflam.platform.split import DevicePart, ServerPart
 from sflam.platform.strategies import FitInstructions, local_step, weighted_average, weighted_sum
 
-__all__ = ["Cohort", "DeviceExecutor", "ServerExecutor", "fedavg", "weighted_sum"]
+__all__ = ["Cohort", "DeviceExecutor", "Messages", "ServerExecutor", "fedavg", "weighted_sum"]
 
 Adapter = dict[str, torch.Tensor]
 
@@ -49,6 +50,37 @@ class Smashed:
     def payload_bits(self) -> int:
         # side header: per sample, the sequence length (16 bits) and the label (16 bits)
         return self.activations.payload_bits + 32 * int(self.labels.shape[0])
+
+
+class Messages(list):  # type: ignore[type-arg]
+    """One executor's smashed messages of a step, crossing processes as a few arrays (one object per worker and
+    step: thousands of small messages pickle one by one far more slowly). Unpickled, the same list."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        masks = [m.attention_mask for m in self]
+        labels = [m.labels for m in self]
+        encoded = codec.pack_many([m.activations for m in self])
+        if (encoded is None or len({t.dtype for t in masks}) > 1 or len({t.dtype for t in labels}) > 1
+                or any(t.requires_grad for t in masks + labels)):
+            return (list, (list(self),))
+        mask_flat = torch.cat([t.reshape(-1) for t in masks]).numpy() if masks else np.zeros(0, np.int64)
+        label_flat = torch.cat([t.reshape(-1) for t in labels]).numpy() if labels else np.zeros(0, np.int64)
+        shapes = [(tuple(a.shape), tuple(b.shape)) for a, b in zip(masks, labels, strict=True)]
+        return (_messages, ([m.device for m in self], encoded, mask_flat, label_flat, shapes))
+
+
+def _messages(devices: list[int], encoded: tuple[Any, ...], mask_flat: np.ndarray, label_flat: np.ndarray,
+              shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> Messages:
+    masks, labels = torch.from_numpy(mask_flat.copy()), torch.from_numpy(label_flat.copy())
+    out = Messages()
+    a = b = 0
+    for device, activations, (mask_shape, label_shape) in zip(devices, codec.unpack_many(encoded), shapes,
+                                                              strict=True):
+        m, n = int(np.prod(mask_shape)), int(np.prod(label_shape))
+        out.append(Smashed(device, activations, masks[a:a + m].view(mask_shape),  # type: ignore[arg-type]
+                           labels[b:b + n].view(label_shape)))
+        a, b = a + m, b + n
+    return out
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,43 @@ def test_fp16_side_information_that_would_widen_the_step_is_refused() -> None:
     with pytest.raises(CodecError, match="widen"):
         codec.encode(_rows() * 1e-6, 8, torch.Generator().manual_seed(0), "fp16")
     assert codec.GRADIENT_SIDE_DTYPE == "fp32"
+
+
+@pytest.mark.parametrize("side", ["fp32", "fp16"])
+def test_many_devices_encoded_at_once_equal_each_encoded_alone(side: str) -> None:
+    """`encode_many` (one pass over every device's rows) gives each device exactly `encode`'s bytes."""
+    counts, bits = [3, 1, 4, 2, 5, 3], [8, 4, 3, 8, 12, 32]
+    rows = torch.randn(sum(counts), 10, generator=torch.Generator().manual_seed(1))
+    rows[3] = 0.5  # a constant row: zero scale
+    many = codec.encode_many(rows, counts, bits, [torch.Generator().manual_seed(k) for k in range(len(counts))], side)
+    for k, (piece, encoded) in enumerate(zip(torch.split(rows, counts), many, strict=True)):
+        alone = codec.encode(piece, bits[k], torch.Generator().manual_seed(k), side)
+        assert encoded.bits == alone.bits and encoded.shape == alone.shape
+        assert np.array_equal(encoded.packed, alone.packed)
+        for a, b in ((encoded.offset, alone.offset), (encoded.scale, alone.scale)):
+            assert (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+    assert torch.equal(codec.decode_many(many[:4]), torch.cat([codec.decode(e) for e in many[:4]]))
+
+
+def test_messages_and_gradients_cross_processes_as_the_same_values() -> None:
+    """A worker's messages and the server's gradients pickle as a few arrays and come back value for value."""
+    import pickle
+
+    from sflam.platform.executors import Messages, Smashed
+
+    rows = torch.randn(9, 6, generator=torch.Generator().manual_seed(2))
+    encoded = codec.encode_many(rows, [4, 2, 3], [8, 32, 3], [torch.Generator().manual_seed(k) for k in range(3)])
+    masks = [torch.tensor([[1, 1, 1], [1, 0, 0]]), torch.tensor([[1, 1, 0]]), torch.tensor([[1], [1], [1]])]
+    sent = Messages(Smashed(k, e, m, torch.arange(m.shape[0])) for k, e, m in zip((5, 9, 2), encoded, masks,
+                                                                                   strict=True))
+    back = pickle.loads(pickle.dumps(sent))
+    assert isinstance(back, Messages) and len(back) == 3
+    for a, b in zip(sent, back, strict=True):
+        assert a.device == b.device and a.payload_bits == b.payload_bits
+        assert torch.equal(a.attention_mask, b.attention_mask) and torch.equal(a.labels, b.labels)
+        assert torch.equal(codec.decode(a.activations), codec.decode(b.activations))
+    gradients = codec.EncodedList([encoded[0], None, encoded[2]])
+    returned = pickle.loads(pickle.dumps(gradients))
+    assert returned[1] is None and [e.payload_bits for e in returned if e] == [encoded[0].payload_bits,
+                                                                               encoded[2].payload_bits]
+    assert torch.equal(codec.decode_many([returned[0], returned[2]]), codec.decode_many([encoded[0], encoded[2]]))

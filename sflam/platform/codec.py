@@ -108,17 +108,24 @@ def _side_range(rows: torch.Tensor, bits: int, side: torch.dtype) -> tuple[torch
     return offset.float(), scale.float()
 
 
-def encode(x: torch.Tensor, bits: int, generator: torch.Generator | None = None, side_dtype: str = "fp32"
-           ) -> Encoded:
-    """Encode a tensor whose last dimension is a row; stochastic rounding draws from `generator`."""
-    if not (bits == 32 or 1 <= bits <= 16):
-        raise CodecError(f"bits={bits} is invalid: allowed are 1..16, or 32 for raw fp32")
+def _checked(x: torch.Tensor, bits: list[int], side_dtype: str) -> torch.Tensor:
+    """`x` as fp32 once the bit widths, the side dtype and its values are valid (one line naming what is not)."""
+    for q in sorted(set(bits)):
+        if not (q == 32 or 1 <= q <= 16):
+            raise CodecError(f"bits={q} is invalid: allowed are 1..16, or 32 for raw fp32")
     if side_dtype not in SIDE_DTYPES:
         raise CodecError(f"side_dtype={side_dtype!r} is invalid: allowed are fp32, fp16")
     data = x.detach().float()
     if not bool(torch.isfinite(data).all()):
         bad = int((~torch.isfinite(data)).sum())
         raise CodecError(f"smashed data holds {bad} non-finite value(s) (NaN or inf); refusing to send them")
+    return data
+
+
+def encode(x: torch.Tensor, bits: int, generator: torch.Generator | None = None, side_dtype: str = "fp32"
+           ) -> Encoded:
+    """Encode a tensor whose last dimension is a row; stochastic rounding draws from `generator`."""
+    data = _checked(x, [bits], side_dtype)
     shape = tuple(data.shape)
     if bits == 32:
         return Encoded(32, shape, data.contiguous().numpy().view(np.uint8).reshape(-1).copy(), None, None)
@@ -158,15 +165,7 @@ def encode_many(rows: torch.Tensor, counts: list[int], bits: list[int], generato
     """`encode` of many devices' rows at once: `rows` holds each device's rows in turn (`counts` of them), each
     device at its own bits with its own generator. Row statistics and rounding run once per bit width; only the
     noise is drawn device by device, from each device's stream, so every result equals `encode` of its rows."""
-    for q in set(bits):
-        if not (q == 32 or 1 <= q <= 16):
-            raise CodecError(f"bits={q} is invalid: allowed are 1..16, or 32 for raw fp32")
-    if side_dtype not in SIDE_DTYPES:
-        raise CodecError(f"side_dtype={side_dtype!r} is invalid: allowed are fp32, fp16")
-    data = rows.detach().float()
-    if not bool(torch.isfinite(data).all()):
-        bad = int((~torch.isfinite(data)).sum())
-        raise CodecError(f"smashed data holds {bad} non-finite value(s) (NaN or inf); refusing to send them")
+    data = _checked(rows, bits, side_dtype)
     width = int(data.shape[-1])
     pieces = torch.split(data, counts)
     out: list[Encoded | None] = [None] * len(counts)

@@ -142,5 +142,6 @@ class EdgeWorker:
                 if param.requires_grad:
                     param.copy_(server_state[name])
         wanted = set(numbers)
+        adapter = self.device.here(adapter)  # once for every batch (to an edge worker's GPU)
         return [evaluate_batch(self.config, self.device, part, adapter, number, batch)
                 for number, batch in evaluation_batches(self.config, self.data) if number in wanted]

@@ -92,10 +92,11 @@ class Cohort:
         kept = [i for i, w in enumerate(weights) if w > 0]
         if not kept or not self.adapter:
             return {}
+        index = torch.tensor(kept)
+        w = torch.tensor([weights[i] for i in kept], dtype=torch.float64)
         out = {}
         for name in self.adapter:  # on the CPU: the sum leaves the executor (an edge worker's GPU) anyway
-            stacked = self.stacked(name).detach().cpu().index_select(0, torch.tensor(kept)).double()
-            w = torch.tensor([weights[i] for i in kept], dtype=torch.float64)
+            stacked = self.stacked(name).detach().cpu().index_select(0, index).double()
             out[name] = (w.reshape(-1, *[1] * (stacked.dim() - 1)) * stacked).sum(0)
         return out
 

@@ -134,7 +134,8 @@ class DeviceExecutor:
         self.part.to(device)
         self.compute = device
 
-    def _here(self, adapter: Adapter) -> Adapter:
+    def here(self, adapter: Adapter) -> Adapter:
+        """The adapter's tensors where the device part runs (the same tensors when already there)."""
         return {name: t.to(self.compute) for name, t in adapter.items()}
 
     @property
@@ -148,7 +149,7 @@ class DeviceExecutor:
               fit: FitInstructions | None = None) -> DeviceState:
         """A device's round starts from the global adapter with a fresh optimizer over its trained tensors."""
         fit = fit or FitInstructions()
-        global_adapter = self._here(global_adapter)
+        global_adapter = self.here(global_adapter)
         adapter = {name: t.detach().clone().requires_grad_(not fit.is_frozen(name))
                    for name, t in global_adapter.items()}
         trained = [t for t in adapter.values() if t.requires_grad]
@@ -190,7 +191,7 @@ class DeviceExecutor:
         """`start` for every listed device, their adapters stacked and one optimizer over them."""
         fit = fit or FitInstructions()
         frozen = [name for name in global_adapter if fit.is_frozen(name)]
-        return cohort.start(self.part, devices, self._here(global_adapter), self.lr * lr_factor, fit.proximal_mu,
+        return cohort.start(self.part, devices, self.here(global_adapter), self.lr * lr_factor, fit.proximal_mu,
                             frozen)
 
     def forward_cohort(self, group: Cohort, live: list[int], batches: list[Batch], round_index: int, step: int,
@@ -216,7 +217,7 @@ class DeviceExecutor:
     @torch.no_grad()
     def infer(self, adapter: Adapter, batch: Batch, generator: torch.Generator) -> Smashed:
         inputs = batch.to(self.compute)
-        hidden = torch.func.functional_call(self.part, self._here(adapter), (inputs.input_ids, inputs.attention_mask),
+        hidden = torch.func.functional_call(self.part, self.here(adapter), (inputs.input_ids, inputs.attention_mask),
                                             strict=False)
         encoded = codec.encode(_rows(hidden, inputs.attention_mask).cpu(), self.activation_bits, generator,
                                self.side_dtype)

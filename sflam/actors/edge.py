@@ -63,6 +63,9 @@ class EdgeWorker:
     def ready(self) -> int:
         return os.getpid()
 
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
     # ------------------------------------------------------------------ a round
     @logged
     @trimmed

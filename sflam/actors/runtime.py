@@ -150,7 +150,7 @@ class RayRuntime(Executor):
         """Actors first, so their processes import torch and the model code while this driver builds the
         experiment; then the driver's data and built parts go to them through the object store, put once:
         no actor (nor any replacement) tokenizes, loads the fp32 model or quantizes again (DESIGN §8)."""
-        rc, srv = self.config.ray, self.config.server
+        srv = self.config.server
         self._edge_cls = ray.remote(EdgeWorker)
         self._server_cls = ray.remote(ServerRank)
         # a shape no node has fails at once; one that only has to wait for free resources gets the timeout
@@ -162,7 +162,7 @@ class RayRuntime(Executor):
         self.ranks = [self._server_cls.options(
             num_cpus=1, num_gpus=srv.gpus_per_rank, resources=dict(srv.resources), max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-        ).remote(self.config_dict, rank, ranks, rc.threads_per_worker, self.log_file("server-rank", rank))
+        ).remote(self.config_dict, rank, ranks, srv.threads, self.log_file("server-rank", rank))
             for rank in range(ranks)]
         self.workers = [self._spawn_worker(i) for i in range(workers)]
         # while the actors start and import, the driver builds the experiment once

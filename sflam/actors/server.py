@@ -74,9 +74,10 @@ def free_port(host: str) -> int:
 class ServerRank:
     """One rank of the server-part group."""
 
-    def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1, threads: int = 1,
+    def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1, threads: int = 0,
                  log_file: str = "server-rank.log") -> None:
-        torch.set_num_threads(threads)
+        # a step runs while every edge worker waits for its gradients: by default it has the node's cores
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // world_size))
         self.log_file = log_file
         self.config = config_from_dict(config)
         quiet_libraries()
@@ -130,6 +131,9 @@ class ServerRank:
 
     def ready(self) -> int:
         return os.getpid()
+
+    def threads(self) -> int:
+        return torch.get_num_threads()
 
     def set_lr_factor(self, factor: float) -> None:
         if self.engine is None:

@@ -298,8 +298,12 @@ class ServerConfig:
         "help": "server ranks over the nodes (a Ray placement group): pack (fewest nodes) | spread (one per node)"})
     resources: dict[str, float] = field(default_factory=dict, metadata={
         "help": "custom Ray resources each server rank needs (e.g. {server: 1})"})
+    threads: int = field(default=0, metadata={
+        "help": "torch threads of each server rank (0: its node's CPUs shared by the ranks; the edge workers "
+                "wait for a step's gradients, so the step has the cores they leave idle)"})
 
     def __post_init__(self) -> None:
+        _check(self.threads >= 0, "server.threads", self.threads, "an integer >= 0 (0: the node's CPUs / ranks)")
         _check(self.engine in ENGINES, "server.engine", self.engine, f"one of {', '.join(ENGINES)}")
         _check(self.ranks >= 1, "server.ranks", self.ranks, "an integer >= 1")
         _check(self.engine == "deepspeed" or self.ranks == 1, "server.ranks", self.ranks,

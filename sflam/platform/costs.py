@@ -36,6 +36,7 @@ from sflam.platform.allocation import (
 from sflam.platform.cache import CostCache, parts_fingerprint
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.data import Batch
+from sflam.platform.executors import server_chunks
 from sflam.platform.quantization import bnb, stored_weight_bytes
 from sflam.platform.schedule import (
     Phases,
@@ -378,11 +379,12 @@ class RoundPlanner:
                     per_device_server[i, e] = rows * sum(self.flops.server(int(batch.attention_mask.shape[1])))
         if self.schedule == "lockstep":
             server_flops = np.zeros(E)
-            for e in range(E):  # the server's step over the devices still in the round at step e
+            for e in range(E):  # the server's step over the devices still in the round at step e, in its chunks
                 present = [batches[int(k)][e] for k in devices if e < len(batches[int(k)])]
                 if present:
-                    length = max(int(b.attention_mask.shape[1]) for b in present)
-                    server_flops[e] = sum(len(b) for b in present) * sum(self.flops.server(length))
+                    lengths = torch.cat([b.attention_mask.sum(1) for b in present]).numpy()
+                    server_flops[e] = sum(len(chunk) * sum(self.flops.server(int(lengths[chunk].max())))
+                                          for chunk in server_chunks(lengths))
             server_s = server_flops / sysc.server_flops
         elif self.schedule == "sequential":
             server_s = per_device_server / sysc.server_flops

@@ -28,13 +28,24 @@ __all__ = ["Cohort", "DeviceExecutor", "Messages", "ServerExecutor", "fedavg", "
 Adapter = dict[str, torch.Tensor]
 
 UPLINK, DOWNLINK = 0, 1
-SERVER_CHUNK_SAMPLES = 2048  # samples per server forward/backward within one local step
+SERVER_CHUNK_SAMPLES = 512  # samples per server forward/backward within one local step (`server_chunks`)
 
 
 def codec_generator(seed: int, round_index: int, step: int, device: int, direction: int) -> torch.Generator:
     """The stochastic-rounding stream of one transmission, the same in every runtime."""
     state = np.random.SeedSequence([seed, round_index, step, device + 3, direction]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def server_chunks(lengths: np.ndarray) -> list[np.ndarray]:
+    """The samples (positions in message order) of each forward/backward of a server step, each run padded to
+    its longest sample: all of them in order up to SERVER_CHUNK_SAMPLES, more in chunks of that many in order of
+    their real length (so almost no work goes to padding). The cost model charges exactly these chunks."""
+    n = len(lengths)
+    if n <= SERVER_CHUNK_SAMPLES:
+        return [np.arange(n)]
+    order = np.argsort(lengths, kind="stable")
+    return [order[a:a + SERVER_CHUNK_SAMPLES] for a in range(0, n, SERVER_CHUNK_SAMPLES)]
 
 
 @dataclass
@@ -268,45 +279,48 @@ class ServerExecutor:
     def step(self, messages: list[Smashed], round_index: int, step: int) -> ServerStepResult:
         """Forward/backward of the mean loss over every message's samples, one optimizer step, encoded gradients.
 
-        Thousands of devices' samples run in chunks of about SERVER_CHUNK_SAMPLES (the gradients of a mean
-        accumulate chunk by chunk), so the server's activation memory stays bounded at any number of devices.
+        The samples run in the chunks of `server_chunks` (the gradients of the mean accumulate chunk by chunk), so
+        the server's activation memory stays bounded at any number of devices. Padding never changes a real
+        token's result (right padding, masked): the chunking changes the sums only at float rounding.
         """
-        total = sum(int(m.labels.shape[0]) for m in messages)
-        length = max(int(m.attention_mask.shape[1]) for m in messages)
-        chunks: list[list[Smashed]] = []
-        current: list[Smashed] = []
-        size = 0
-        for message in messages:
-            if current and size + int(message.labels.shape[0]) > SERVER_CHUNK_SAMPLES:
-                chunks.append(current)
-                current, size = [], 0
-            current.append(message)
-            size += int(message.labels.shape[0])
-        chunks.append(current)
-        loss_sum, correct, rows = 0.0, 0, []
-        for chunk in chunks:
-            hidden, mask, labels = self.assemble(chunk, length)
+        masks = [m.attention_mask for m in messages]
+        lengths = torch.cat([mask.sum(1) for mask in masks]).long()  # every sample's real tokens
+        labels = torch.cat([m.labels for m in messages])
+        total = int(labels.shape[0])
+        rows = codec.decode_many([m.activations for m in messages])  # sample by sample, real tokens in order
+        chunks = server_chunks(lengths.numpy())
+        starts = torch.cumsum(lengths, 0) - lengths  # each sample's first row
+        grad_rows = torch.empty_like(rows) if self.send_gradients else None
+        loss_sum, correct = 0.0, 0
+        for positions in chunks:
+            chunk = torch.from_numpy(positions)
+            chunk_lengths = lengths[chunk]
+            mask = (torch.arange(int(chunk_lengths.max())) < chunk_lengths[:, None]).to(masks[0].dtype)
+            # the chunk's rows: each sample's run of real tokens, in the chunk's order
+            first = torch.repeat_interleave(starts[chunk] - (torch.cumsum(chunk_lengths, 0) - chunk_lengths),
+                                            chunk_lengths)
+            index = first + torch.arange(int(chunk_lengths.sum()))
+            hidden = _scatter(rows[index], mask)
             hidden.requires_grad_(self.send_gradients)
             with torch.enable_grad():
                 logits = self.part(hidden, mask)
-                loss, chunk_correct = self.part.loss_and_correct(logits, labels)
-                share = int(labels.shape[0]) / total
+                loss, chunk_correct = self.part.loss_and_correct(logits, labels[chunk])
                 if len(chunks) > 1:
-                    loss = loss * share
+                    loss = loss * (len(positions) / total)
                 if self.optimizer is not None or self.send_gradients:
                     loss.backward()
             loss_sum += float(loss.detach())
             correct += int(chunk_correct)
-            if self.send_gradients:
-                rows.append(_rows(hidden.grad, mask))  # type: ignore[arg-type]
+            if grad_rows is not None:
+                grad_rows[index] = _rows(hidden.grad, mask)  # type: ignore[arg-type]
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         gradients: list[Encoded | None] = [None] * len(messages)
-        if self.send_gradients:  # each device's rows with its own stream, all devices' statistics at once
-            counts = [int(m.attention_mask.sum()) for m in messages]
+        if grad_rows is not None:  # each device's rows with its own stream, all devices' statistics at once
+            counts = [int(mask.sum()) for mask in masks]
             generators = [codec_generator(self.seed, round_index, step, m.device, DOWNLINK) for m in messages]
-            gradients = list(codec.encode_many(torch.cat(rows), counts, [self.gradient_bits] * len(messages),
+            gradients = list(codec.encode_many(grad_rows, counts, [self.gradient_bits] * len(messages),
                                                generators, self.side_dtype))
         return ServerStepResult(loss_sum, correct, total, gradients)
 

@@ -3,6 +3,7 @@ faults lose nothing."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,9 @@ def test_one_device_per_worker_is_allowed() -> None:
     runtime = RayRuntime(config)
     try:
         assert runtime.layout.workers == 5 and runtime.layout.devices_per_worker == 1
+        # the server rank's step has the node's cores (the edge workers wait for it), each worker its one thread
+        assert ray.get(runtime.ranks[0].threads.remote()) == len(os.sched_getaffinity(0))
+        assert ray.get(runtime.workers[0].threads.remote()) == 1
         new, _ = runtime.run_round(0, runtime.exp.device.initial_adapter())
     finally:
         runtime.shutdown()

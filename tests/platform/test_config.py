@@ -88,6 +88,7 @@ BAD = [
     (["allocation.bits=[4, 8]", "allocation.distortion_bits=3"], "allocation.distortion_bits=3.0"),
     (["system.access=tdma"], "system.access='tdma'"),
     (["system.access=ofdma", "system.subchannels=4"], "system.subchannels=4"),
+    (["server.threads=-1"], "server.threads=-1"),
 ]
 
 

@@ -10,7 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from sflam.platform.costs import FlopTable, measure_device_memory
+from sflam.platform import executors
+from sflam.platform.costs import FlopTable, _count, measure_device_memory
 from sflam.platform.data import collate
 from sflam.platform.runtime import Experiment, build_executors, round_batches, run_local, run_round, select_devices
 from sflam.platform.schedule import latency, makespan
@@ -85,6 +86,27 @@ def test_round_latency_is_the_makespan_of_the_planned_phases() -> None:
     assert 0 < parts.comm_s < parts.round_s
     # lockstep: never faster than the slowest device alone, never slower than all barriers at their worst
     assert metrics.round_latency_s >= float(np.max(plan.phases.chains())) * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("chunk", [6, 2048])  # several chunks in order of length, and one batch
+def test_the_plan_charges_the_server_flops_its_steps_run(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(executors, "SERVER_CHUNK_SAMPLES", chunk)
+    config = tiny_config("train.rounds=1", "quant.weights=nf4", "quant.activation_bits=8")
+    exp = Experiment.build(config)
+    selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)
+    charged = exp.planner.inputs(0, selected, round_batches(exp, 0, selected)).server_s * config.system.server_flops
+    ran: list[int] = []
+    step = exp.server.step
+
+    def counted(*args):  # the FLOPs of each server step as it runs
+        out = []
+        ran.append(_count(lambda: out.append(step(*args)), exp.server.part))
+        return out[0]
+
+    exp.server.step = counted
+    run_round(exp, 0, exp.device.initial_adapter())
+    assert len(ran) == config.train.local_steps == len(charged)
+    assert ran == [int(round(f)) for f in charged]
 
 
 class LiveStorages(TorchDispatchMode):

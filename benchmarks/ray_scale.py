@@ -13,8 +13,9 @@ Each is the executor's time for the round's local steps (device part, codec and 
 planning of the round (selection, batches, cost model) is the same for every path and reported apart; batched and
 single adapter alternate (`--repeats`) and keep their fastest run. Sizes
 from `--one-step-from` on time the first local step only (device by device would take minutes). Ray: the full
-round (planning included, no evaluation) on two edge workers of one thread and one server rank, the median
-over the rounds after the first. Peak host memory: the largest sum of
+round (planning included, no evaluation) on two edge workers of one thread and one server rank (with the
+node's CPUs, `server.threads: 0`), the median over the rounds after the first, and where that round's time went:
+the driver's planning, its waits for the edge workers and for the server part. Peak host memory: the largest sum of
 proportional set sizes (PSS: shared pages split between the processes that map them) over this process and
 every process below it (the Ray cluster it starts), sampled during the Ray run every half second, or less often
 when one sample costs more than a twentieth of that time in CPU (reading PSS walks every page of every process).
@@ -125,8 +126,28 @@ def local_paths(config: ExperimentConfig, one_step: bool, repeats: int) -> dict[
     return out
 
 
-def ray_round(K: int, rounds: int) -> tuple[float, int]:
-    """The Ray runtime's seconds per round (planning included, no evaluation) and the peak host memory."""
+PHASES = {"configure": "planning", "_gather": "edge workers", "_await": "edge workers",
+          "_server_call": "server part"}
+
+
+def timed(owner: object, name: str, into: dict[str, float]) -> None:
+    """Adds the wall seconds of every call of owner.name to into[PHASES[name]] (the driver waits in these)."""
+    call = getattr(owner, name)
+
+    def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            into[PHASES[name]] = into.get(PHASES[name], 0.0) + time.perf_counter() - started
+
+    setattr(owner, name, run)
+
+
+def ray_round(K: int, rounds: int) -> tuple[float, int, dict[str, float]]:
+    """The Ray runtime's seconds per round (planning included, no evaluation), the peak host memory, and where
+    the median round's time went (the driver's planning, its waits for the edge workers' forward, backward and
+    adapter sums, and for the server part's steps)."""
     from sflam.actors.runtime import RayRuntime
     from sflam.platform.engine import Engine
 
@@ -136,13 +157,21 @@ def ray_round(K: int, rounds: int) -> tuple[float, int]:
         try:
             engine = Engine(config, runtime)
             adapter = runtime.initial_adapter()
-            times = []
+            times, phases = [], []
+            waits = [(engine, "configure"), (runtime, "_gather"), (runtime, "_await"), (runtime, "_server_call")]
             for r in range(rounds):
+                phases.append({})
+                for owner, name in waits:
+                    timed(owner, name, phases[-1])
                 adapter, metrics = engine.run_round(r, adapter)
+                for owner, name in waits:
+                    delattr(owner, name)  # back to the class's method
                 times.append(metrics.wall_s)
         finally:
             runtime.shutdown()
-    return float(np.median(times[1:])), memory.peak  # after the first round (warm-up)
+    later = times[1:]  # after the first round (warm-up)
+    median = int(np.argsort(later)[len(later) // 2]) + 1
+    return float(np.median(later)), memory.peak, phases[median]
 
 
 def main() -> None:
@@ -159,6 +188,9 @@ def main() -> None:
     lines = ["| devices per round | planning s | batched s | device by device s | device by device / batched | "
              "single adapter s | batched / single adapter | ray s/round | peak host memory, ray (GiB) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    split = ["", "Where the Ray round's time goes (the round above: the driver's wall seconds in each phase):", "",
+             "| devices per round | ray s/round | planning s | edge workers s | server part s |",
+             "|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     for K in args.sizes:
         one_step = K >= args.one_step_from and not args.ray_only
@@ -168,11 +200,15 @@ def main() -> None:
             t = local_paths(load_config(None, scenario(K, 2, "local")), one_step, 1 if one_step else args.repeats)
             local = (f"| {t['configure']:.2f} | {t['batched']:.2f} | {t['reference']:.2f} | "
                      f"{t['reference'] / t['batched']:.1f} | {t['single']:.2f} | {t['batched'] / t['single']:.2f} ")
-        ray_s, peak = ray_round(K, args.ray_rounds)
+        ray_s, peak, phases = ray_round(K, args.ray_rounds)
         mark = " (1 local step)" if one_step else ""
         line = f"| {K}{mark} {local}| {ray_s:.2f} | {peak / 2**30:.2f} |"
         lines.append(line)
+        split.append(f"| {K} | {ray_s:.2f} | " + " | ".join(f"{phases.get(p, 0.0):.2f}" for p in
+                                                         ("planning", "edge workers", "server part")) + " |")
         print(line, flush=True)
+    print("\n".join(split), flush=True)
+    lines += split
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python benchmarks/ray_scale.py "
                f"--sizes {' '.join(map(str, args.sizes))}{' --ray-only' if args.ray_only else ''} --out {args.out}")

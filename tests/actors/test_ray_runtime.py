@@ -3,6 +3,7 @@ faults lose nothing."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sflam.actors.runtime import RayRuntime, RunFailed, run_ray, start_watchdog
 from sflam.cluster.connect import start_ray
 from sflam.platform.checkpoint import load_checkpoint, save_checkpoint
 from sflam.platform.engine import Engine, Resume
+from sflam.platform.results import RunResult
 from sflam.platform.runtime import Experiment, LocalExecutor, run_local
 from tests.conftest import tiny_config
 
@@ -55,24 +57,36 @@ def test_ray_torch_engine_gives_the_reference_runtimes_adapters() -> None:
 
 
 def test_one_device_per_worker_is_allowed() -> None:
-    config = tiny_config(*BASE, "runtime=ray", "ray.devices_per_worker=1", "train.rounds=1", "ray.cpus_per_worker=0.5")
+    three = (*BASE, "train.devices_per_round=3", "train.rounds=1")
+    config = tiny_config(*three, "runtime=ray", "ray.devices_per_worker=1", "ray.cpus_per_worker=0.5")
     runtime = RayRuntime(config)
     try:
-        assert runtime.layout.workers == 5 and runtime.layout.devices_per_worker == 1
+        assert runtime.layout.workers == 3 and runtime.layout.devices_per_worker == 1
         # the server rank's step has the node's cores (the edge workers wait for it), each worker its one thread
         assert ray.get(runtime.ranks[0].threads.remote()) == len(os.sched_getaffinity(0))
         assert ray.get(runtime.workers[0].threads.remote()) == 1
         new, _ = runtime.run_round(0, runtime.exp.device.initial_adapter())
     finally:
         runtime.shutdown()
-    local = run_local(tiny_config(*BASE, "train.rounds=1"))
+    local = run_local(tiny_config(*three))
     assert max_difference(new, local.device_adapter) <= 1e-5
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+DEEPSPEED_RUN = (*BASE, "runtime=ray", "ray.workers=1", "train.rounds=3", "train.eval_every=3")
+
+
+@functools.cache
+def torch_engine_run() -> RunResult:
+    """The torch engine's run every ZeRO stage is compared with (run once per test session)."""
+    return run_ray(tiny_config(*DEEPSPEED_RUN))
+
+
+# stages 1 and 2 lie between 0 (no partitioning) and 3 (everything partitioned): `make test-all` runs them
+@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(2, marks=pytest.mark.slow), 3])
 def test_deepspeed_two_ranks_match_the_torch_engine(stage: int) -> None:
-    common = (*BASE, "runtime=ray", "ray.workers=1", "train.rounds=3", "train.eval_every=3")
-    torch_engine = run_ray(tiny_config(*common))
+    common = DEEPSPEED_RUN
+    torch_engine = torch_engine_run()
     deepspeed = run_ray(tiny_config(*common, "server.engine=deepspeed", "server.ranks=2",
                                     f"server.zero_stage={stage}"))
     ours = [loss for r in deepspeed.rounds for loss in r.step_losses]

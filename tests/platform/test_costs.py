@@ -106,7 +106,7 @@ def test_the_plan_charges_the_server_flops_its_steps_run(chunk: int, monkeypatch
     exp.server.step = counted
     run_round(exp, 0, exp.device.initial_adapter())
     assert len(ran) == config.train.local_steps == len(charged)
-    assert ran == [int(round(f)) for f in charged]
+    assert ran == [round(float(f)) for f in charged]
 
 
 class LiveStorages(TorchDispatchMode):

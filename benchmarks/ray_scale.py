@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import threading
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from sflam.actors.memory import release_freed_memory
 from sflam.platform.build import quiet_libraries
 from sflam.platform.config import ExperimentConfig, load_config
 
@@ -200,6 +202,8 @@ def main() -> None:
             t = local_paths(load_config(None, scenario(K, 2, "local")), one_step, 1 if one_step else args.repeats)
             local = (f"| {t['configure']:.2f} | {t['batched']:.2f} | {t['reference']:.2f} | "
                      f"{t['reference'] / t['batched']:.1f} | {t['single']:.2f} | {t['batched'] / t['single']:.2f} ")
+        gc.collect()  # the local paths' experiment and buffers are gone before the Ray run is measured
+        release_freed_memory()  # (glibc would keep their heap in this process's PSS otherwise)
         ray_s, peak, phases = ray_round(K, args.ray_rounds)
         mark = " (1 local step)" if one_step else ""
         line = f"| {K}{mark} {local}| {ray_s:.2f} | {peak / 2**30:.2f} |"

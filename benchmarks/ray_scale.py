@@ -14,8 +14,9 @@ planning of the round (selection, batches, cost model) is the same for every pat
 single adapter alternate (`--repeats`) and keep their fastest run. Sizes
 from `--one-step-from` on time the first local step only (device by device would take minutes). Ray: the full
 round (planning included, no evaluation) on two edge workers of one thread and one server rank (with the
-node's CPUs, `server.threads: 0`), the median over the rounds after the first, and where that round's time went:
-the driver's planning, its waits for the edge workers and for the server part. Peak host memory: the largest sum of
+node's CPUs for steps of more than 512 samples, `server.threads: 0`), the median over the rounds after the
+first, and where that round's time went: the driver's planning, its waits for the edge workers and for the
+server part. Peak host memory: the largest sum of
 proportional set sizes (PSS: shared pages split between the processes that map them) over this process and
 every process below it (the Ray cluster it starts), sampled during the Ray run every half second, or less often
 when one sample costs more than a twentieth of that time in CPU (reading PSS walks every page of every process).

@@ -31,7 +31,15 @@ from sflam.platform import codec
 from sflam.platform.build import quiet_libraries
 from sflam.platform.codec import Encoded, EncodedList
 from sflam.platform.config import config_from_dict
-from sflam.platform.executors import DOWNLINK, Adapter, ServerExecutor, Smashed, _rows, codec_generator
+from sflam.platform.executors import (
+    DOWNLINK,
+    SERVER_CHUNK_SAMPLES,
+    Adapter,
+    ServerExecutor,
+    Smashed,
+    _rows,
+    codec_generator,
+)
 from sflam.platform.runtime import server_executor
 from sflam.platform.split import ServerPart
 
@@ -76,8 +84,10 @@ class ServerRank:
 
     def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1, threads: int = 0,
                  log_file: str = "server-rank.log") -> None:
-        # a step runs while every edge worker waits for its gradients: by default it has the node's cores
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // world_size))
+        # a step runs while every edge worker waits for its gradients: by default a large one has the node's cores
+        self.threads_wanted = threads
+        self.node_threads = max(1, len(os.sched_getaffinity(0)) // world_size)
+        torch.set_num_threads(self.step_threads(0))
         self.log_file = log_file
         self.config = config_from_dict(config)
         quiet_libraries()
@@ -132,8 +142,13 @@ class ServerRank:
     def ready(self) -> int:
         return os.getpid()
 
-    def threads(self) -> int:
-        return torch.get_num_threads()
+    def step_threads(self, samples: int) -> int:
+        """Torch threads for a step of `samples` samples: server.threads, or by default one thread up to one
+        chunk (SERVER_CHUNK_SAMPLES: on small steps waking threads costs more than it gains) and the node's
+        CPUs shared by the ranks above it."""
+        if self.threads_wanted:
+            return self.threads_wanted
+        return self.node_threads if samples > SERVER_CHUNK_SAMPLES else 1
 
     def set_lr_factor(self, factor: float) -> None:
         if self.engine is None:
@@ -150,6 +165,9 @@ class ServerRank:
         """Forward/backward of this rank's shard of the step's devices, one optimizer step, encoded gradients."""
         self.set_lr_factor(lr_factor)
         messages = [m for chunk in message_lists for m in chunk]
+        threads = self.step_threads(sum(int(m.labels.shape[0]) for m in messages))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if self.engine is None and self.device.type == "cpu":  # the reference runtime's own code path
             result = self.server.step(messages, round_index, step)
             return ((result.loss * result.samples, result.correct, result.samples, sum(result.downlink_bits)),

@@ -299,8 +299,8 @@ class ServerConfig:
     resources: dict[str, float] = field(default_factory=dict, metadata={
         "help": "custom Ray resources each server rank needs (e.g. {server: 1})"})
     threads: int = field(default=0, metadata={
-        "help": "torch threads of each server rank (0: its node's CPUs shared by the ranks; the edge workers "
-                "wait for a step's gradients, so the step has the cores they leave idle)"})
+        "help": "torch threads of each server rank's steps (0: a step of more than one chunk of samples gets its "
+                "node's CPUs shared by the ranks, as the edge workers wait for its gradients; a smaller one 1)"})
 
     def __post_init__(self) -> None:
         _check(self.threads >= 0, "server.threads", self.threads, "an integer >= 0 (0: the node's CPUs / ranks)")

@@ -62,8 +62,11 @@ def test_one_device_per_worker_is_allowed() -> None:
     runtime = RayRuntime(config)
     try:
         assert runtime.layout.workers == 3 and runtime.layout.devices_per_worker == 1
-        # the server rank's step has the node's cores (the edge workers wait for it), each worker its one thread
-        assert ray.get(runtime.ranks[0].threads.remote()) == len(os.sched_getaffinity(0))
+        # a server step of more than one chunk has the node's cores (the edge workers wait for it), a small one
+        # one thread; each worker keeps its one thread
+        rank = runtime.ranks[0]
+        assert ray.get([rank.step_threads.remote(512), rank.step_threads.remote(513)]) == [
+            1, len(os.sched_getaffinity(0))]
         assert ray.get(runtime.workers[0].threads.remote()) == 1
         new, _ = runtime.run_round(0, runtime.exp.device.initial_adapter())
     finally:

@@ -162,7 +162,7 @@ class RayRuntime(Executor):
         self.ranks = [self._server_cls.options(
             num_cpus=1, num_gpus=srv.gpus_per_rank, resources=dict(srv.resources), max_concurrency=1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-        ).remote(self.config_dict, rank, ranks, srv.threads, self.log_file("server-rank", rank))
+        ).remote(self.config_dict, rank, ranks, self.log_file("server-rank", rank))
             for rank in range(ranks)]
         self.workers = [self._spawn_worker(i) for i in range(workers)]
         # while the actors start and import, the driver builds the experiment once

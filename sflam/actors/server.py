@@ -82,14 +82,13 @@ def free_port(host: str) -> int:
 class ServerRank:
     """One rank of the server-part group."""
 
-    def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1, threads: int = 0,
+    def __init__(self, config: dict[str, Any], rank: int = 0, world_size: int = 1,
                  log_file: str = "server-rank.log") -> None:
-        # a step runs while every edge worker waits for its gradients: by default a large one has the node's cores
-        self.threads_wanted = threads
-        self.node_threads = max(1, len(os.sched_getaffinity(0)) // world_size)
-        torch.set_num_threads(self.step_threads(0))
         self.log_file = log_file
         self.config = config_from_dict(config)
+        # a step runs while every edge worker waits for its gradients: by default a large one has the node's cores
+        self.node_threads = max(1, len(os.sched_getaffinity(0)) // world_size)
+        torch.set_num_threads(self.step_threads(0))
         quiet_libraries()
         self.rank, self.world_size = rank, world_size
         self.engine: Any = None
@@ -146,8 +145,8 @@ class ServerRank:
         """Torch threads for a step of `samples` samples: server.threads, or by default one thread up to one
         chunk (SERVER_CHUNK_SAMPLES: on small steps waking threads costs more than it gains) and the node's
         CPUs shared by the ranks above it."""
-        if self.threads_wanted:
-            return self.threads_wanted
+        if self.config.server.threads:
+            return self.config.server.threads
         return self.node_threads if samples > SERVER_CHUNK_SAMPLES else 1
 
     def set_lr_factor(self, factor: float) -> None:

@@ -1,9 +1,7 @@
 """SFLAM: quantized split federated fine-tuning of large transformer models on edge devices."""
 
-import logging
+from sflam._imports import guard_bitsandbytes
 
-# bitsandbytes logs a harmless notice on CPU at import (an optional "kernels" package); peft imports
-# bitsandbytes early, so the level is set before any of them loads.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+guard_bitsandbytes()  # before peft or anything else imports bitsandbytes (see sflam._imports)
 
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from sflam.platform.codec import Encoded
 from sflam.platform.config import config_from_dict
 from sflam.platform.data import collate
 from sflam.platform.executors import Adapter, Cohort, Messages, Smashed
+from sflam.platform.quantization import kernel_path
 from sflam.platform.runtime import device_executor, evaluate_batch, evaluation_batches
 from sflam.platform.split import DevicePart, ServerPart
 from sflam.platform.strategies import FitInstructions
@@ -59,6 +60,10 @@ class EdgeWorker:
         import ray
 
         return str(self.device.compute), list(ray.get_gpu_ids())
+
+    def kernels(self) -> dict[str, str]:
+        """The kernels this worker's device part runs on its node's CPU (`quantization.kernel_path`)."""
+        return kernel_path(self.config.quant.weights)
 
     def ready(self) -> int:
         return os.getpid()

@@ -452,8 +452,11 @@ class RayRuntime(Executor):
         self._server_call(-1, "restore", [r.restore.remote(state) for r in self.ranks])
 
     def result_fields(self) -> dict[str, Any]:
+        # the kernels the edge workers ran (their nodes' CPUs may differ from the driver's)
+        reported = ray.get([w.kernels.remote() for w in self.workers])
+        kernels = {key: " | ".join(sorted({r[key] for r in reported})) for key in reported[0]}
         return {"device_weight_bytes": stored_weight_bytes(self.exp.device.part),
-                "device_memory_bytes": self.exp.memory.total, "memory": self.exp.memory}
+                "device_memory_bytes": self.exp.memory.total, "memory": self.exp.memory, "kernels": kernels}
 
     def shutdown(self) -> None:
         for actor in self.workers + self.ranks:

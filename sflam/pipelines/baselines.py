@@ -27,7 +27,7 @@ from sflam.platform.costs import FlopTable, RoundPlanner, cached_device_memory, 
 from sflam.platform.data import collate
 from sflam.platform.engine import Engine, Executor, Resume, RoundOutcome, RoundTask
 from sflam.platform.executors import Adapter, trainable_state
-from sflam.platform.quantization import stored_weight_bytes
+from sflam.platform.quantization import kernel_path, stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult
 from sflam.platform.runtime import Experiment, LocalExecutor, evaluation_batches
 from sflam.platform.strategies import weighted_sum
@@ -145,7 +145,7 @@ class LocalTrainingExecutor(Executor):
 
     def result_fields(self) -> dict[str, Any]:
         return {"device_weight_bytes": stored_weight_bytes(self.model), "device_memory_bytes": self.memory.total,
-                "memory": self.memory}
+                "memory": self.memory, "kernels": kernel_path(self.config.quant.weights)}
 
 
 def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None,

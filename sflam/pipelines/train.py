@@ -118,6 +118,7 @@ def record(result: RunResult, config: ExperimentConfig, run_name: str | None = N
 def write_outputs(result: RunResult, config: ExperimentConfig, target: Path, tracker: Tracker) -> None:
     if result.device_memory_bytes is not None and result.rounds:
         tracker.log_metrics({"device_memory_bytes": result.device_memory_bytes}, step=result.rounds[-1].round)
+    tracker.log_params(result.kernels)
     summary = result.summary()
     tracker.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
                         step=len(result.rounds))

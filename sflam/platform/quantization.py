@@ -10,7 +10,7 @@ from typing import TypeGuard
 import torch
 from torch import nn
 
-# bitsandbytes logs a harmless "kernels" notice on CPU at import; keep the console clean.
+# bitsandbytes' notices at import (its CPU backend's optional fused kernel, see sflam._imports) are not ours
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -43,6 +43,11 @@ def _linear_4bit(layer: nn.Linear, quant_type: str) -> nn.Module:
                                    blocksize=BLOCKSIZE)
     if layer.bias is not None:
         new.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
+    # On an AVX512-BF16 CPU, bitsandbytes' Linear4bit in eval mode (input without grad) repacks its weight in place
+    # for a fused bf16 inference kernel: the layer then computes in bf16 (other numbers than in training) and the
+    # repacking fails for in-features that are not a multiple of 64 (a ViT-S/14 patch embedding has 588). The
+    # device part computes in fp32 on every host and in every mode (`kernel_path`).
+    new.support_avx512bf16_for_cpu = False
     return new.to("cpu")
 
 
@@ -100,6 +105,24 @@ class PatchLinear(nn.Module):
         out = self.linear(patches)  # (B, patches, out_channels)
         grid = (height // self.kernel[0], width // self.kernel[1])
         return out.transpose(1, 2).reshape(batch, -1, *grid)  # the convolution's (B, C, h, w)
+
+
+def kernel_path(mode: str) -> dict[str, str]:
+    """Which kernels the device part's quantized layers run on this host for weight mode `mode` (recorded with
+    every run: rounding differs between kernel sets). Forward and backward compute in fp32 for every mode but
+    bf16: 4-bit weights are dequantized blockwise to fp32 (bitsandbytes' AVX512 kernel where torch reports AVX512,
+    its generic kernel elsewhere) and multiplied by torch's fp32 matmul; bitsandbytes' fused AVX512-BF16 4-bit
+    inference kernel is never used (see `_linear_4bit`); int8 weights use bitsandbytes' int8 matmul (torch's
+    `_int_mm` where torch reports AVX512) with fp32 scaling; bf16 weights run under torch's bf16 autocast."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    avx512 = capability == "AVX512"
+    kernels = {"fp32": "torch fp32 matmul",
+               "bf16": "torch bf16 autocast",
+               "int8": f"bitsandbytes int8 ({'torch _int_mm' if avx512 else 'generic int8 matmul'}), fp32 scaling",
+               "nf4": f"bitsandbytes nf4 dequantize ({'avx512' if avx512 else 'generic'}) to fp32, torch fp32 matmul",
+               "fp4": f"bitsandbytes fp4 dequantize ({'avx512' if avx512 else 'generic'}) to fp32, torch fp32 matmul"}
+    return {"quant.kernel": kernels[mode], "quant.compute_dtype": "bfloat16" if mode == "bf16" else "float32",
+            "quant.cpu_capability": capability}
 
 
 def _is_patch_conv(layer: nn.Module) -> TypeGuard[nn.Conv2d]:

@@ -61,6 +61,7 @@ class RunResult:
     device_memory_bytes: int | None = None
     mlflow_run_id: str | None = None
     memory: Any = field(default=None, repr=False)  # DeviceMemory breakdown
+    kernels: dict[str, str] = field(default_factory=dict)  # the device part's kernels (quantization.kernel_path)
 
     def summary(self) -> dict[str, Any]:
         """The summary keys of DESIGN §10 (cost figures are None until the cost model exists)."""
@@ -89,6 +90,7 @@ class RunResult:
             "downlink_bits_per_round": mean("downlink_bits"),
             "wall_s": self.wall_s,
             "mlflow_run_id": self.mlflow_run_id,
+            "kernels": dict(self.kernels),
         }
 
     def write_json(self, path: str | Path) -> None:
@@ -129,7 +131,7 @@ def format_table(result: RunResult) -> str:
                      f"{_fmt(r.round_latency_s, '.4g'):>10} {_fmt(r.comm_latency_s, '.4g'):>8} "
                      f"{_fmt(r.energy_j, '.4g'):>9} {_fmt(r.bits_mean, '.3g'):>5} {r.wall_s:>7.1f}")
     lines.append("")
-    summary = result.summary()
+    summary = {k: v for k, v in result.summary().items() if not isinstance(v, dict)}
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         text = _fmt(value, ".6g") if isinstance(value, float) else ("-" if value is None else str(value))

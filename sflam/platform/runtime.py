@@ -34,7 +34,7 @@ from sflam.platform.engine import (
     select_devices,
 )
 from sflam.platform.executors import Adapter, DeviceExecutor, ServerExecutor, codec_generator
-from sflam.platform.quantization import stored_weight_bytes
+from sflam.platform.quantization import kernel_path, stored_weight_bytes
 from sflam.platform.results import RoundMetrics, RunResult, round_line
 from sflam.platform.split import DevicePart, ServerPart
 from sflam.platform.strategies import weighted_sum
@@ -218,7 +218,8 @@ class LocalExecutor(Executor):
 
     def result_fields(self) -> dict[str, Any]:
         return {"device_weight_bytes": stored_weight_bytes(self.exp.device.part),
-                "device_memory_bytes": self.exp.memory.total, "memory": self.exp.memory}
+                "device_memory_bytes": self.exp.memory.total, "memory": self.exp.memory,
+                "kernels": kernel_path(self.config.quant.weights)}
 
 
 def run_round(exp: Experiment, round_index: int, global_adapter: Adapter) -> tuple[Adapter, RoundMetrics]:

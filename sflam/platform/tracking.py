@@ -163,6 +163,13 @@ class Tracker:
             self.buffer = pending + self.buffer
             return False
 
+    def log_params(self, params: dict[str, str]) -> None:
+        """Parameters known only once the run has run (the kernels its device parts used)."""
+        if self.enabled and self.run_id is not None and params:
+            from mlflow.entities import Param
+
+            self._guard(self.client.log_batch, self.run_id, [], [Param(k, _param(v)) for k, v in params.items()])
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled and self.run_id is not None:
             for key, value in tags.items():

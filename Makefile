@@ -52,12 +52,17 @@ lint: $(STAMP)
 # an AVX2 host): rounding differs between kernel sets, and no tolerance may hold on one set only
 OTHER_KERNELS = $(shell $(PY) -c "import torch; print('avx2' if torch.backends.cpu.get_cpu_capability() == 'AVX512' else 'default')")
 
-test: lint
+# the documentation site (mkdocs.yml, docs/) into site/, strict: a broken link or anchor, a navigation entry
+# without its page, a generated reference that fails or a missing benchmark artifact fails the build
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+test: lint docs
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow" tests
 	ATEN_CPU_CAPABILITY=$(OTHER_KERNELS) $(VENV)/bin/pytest -q -p no:cacheprovider -m "equality and not slow" tests
 
 # everything, the minutes-long end-to-end tests too (Ray jobs on a real head, SIGKILL of a Ray run)
-test-all: lint
+test-all: lint docs
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)

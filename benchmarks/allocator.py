@@ -1,9 +1,9 @@
 """Allocator benchmark: wall time against the number of devices, and the gap to brute force over bits.
 
 Run: .venv/bin/python benchmarks/allocator.py [--sizes 10 100 1000 10000] [--repeats 3]
-Instances: DESIGN §6 defaults (20 MHz, 0.2 W, 50-500 m, Rayleigh), a lockstep round of 2 local steps
+Instances: docs/concepts/system-model.md defaults (20 MHz, 0.2 W, 50-500 m, Rayleigh), a lockstep round of 2 local steps
 (3 stages), real codec payloads of 384-wide smashed data, bits {2,4,8,16,32}, distortion budget = an
-average of 6 bits (the default), lambda = 0.5. Writes results/benchmarks/allocator.md.
+average of 6 bits (the default), lambda = 0.5. Writes benchmarks/results/allocator.md.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     timing(args.sizes, args.repeats)
     brute_force_gap(args.instances)
-    out = Path("results/benchmarks")
+    out = Path("benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "allocator.md").write_text("\n".join(LINES) + "\n")
 

@@ -1,9 +1,10 @@
 """Device memory of the packaged MiniLM-L6 device part (cut layer 1) under each weight quantization mode,
-and of the whole model on the device (cut 6), measured on the real model (DESIGN §6): the peak of one full
+and of the whole model on the device (cut 6), measured on the real model (docs/concepts/system-model.md): the peak
+of one full
 training step (forward, backward with the received gradient, AdamW step) from the CPU allocator's events.
 
 Run: make bench   (or .venv/bin/python benchmarks/device_memory.py [--cut-layer 1] [--batch-size 8])
-Writes results/benchmarks/device_memory.{md,json}.
+Writes benchmarks/results/device_memory.{md,json}.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
+from sflam.platform.assembly import Experiment
 from sflam.platform.build import quiet_libraries
 from sflam.platform.config import load_config
-from sflam.platform.runtime import Experiment
 
 MODES = ("fp32", "bf16", "int8", "nf4", "fp4")
 
@@ -41,7 +42,7 @@ def main() -> None:
     for name, mem in rows:
         lines.append(f"| {name} | {mem.weights * mib:.2f} | {(mem.adapters + mem.gradients + mem.optimizer) * mib:.2f} "
                      f"| {mem.activations * mib:.2f} | {mem.total * mib:.2f} |")
-    out = Path("results/benchmarks")
+    out = Path("benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "device_memory.md").write_text("\n".join(lines) + "\n")
     (out / "device_memory.json").write_text(json.dumps(

@@ -91,29 +91,64 @@ def single_adapter(exp, task, global_adapter) -> float:  # type: ignore[no-untyp
         indices = np.concatenate([task.indices[devices[i]][step] for i in live])
         batches.append(collate(exp.data.train, indices, exp.data.pad_token_id))
     started = time.perf_counter()
-    state = exp.device.start(0, global_adapter, task.lr_factor, task.fit)
+    group = exp.device.start([0], global_adapter, task.lr_factor, task.fit)
     for step, batch in enumerate(batches):
-        message = exp.device.forward(state, batch, task.round_index, step, task.bits[0])
-        result = exp.server.step([message], task.round_index, step)
-        exp.device.backward(state, step, result.gradients[0])
+        messages = exp.device.forward(group, [0], [batch], task.round_index, step, [task.bits[0]])
+        result = exp.server.step(messages, task.round_index, step)
+        exp.device.backward(group, step, result.gradients)
     return time.perf_counter() - started
+
+
+class DeviceByDevice:
+    """The lockstep with every device a cohort of its own (what batching replaces): the protocol's device side."""
+
+    def __init__(self, exp, task, global_adapter) -> None:  # type: ignore[no-untyped-def]
+        from sflam.platform.local import CohortDevices, collated
+
+        devices = [int(k) for k in task.devices]
+        batches = collated(task, exp.data.train, exp.data.pad_token_id, devices)
+        self.sides = [CohortDevices(exp.device, exp.device.start([k], global_adapter, task.lr_factor, task.fit),
+                                    task, [i], batches) for i, k in enumerate(devices)]
+
+    def forward(self, step: int):  # type: ignore[no-untyped-def]
+        from sflam.platform.protocol import Uplink
+
+        ups = [side.forward(step) for side in self.sides if side.live(step)]
+        return Uplink(messages=[m for up in ups for m in up.messages], bits=sum(up.bits for up in ups))
+
+    def backward(self, step: int, downlink) -> None:  # type: ignore[no-untyped-def]
+        import dataclasses as dc
+
+        gradients = iter(downlink.gradients)
+        for side in self.sides:
+            if side.live(step):
+                side.backward(step, dc.replace(downlink, gradients=[next(gradients)]))
+
+
+def device_by_device(exp, task, global_adapter) -> None:  # type: ignore[no-untyped-def]
+    from sflam.platform.local import InProcessServer
+    from sflam.platform.protocol import local_steps
+
+    exp.server.set_lr_factor(task.lr_factor)
+    local_steps(task.local_steps, [len(task.live(e)) for e in range(task.local_steps)],
+                DeviceByDevice(exp, task, global_adapter), InProcessServer(exp.server, task.round_index))
 
 
 def local_paths(config: ExperimentConfig, one_step: bool, repeats: int) -> dict[str, float]:
     """Seconds of the batched, device-by-device and single-adapter local steps on one round's plan."""
-    from sflam.platform.engine import Engine
-    from sflam.platform.runtime import Experiment, LocalExecutor
+    from sflam.platform.assembly import Experiment
+    from sflam.platform.local import LocalBackend, engine
 
     exp = Experiment.build(config)
     fresh = exp.server.checkpoint()
     adapter = exp.device.initial_adapter()
-    batched, reference = LocalExecutor(exp, batched=True), LocalExecutor(exp, batched=False)
-    warm, _, _ = Engine(config, batched).configure(0)
+    batched = LocalBackend(exp)
+    warm, _, _ = engine(exp).configure(0)
     n = min(len(warm.devices), 100)  # warm-up on a hundred devices: first calls of every kernel
     batched.execute(dataclasses.replace(warm, devices=warm.devices[:n], bits=warm.bits[:n], steps=warm.steps[:n],
                                         weights=warm.weights[:n]), adapter)
     started = time.perf_counter()
-    task, _, _ = Engine(config, batched).configure(1)
+    task, _, _ = engine(exp).configure(1)
     configure_s = time.perf_counter() - started
     if one_step:
         task = dataclasses.replace(task, steps=[1] * len(task.steps))
@@ -121,7 +156,7 @@ def local_paths(config: ExperimentConfig, one_step: bool, repeats: int) -> dict[
     # the machine is shared: batched and single adapter alternate `repeats` times and keep their fastest
     order = [("batched", lambda: batched.execute(task, adapter)),
              ("single", lambda: single_adapter(exp, task, adapter))] * repeats
-    for name, run in [*order, ("reference", lambda: reference.execute(task, adapter))]:
+    for name, run in [*order, ("reference", lambda: device_by_device(exp, task, adapter))]:
         exp.server.restore(fresh)
         started = time.perf_counter()
         run()
@@ -151,14 +186,13 @@ def ray_round(K: int, rounds: int) -> tuple[float, int, dict[str, float]]:
     """The Ray runtime's seconds per round (planning included, no evaluation), the peak host memory, and where
     the median round's time went (the driver's planning, its waits for the edge workers' forward, backward and
     adapter sums, and for the server part's steps)."""
-    from sflam.actors.runtime import RayRuntime
-    from sflam.platform.engine import Engine
+    from sflam.actors.runtime import RayBackend
 
     config = load_config(None, scenario(K, rounds, "ray"))
     with PeakMemory() as memory:
-        runtime = RayRuntime(config)
+        runtime = RayBackend(config)
         try:
-            engine = Engine(config, runtime)
+            engine = runtime.engine()
             adapter = runtime.initial_adapter()
             times, phases = [], []
             waits = [(engine, "configure"), (runtime, "_gather"), (runtime, "_await"), (runtime, "_server_call")]
@@ -185,7 +219,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of the batched and single-adapter paths")
     parser.add_argument("--ray-only", action="store_true",
                         help="only the Ray columns (the local paths' cells read '-'): minutes less at 10,000")
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/ray_scale.md"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ray_scale.md"))
     args = parser.parse_args()
     quiet_libraries()
     lines = ["| devices per round | planning s | batched s | device by device s | device by device / batched | "

@@ -6,7 +6,7 @@
 2. Evaluation: the reference runtime's `evaluate` against the Ray runtime's, on the same experiment and
    adapter (results must be equal), each timed twice.
 
-Run: .venv/bin/python benchmarks/startup.py   (writes results/benchmarks/startup.md atomically)
+Run: .venv/bin/python benchmarks/startup.py   (writes benchmarks/results/startup.md atomically)
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def first_round_at(cache: Path, out: Path) -> float:
 
 
 def evaluation_times() -> dict[str, object]:
-    from sflam.actors.runtime import RayRuntime
+    from sflam.actors.runtime import RayBackend
+    from sflam.platform.assembly import Experiment
     from sflam.platform.config import load_config
-    from sflam.platform.runtime import Experiment
 
     config = load_config(ROOT / "configs/default.yaml", ["runtime=ray"])
     exp = Experiment.build(config)
@@ -54,7 +54,7 @@ def evaluation_times() -> dict[str, object]:
         started = time.perf_counter()
         local_result = exp.evaluate(adapter)
         local.append(time.perf_counter() - started)
-    runtime = RayRuntime(config, exp)
+    runtime = RayBackend(config, exp)
     try:
         remote = []
         for _ in range(2):
@@ -94,7 +94,7 @@ def main() -> None:
         "Command: `.venv/bin/python benchmarks/startup.py`",
         "",
     ])
-    target = ROOT / "results/benchmarks/startup.md"
+    target = ROOT / "benchmarks/results/startup.md"
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=".startup.md.", dir=target.parent)
     with os.fdopen(handle, "w") as stream:

@@ -6,9 +6,13 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sflam.platform.config import ExperimentConfig, load_config
 from sflam.platform.errors import ConfigError, RunFailed, SflamError
+
+if TYPE_CHECKING:
+    from sflam.platform.results import RoundMetrics
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -39,11 +43,17 @@ def _announce(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def print_progress(metrics: RoundMetrics, total: int) -> None:
+    """One line per round on stderr (the closing table goes to stdout)."""
+    from sflam.platform.results import round_line
+
+    print(round_line(metrics, total), file=sys.stderr, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from sflam.pipelines.train import train
     from sflam.platform.build import quiet_libraries, validate
-    from sflam.platform.results import RoundMetrics, format_table
-    from sflam.platform.runtime import print_progress
+    from sflam.platform.results import format_table
 
     quiet_libraries()
     config = _load(args)
@@ -117,7 +127,6 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from sflam.pipelines.compare import format_rows, run_compare
     from sflam.platform.build import quiet_libraries, validate
-    from sflam.platform.runtime import print_progress
 
     quiet_libraries()
     config = _load(args)
@@ -135,7 +144,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     from sflam.pipelines.scale import DEFAULT_SIZES, format_scale, run_scale
     from sflam.platform.build import quiet_libraries, validate
-    from sflam.platform.runtime import print_progress
 
     quiet_libraries()
     config = _load(args)
@@ -150,6 +158,28 @@ def cmd_scale(args: argparse.Namespace) -> int:
         _write_json(args.json, result.rows)
     print("\n".join(format_scale(result.rows)))
     _announce(f"table in {result.table_path}, plot {result.plot_path}; MLflow parent run {result.parent_run_id}")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from sflam.pipelines.attack import run_attack
+    from sflam.platform.build import quiet_libraries, validate
+    from sflam.privacy.report import LABELS, format_table
+
+    quiet_libraries()
+    config = _load(args)
+    validate(config)
+    _announce(f"sflam attack: {config.name} — {config.model.name}, cut layer {config.split.cut_layer}, "
+              f"{config.quant.weights} device weights, {config.quant.activation_bits}-bit smashed data; "
+              f"an honest-but-curious server with the device weights and auxiliary data. {LABELS}")
+    report = run_attack(config, announce=_announce)
+    if args.json:
+        _write_json(args.json, report.as_json())
+    print("\n".join(format_table(report)))
+    if report.guarantee is not None:
+        print(f"(epsilon, delta) = ({report.guarantee.epsilon:.4g}, {report.guarantee.delta:g}) over "
+              f"{report.guarantee.releases} releases of a sample")
+    _announce(f"report in {', '.join(report.files)}")
     return 0
 
 
@@ -209,11 +239,42 @@ def cmd_server(args: argparse.Namespace) -> int:
             _announce(f"sflam server: no MLflow server running for {results}")
             return 1
     else:
-        server, new = tracking_server.start(results, host=args.host, port=args.port)
+        server, new = tracking_server.start(results, host=args.host, port=args.port, backend=args.backend_store,
+                                            auth=args.auth)
         _announce(f"sflam server: {'started' if new else 'already running:'} MLflow tracking server (pid "
                   f"{server.pid}) over {server.backend_store_uri}, artifacts in {server.artifacts_destination}")
     print(f"MLFLOW_TRACKING_URI={server.uri}", flush=True)
+    if server.auth:
+        print(f"MLFLOW_TRACKING_USERNAME={tracking_server.ADMIN}", flush=True)
+        _announce(f"basic-auth: the admin's password is in {tracking_server.auth_config_path(results)} (mode 0600); "
+                  "export MLFLOW_TRACKING_PASSWORD from it for `sflam submit` and runs")
     _announce(f"MLflow UI: {server.uri} — stop the server with `sflam server stop`")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from sflam.cluster import database
+
+    results = Path(args.dir)
+    if args.action == "stop":
+        stopped = database.stop(results)
+        _announce(f"sflam db: stopped PostgreSQL on {stopped.host}:{stopped.port} (pid {stopped.pid})" if stopped
+                  else f"sflam db: no PostgreSQL server running for {results}")
+        return 0
+    if args.action == "status":
+        server = database.running(results)
+        if server is None:
+            _announce(f"sflam db: no PostgreSQL server running for {results}")
+            return 1
+    else:
+        server, new = database.start(results, host=args.host, port=args.port)
+        _announce(f"sflam db: {'started' if new else 'already running:'} PostgreSQL {server.version} (pid "
+                  f"{server.pid}) on {server.host}:{server.port}, data in {server.folder}, SCRAM password in "
+                  f"{server.password_file} (mode 0600)")
+    print(server.url("optuna"), flush=True)
+    _announce(f"study.storage: the URL above (the default for study.parallel > 1 on several nodes); MLflow: "
+              f"`sflam server start --dir {results} --backend-store db` ({server.url('mlflow').split('?')[0]}); "
+              "stop it with `sflam db stop`")
     return 0
 
 
@@ -228,8 +289,10 @@ def _write_json(path: str, payload: object) -> None:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "attack": (cmd_attack, "attack the smashed data of a run's device part: leakage table, privacy.json/.md"),
     "run": (cmd_run, "train one experiment and print its round table"),
     "runs": (cmd_runs, "manage recorded runs: --clean marks FAILED the runs left RUNNING by a dead process"),
+    "db": (cmd_db, "start, stop or show the project's PostgreSQL server on 127.0.0.1 (studies, MLflow)"),
     "compare": (cmd_compare, "run fl, sl, sfl, sfl-q and sflam on the same scenario and compare them"),
     "scale": (cmd_scale, "the same experiment at 10, 100 and 1,000 devices per round"),
     "server": (cmd_server, "start, stop or show the MLflow tracking server on 127.0.0.1 over results/"),
@@ -268,12 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
                                       "head on this machine the `sflam server` over ./results, started if needed)")
             command.add_argument("job", nargs=argparse.REMAINDER, help="-- then the sflam command to run")
             continue
-        if name == "server":
+        if name in ("server", "db"):
             command.add_argument("action", nargs="?", choices=("start", "stop", "status"), default="start",
                                  help="start (default), stop or show the server")
             command.add_argument("--dir", default="results", help="results folder it serves (default: results)")
             command.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
-            command.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+            command.add_argument("--port", type=int, default=5000 if name == "server" else 5432,
+                                 help=f"port (default: {5000 if name == 'server' else 5432})")
+            if name == "server":
+                command.add_argument("--backend-store", default=None,
+                                     help="where runs are kept: db (the `sflam db` server of --dir), a "
+                                          "postgresql://... URL, or any SQLAlchemy URL (default: sqlite under --dir)")
+                command.add_argument("--auth", action="store_true",
+                                     help="MLflow's basic-auth app with generated admin credentials (required "
+                                          "with a --host beyond 127.0.0.1)")
             continue
         if name == "validate":
             command.add_argument("config", nargs="?", default=None, help="YAML experiment file")
@@ -299,9 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with options and `key=value` overrides in any order (`--json out.json a=1 -c x.yaml b=2`):
+    argparse takes the first run of overrides, the others come back unrecognised and join them in order."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    overrides = [token for token in rest if "=" in token and not token.startswith("-")]
+    unknown = [token for token in rest if token not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     handler, _ = COMMANDS[args.command]
     try:
         return handler(args)

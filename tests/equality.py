@@ -1,4 +1,5 @@
-"""How closely two execution paths of one computation must agree on any host, and why (DESIGN §11).
+"""How closely two execution paths of one computation must agree on any host, and why
+(docs/concepts/models-and-data.md).
 
 Hosts differ in their kernels (AVX512 or AVX2 torch kernels, other blockings and summation orders), so two
 paths that do the same arithmetic in another order agree only up to float rounding, and rounding is amplified

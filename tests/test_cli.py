@@ -58,3 +58,17 @@ def test_sflam_tradeoff_writes_the_front(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "smoke" / "tradeoff.csv").read_text().count("\n") == len(points) + 1
     assert "floors" in proc.stdout
+
+
+def test_options_and_overrides_come_in_any_order() -> None:
+    from sflam.cli import parse
+
+    args = parse(["run", "a.b=1", "--json", "out.json", "c.d=2", "-c", "x.yaml", "e.f=3", "--seeds", "2"])
+    assert (args.json, args.config, args.seeds) == ("out.json", "x.yaml", 2)
+    assert args.overrides == ["a.b=1", "c.d=2", "e.f=3"]  # in the order typed: a later one wins
+    assert parse(["validate", "configs/smoke.yaml", "x=1"]).overrides == ["x=1"]
+    import pytest
+
+    with pytest.raises(SystemExit) as usage:
+        parse(["run", "--json", "out.json", "--bogus", "a=1"])
+    assert usage.value.code == 2

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sflam.platform import cohort, executors
-from sflam.platform.runtime import run_local
+from sflam.platform import cohort, device, messages, server
+from sflam.platform.local import run_local
 from tests.conftest import tiny_config
 from tests.equality import LOSSLESS, adamw_reach, assert_runs_agree, rounding_noise
 
@@ -49,11 +49,10 @@ def test_lossless_runs_disagree_when_a_device_part_is_wrong(monkeypatch: pytest.
 def test_quantized_runs_disagree_when_a_device_uses_another_rounding_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny_config(*RUN, "quant.activation_bits=6", "quant.gradient_bits=8")
     reference = run_local(config)
-    generator = executors.codec_generator
+    def neighbours_stream(seed: int, round_index: int, step: int, device_id: int, direction: int):  # type: ignore[no-untyped-def]
+        return messages.codec_generator(seed, round_index, step, device_id + 1, direction)
 
-    def neighbours_stream(seed: int, round_index: int, step: int, device: int, direction: int):  # type: ignore[no-untyped-def]
-        return generator(seed, round_index, step, device + 1, direction)
-
-    monkeypatch.setattr(executors, "codec_generator", neighbours_stream)
+    monkeypatch.setattr(device, "codec_generator", neighbours_stream)
+    monkeypatch.setattr(server, "codec_generator", neighbours_stream)
     with pytest.raises(AssertionError):
         assert_runs_agree(run_local(config), reference, config)

@@ -9,7 +9,7 @@ project's, called as a subprocess by this script.
 
 Run (after `make install` and `make peers`):
     benchmarks/peers/.venv/bin/python benchmarks/peers/flower_fl.py --rounds 4
-It writes results/benchmarks/peers.md (atomically): seconds per round side by side, the first round (which
+It writes benchmarks/results/peers.md (atomically): seconds per round side by side, the first round (which
 includes loading the model into the workers) apart from the steady rounds after it.
 """
 
@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--side", choices=["both", "sflam", "flower"], default="both")
     parser.add_argument("--sflam-python", default=str(ROOT / ".venv/bin/python"))
     parser.add_argument("--json", type=Path, help="write this side's figures here (--side sflam|flower)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results/benchmarks/peers.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peers.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

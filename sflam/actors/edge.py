@@ -1,7 +1,8 @@
 """Edge worker: a Ray actor that receives the built, quantized device part once and serves many
 virtual devices. A device is data (an id, its shard, its adapter and optimizer for the round), so one
 worker carries any number of them, all as one batched cohort per local step; the driver decides (devices,
-batches, bits, dropouts, weights, instructions), the worker executes (DESIGN §8). A failure inside a call
+batches, bits, dropouts, weights, instructions), the worker executes (docs/concepts/ray-runtime.md). A failure
+inside a call
 is written with its traceback to the worker's log file and raised as one line that names it."""
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import torch
 
 from sflam.actors.failures import logged
 from sflam.actors.memory import trimmed
-from sflam.platform.build import DataBundle, quiet_libraries
+from sflam.platform.assembly import device_runner, evaluate_batch, evaluation_batches
+from sflam.platform.build import quiet_libraries
 from sflam.platform.codec import Encoded
+from sflam.platform.cohort import Cohort
 from sflam.platform.config import config_from_dict
-from sflam.platform.data import collate
-from sflam.platform.executors import Adapter, Cohort, Messages, Smashed
+from sflam.platform.data import DataBundle, collate
+from sflam.platform.messages import Messages, Smashed
 from sflam.platform.quantization import kernel_path
-from sflam.platform.runtime import device_executor, evaluate_batch, evaluation_batches
 from sflam.platform.split import DevicePart, ServerPart
-from sflam.platform.strategies import FitInstructions
+from sflam.platform.strategies import Adapter, FitInstructions
 
 
 class EdgeWorker:
@@ -48,7 +50,7 @@ class EdgeWorker:
         """`data` and `device_part` arrive built (the driver's, through the object store: nothing is tokenized,
         loaded or quantized again here); `server_part` holds the reference to the driver's server part, fetched
         at the first evaluation only."""
-        self.data, self.device = data, device_executor(self.config, device_part)
+        self.data, self.device = data, device_runner(self.config, device_part)
         self.server_part_ref = server_part
         if self.config.ray.gpus_per_worker > 0 and torch.cuda.is_available():
             # Ray reserved GPUs for this worker and set CUDA_VISIBLE_DEVICES to them: "cuda" is its own
@@ -80,7 +82,7 @@ class EdgeWorker:
         """Every device of the chunk starts from the global adapter with a fresh optimizer, on the driver's batches."""
         self.round_index = round_index
         self.devices = list(devices)
-        self.cohort = self.device.start_cohort(self.devices, global_adapter, lr_factor, fit)
+        self.cohort = self.device.start(self.devices, global_adapter, lr_factor, fit)
         self.batches = {k: [collate(self.data.train, idx, self.data.pad_token_id) for idx in indices[k]]
                         for k in devices}
         self.bits = dict(zip(devices, bits, strict=True))
@@ -98,8 +100,8 @@ class EdgeWorker:
         assert self.cohort is not None, "start the round first"
         live = self._live(step)
         devices = [self.devices[i] for i in live]
-        messages = self.device.forward_cohort(self.cohort, live, [self.batches[k][step] for k in devices],
-                                              self.round_index, step, [self.bits[k] for k in devices])
+        messages = self.device.forward(self.cohort, live, [self.batches[k][step] for k in devices],
+                                       self.round_index, step, [self.bits[k] for k in devices])
         return Messages(messages), sum(m.payload_bits for m in messages)  # one compact object to the server
 
     @logged
@@ -111,7 +113,7 @@ class EdgeWorker:
         gradients = [g for shard in gradient_shards for g in shard][offset:offset + count]
         if len(gradients) != count:
             raise ValueError(f"{len(gradients)} gradients for {count} live devices at local step {step + 1}")
-        self.device.backward_cohort(self.cohort, step, gradients)
+        self.device.backward(self.cohort, step, gradients)
 
     @logged
     @trimmed

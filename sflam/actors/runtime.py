@@ -1,417 +1,59 @@
-"""The Ray runtime (`runtime: ray`): the round engine's executor on a pool of actors (DESIGN §5, §8).
+"""The Ray runtime (`runtime: ray`): the round engine's backend on a pool of actors (docs/concepts/round-engine.md,
+docs/concepts/ray-runtime.md).
 
-The engine on the driver decides (devices, batches, bits, dropouts, weights) and the actors execute:
-edge workers run the device part for contiguous chunks of the round's devices, the server-part group
-runs each local step on all of them. Data moves as object references (the global adapter is put once
-per round, smashed data and gradients go actor to actor); the driver waits with `ray.wait` and awaits
-every call's result. A lost edge worker is replaced and its devices replayed from the gradients the
-server already sent, so the round's result equals the fault-free one; an exception inside a worker or
-a lost server rank stops the run with one line (its traceback in the actor's log file) and the
-completed rounds and their checkpoint kept. A local cluster this driver starts is guarded by a watchdog
-process that ends it if the driver is killed.
-
-Placement (DESIGN §8): the server ranks take a placement group (`server.placement`: pack or spread), the
-edge workers are spread over the nodes; rank 0 names the group's rendezvous on its own node. A shape no
-node can host fails at once, one that waits longer than `ray.placement_timeout_s` fails then; either way
-in one line, and nothing the pool had taken stays on the cluster.
+The engine on the driver decides (devices, batches, bits, dropouts, weights) and the actors execute, through the
+local step of `sflam.platform.protocol`: edge workers run the device part for contiguous spans of the round's
+devices (`RayDevices`), the server-part group runs each local step on all of them (`RayServer`). Data moves as
+object references (the global adapter is put once per round, smashed data and gradients go actor to actor); the
+driver waits with `ray.wait` and awaits every call's result. A lost edge worker is replaced and its devices
+replayed from the gradients the server already sent, so the round's result equals the fault-free one; an
+exception inside a worker or a lost server rank stops the run with one line (its traceback in the actor's log
+file) and the completed rounds and their checkpoint kept. Where the actors go and how they start:
+`sflam.actors.pool`.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import subprocess
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from sflam.actors.edge import EdgeWorker
-from sflam.actors.failures import WorkerError
-from sflam.actors.server import ServerRank
-from sflam.cluster.connect import start_ray
+from sflam.actors.pool import ActorPool, Hook, connect, start_watchdog
+from sflam.platform.assembly import Experiment, evaluation_batches, summed
 from sflam.platform.config import ExperimentConfig
-from sflam.platform.engine import Engine, Executor, ProgressFn, Resume, RoundOutcome, RoundTask
-from sflam.platform.errors import RunFailed, SflamError
-from sflam.platform.executors import Adapter
+from sflam.platform.engine import Backend, Engine, ProgressFn, RoundOutcome, RoundTask
+from sflam.platform.errors import RunFailed
+from sflam.platform.local import leakage_of
+from sflam.platform.protocol import Downlink, Uplink, local_steps
 from sflam.platform.quantization import stored_weight_bytes
-from sflam.platform.results import RoundMetrics, RunResult
-from sflam.platform.runtime import Experiment, evaluation_batches, summed
+from sflam.platform.results import Resume, RoundMetrics, RunResult
+from sflam.platform.strategies import Adapter
 
-Hook = Callable[["RayRuntime", int, int], None]
-ACTOR_FAILURES = (RayActorError,)
-__all__ = ["RayRuntime", "RunFailed", "connect", "run_ray"]
+__all__ = ["RayBackend", "RunFailed", "connect", "run_ray", "start_watchdog"]
 
 
-@dataclass(frozen=True)
-class PoolLayout:
-    """How the round's work maps onto actors."""
-
-    workers: int
-    devices_per_worker: int
-    server_ranks: int
-    engine: str
-    cluster: str
-
-    def describe(self) -> str:
-        return (f"ray pool: {self.workers} edge worker(s) x up to {self.devices_per_worker} devices each, "
-                f"server part: {self.engine} x {self.server_ranks} rank(s) ({self.cluster})")
-
-
-def _listed(resources: dict[str, float]) -> str:
-    """A node's or cluster's resources as a user configures them (not Ray's per-node and per-group entries)."""
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items())
-                     if not k.startswith(("node:", "memory", "object_store_memory")) and "_group_" not in k
-                     and not k.startswith("bundle_group"))
-
-
-def connect(config: ExperimentConfig, needed_cpus: float) -> tuple[bool, str]:
-    """Join RAY_ADDRESS (or ray.address) when set, else start a local cluster on 127.0.0.1.
-
-    Returns whether this process started Ray (and so shuts it down) and a description of the cluster.
-    """
-    if ray.is_initialized():
-        return False, "existing Ray session"
-    env = {"env_vars": {"OMP_NUM_THREADS": str(config.ray.threads_per_worker), "TOKENIZERS_PARALLELISM": "false",
-                        "HF_HUB_OFFLINE": "1"}}
-    # failed calls the run has already reported in one line must not print tracebacks when their references drop
-    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-    # a joined cluster (a job's own) keeps its runtime environment; num_cpus and env apply to a local start
-    cpus = config.ray.local_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
-    return True, start_ray(config.ray.address, num_cpus=cpus, runtime_env=env)
-
-
-def start_watchdog() -> subprocess.Popen[bytes]:
-    """A process outside this one's fate that ends the local cluster's processes if this driver is killed."""
-    from ray._private.worker import _global_node  # the session folder names this cluster's processes
-
-    session_dir = _global_node.get_session_dir_path() if _global_node is not None else ""
-    return subprocess.Popen([sys.executable, "-m", "sflam.actors.watchdog", str(os.getpid()), session_dir],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
-class RayRuntime(Executor):
-    """The Ray executor: owns the actor pool for one experiment and carries out its rounds' plans."""
-
-    def __init__(self, config: ExperimentConfig, experiment: Experiment | None = None,
-                 hooks: dict[str, Hook] | None = None) -> None:
-        self.config = config
-        self.hooks = hooks or {}
-        self.workers: list[Any] = []
-        self.ranks: list[Any] = []
-        self.log_dir = Path(config.output_dir).resolve() / config.name / "logs"
-        self.watchdog: subprocess.Popen[bytes] | None = None
-        rc, srv = config.ray, config.server
-        K = config.train.devices_per_round
-        ranks = srv.ranks if srv.engine == "deepspeed" else 1
-        if rc.workers:
-            workers = rc.workers
-        elif rc.devices_per_worker:
-            workers = math.ceil(K / rc.devices_per_worker)
-        else:
-            workers = max(1, int((os.cpu_count() or 1) / rc.cpus_per_worker))
-        workers = min(workers, K)
-        self.owns_ray, cluster = connect(config, workers * rc.cpus_per_worker + ranks)
-        if self.owns_ray and "local" in cluster:
-            self.watchdog = start_watchdog()
-        self.server_group: PlacementGroup | None = None
-        try:
-            self._start_pool(workers, ranks, cluster, experiment)
-        except BaseException:  # nothing of a pool that could not start stays on the cluster
-            self.shutdown()
-            raise
-
-    def _start_pool(self, workers: int, ranks: int, cluster: str, experiment: Experiment | None) -> None:
-        config, rc, srv = self.config, self.config.ray, self.config.server
-        K = config.train.devices_per_round
-        if not (rc.workers or rc.devices_per_worker) and "local" not in cluster:
-            available = float(ray.cluster_resources().get("CPU", 1))
-            workers = min(K, max(1, int((available - ranks) / rc.cpus_per_worker)))
-        per_worker = math.ceil(K / workers)
-        if rc.devices_per_worker and per_worker > rc.devices_per_worker:
-            needed = math.ceil(K / rc.devices_per_worker)
-            raise SflamError(f"ray.devices_per_worker={rc.devices_per_worker} needs {needed} workers for {K} devices "
-                             f"per round, but ray.workers={workers}")
-        self.layout = PoolLayout(workers, per_worker, ranks, srv.engine, cluster)
-        self.config_dict = config.to_dict()
-        self.replaced = 0
-        self._start_actors(workers, ranks, experiment)
-
-    def _start_actors(self, workers: int, ranks: int, experiment: Experiment | None) -> None:
-        """Actors first, so their processes import torch and the model code while this driver builds the
-        experiment; then the driver's data and built parts go to them through the object store, put once:
-        no actor (nor any replacement) tokenizes, loads the fp32 model or quantizes again (DESIGN §8)."""
-        srv = self.config.server
-        self._edge_cls = ray.remote(EdgeWorker)
-        self._server_cls = ray.remote(ServerRank)
-        # a shape no node has fails at once; one that only has to wait for free resources gets the timeout
-        self._check_feasible(self._rank_bundle(), "server rank", "server.resources / server.gpus_per_rank")
-        self._check_feasible(self._edge_bundle(), "edge worker",
-                             "ray.resources / ray.gpus_per_worker / ray.cpus_per_worker")
-        # the server group first: its placement group reserves the ranks' nodes before edge workers fill them
-        self.server_group = group = self._place_server_group(ranks)
-        self.ranks = [self._server_cls.options(
-            num_cpus=1, num_gpus=srv.gpus_per_rank, resources=dict(srv.resources), max_concurrency=1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-        ).remote(self.config_dict, rank, ranks, self.log_file("server-rank", rank))
-            for rank in range(ranks)]
-        self.workers = [self._spawn_worker(i) for i in range(workers)]
-        # while the actors start and import, the driver builds the experiment once
-        self.exp = experiment or Experiment.build(self.config)
-        self.data, self.planner = self.exp.data, self.exp.planner
-        self._ready([r.ready.remote() for r in self.ranks] + [w.ready.remote() for w in self.workers],
-                    f"{ranks} server rank(s) and {workers} edge worker(s)")
-        self.data_ref = ray.put(self.exp.data)
-        self.device_part_ref = ray.put(self.exp.device.part)
-        self.server_part_ref = ray.put(self.exp.server.part)
-        self._ready([w.load.remote(*self._shared()) for w in self.workers]
-                    + [r.load.remote(self.server_part_ref, self.exp.device.trains) for r in self.ranks],
-                    f"loading the experiment into {ranks} server rank(s) and {workers} edge worker(s)")
-        self.master: tuple[str, int] | None = None
-        self.backend: str | None = None
-        if srv.engine == "deepspeed":  # rank 0 names the meeting point on its own node; all ranks join there
-            self.master = self._server_call(-1, "rendezvous", [self.ranks[0].rendezvous.remote()])[0]
-            self.backend = self._server_call(-1, "start-up", [r.join.remote(*self.master) for r in self.ranks])[0]
-
-    def _shared(self) -> tuple[Any, ...]:
-        # the server part's reference travels inside a list: Ray resolves it only when a worker first evaluates
-        return self.data_ref, self.device_part_ref, [self.server_part_ref]
-
-    def _rank_bundle(self) -> dict[str, float]:
-        srv = self.config.server
-        return {"CPU": 1.0, **({"GPU": srv.gpus_per_rank} if srv.gpus_per_rank else {}),
-                **{k: float(v) for k, v in srv.resources.items()}}
-
-    def _edge_bundle(self) -> dict[str, float]:
-        rc = self.config.ray
-        return {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if rc.gpus_per_worker else {}),
-                **{k: float(v) for k, v in rc.resources.items()}}
-
-    @staticmethod
-    def _check_feasible(demand: dict[str, float], what: str, keys: str) -> None:
-        """One line at once when no live node of the cluster could ever host one such actor."""
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        if any(all(node.get(k, 0.0) >= v for k, v in demand.items()) for node in nodes):
-            return
-        offers = "; ".join(_listed(node) for node in nodes)
-        raise SflamError(f"no node of the cluster can host a {what} needing {demand} ({keys}); its nodes offer: "
-                         f"{offers}")
-
-    def _place_server_group(self, ranks: int) -> PlacementGroup:
-        """A placement group of one bundle per server rank, packed on few nodes or spread one per node."""
-        srv = self.config.server
-        bundle = self._rank_bundle()
-        group = placement_group([dict(bundle) for _ in range(ranks)],
-                                strategy="PACK" if srv.placement == "pack" else "SPREAD")
-        ready, _ = ray.wait([group.ready()], timeout=self.config.ray.placement_timeout_s)
-        if not ready:
-            remove_placement_group(group)
-            raise SflamError(f"the cluster cannot place {ranks} server rank(s) of {bundle} each "
-                             f"(server.placement={srv.placement}) within ray.placement_timeout_s="
-                             f"{self.config.ray.placement_timeout_s:g}; it has {self._resources()}")
-        return group
-
-    @staticmethod
-    def _resources() -> str:
-        return _listed(ray.cluster_resources())
-
-    def _ready(self, refs: list[Any], what: str) -> None:
-        """Wait for actors to be placed and built; one that is not within the timeout stops the run with one line."""
-        rc = self.config.ray
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=rc.placement_timeout_s)
-        if len(ready) < len(refs):
-            raise SflamError(f"the cluster could not start {what} within ray.placement_timeout_s="
-                             f"{rc.placement_timeout_s:g} ({len(refs) - len(ready)} not started; the cluster has "
-                             f"{self._resources()}; each edge worker needs {self._edge_bundle()})")
-        try:
-            ray.get(ready)
-        except (RayActorError, RayTaskError) as exc:
-            raise SflamError(f"{what} failed to start: {self._cause(exc)}") from None
-
-    def log_file(self, kind: str, index: int) -> str:
-        """Where an actor writes the tracebacks of its failures (on the node it runs on)."""
-        return str(self.log_dir / f"{kind}-{index}.log")
-
-    def _new_worker(self, i: int) -> Any:
-        """An edge worker, spread over the nodes by default; a replacement lands on whichever node can host it."""
-        worker = self._spawn_worker(i)
-        worker.load.remote(*self._shared())  # calls on an actor run in order: every later call sees it loaded
-        return worker
-
-    def _spawn_worker(self, i: int) -> Any:
-        rc = self.config.ray
-        return self._edge_cls.options(
-            num_cpus=rc.cpus_per_worker, num_gpus=rc.gpus_per_worker, resources=dict(rc.resources),
-            scheduling_strategy="SPREAD" if rc.placement == "spread" else "DEFAULT",
-        ).remote(self.config_dict, rc.threads_per_worker, self.log_file("edge-worker", i))
-
-    # ------------------------------------------------------------------ waiting: every result is awaited
-    @staticmethod
-    def _cause(exc: Exception) -> str:
-        """One line for a failed call: the worker's own summary (naming its log file), else Ray's first line."""
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, WorkerError):
-            return str(cause)[:600]
-        first = (str(exc).splitlines() or [""])[0].strip()[:200]
-        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-    def _fail(self, exc: Exception, where: str) -> RunFailed:
-        return RunFailed(f"{where} failed: {self._cause(exc)}; the run stopped")
-
-    def _gather(self, refs: dict[int, Any], recover: Callable[[int], Any], where: Callable[[int], str]
-                ) -> dict[int, Any]:
-        """Results of one call per worker; a worker that died is replaced and its call resubmitted,
-        an exception inside a worker stops the run with one line (`where` names the round, step and devices)."""
-        pending = {ref: i for i, ref in refs.items()}
-        out: dict[int, Any] = {}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                i = pending.pop(ref)
-                try:
-                    out[i] = ray.get(ref)
-                except ACTOR_FAILURES as exc:
-                    print(f"edge worker {i} lost ({type(exc).__name__}); replacing it and replaying its devices",
-                          file=sys.stderr, flush=True)
-                    pending[recover(i)] = i
-                except RayTaskError as exc:
-                    raise self._fail(exc, where(i)) from None
-        return out
-
-    def _await(self, refs: dict[int, Any], where: Callable[[int], str]) -> None:
-        """Results of calls whose value nobody needs (start, backward): failures still stop the run. A worker
-        that died here is replaced by the next call on it, which `_gather` sees."""
-        for i, ref in refs.items():
-            try:
-                ray.get(ref)
-            except ACTOR_FAILURES:
-                pass
-            except RayTaskError as exc:
-                raise self._fail(exc, where(i)) from None
-
-    def _replace(self, i: int, start_args: tuple[Any, ...], history: list[list[Any]],
-                 slices: list[list[tuple[int, int]]]) -> None:
-        try:
-            ray.kill(self.workers[i])
-        except Exception:  # it is already gone
-            pass
-        worker = self._new_worker(i)
-        self.workers[i] = worker
-        self.replaced += 1
-        mine: list[list[Any]] = []
-        if history:
-            flat = ray.get([ref for step_refs in history for ref in step_refs])
-            ranks = len(history[0])
-            for s in range(len(history)):
-                step_gradients = [g for shard in flat[s * ranks:(s + 1) * ranks] for g in shard]
-                offset, count = slices[s][i]
-                mine.append(step_gradients[offset:offset + count])
-        ray.get(worker.replay.remote(mine, *start_args))  # top-level: Ray resolves the global adapter's reference
-
-    def _server_call(self, round_index: int, what: str, refs: list[Any]) -> list[Any]:
-        """Every rank's result; the first failure stops the run at once (the other ranks may be blocked in a
-        collective with the lost one, so waiting for them in order could hang)."""
-        try:
-            pending = list(refs)
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                ray.get(ready)
-            return ray.get(refs)
-        except (RayActorError, RayTaskError) as exc:
-            where = what + (f" of round {round_index + 1}" if round_index >= 0 else "")
-            raise RunFailed(f"the server part failed during {where} ({self._cause(exc)}); the run stopped") from None
+class RayBackend(ActorPool, Backend):
+    """The Ray backend: carries out the rounds' plans on its actor pool."""
 
     # ------------------------------------------------------------------ a round
     def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
         """Carry out the driver's plan of a round on the actors; the weighted partial sums come back."""
-        cfg, r = self.config, task.round_index
-        devices = [int(k) for k in task.devices]
-        edges = np.linspace(0, len(devices), len(self.workers) + 1).round().astype(int)
-        spans = [range(int(edges[i]), int(edges[i + 1])) for i in range(len(self.workers))]
-        active = [i for i, span in enumerate(spans) if len(span)]
-        global_ref = ray.put(global_adapter)  # once per round, shared by every worker
-        start_args = {i: (r, [devices[j] for j in spans[i]], [task.bits[j] for j in spans[i]],
-                          [task.steps[j] for j in spans[i]], [task.weights[j] for j in spans[i]],
-                          {devices[j]: task.indices[devices[j]] for j in spans[i]}, global_ref, task.lr_factor,
-                          task.fit) for i in active}
-        # each worker's slice (offset, count) of every step's gradients: its devices still taking part
-        slices: list[list[tuple[int, int]]] = []
-        for step in range(cfg.train.local_steps):
-            counts = [sum(task.steps[j] > step for j in spans[i]) for i in range(len(self.workers))]
-            slices.append([(int(sum(counts[:i])), counts[i]) for i in range(len(self.workers))])
+        devices = RayDevices(self, task, global_adapter)
+        figures = local_steps(task.local_steps, [len(task.live(e)) for e in range(task.local_steps)], devices,
+                              RayServer(self, task))
+        weighted_sum, total = devices.finish()
+        return RoundOutcome(weighted_sum=weighted_sum, total_weight=total, figures=figures)
 
-        def where(i: int, step: int | None = None, call: str = "") -> str:
-            chunk = [devices[j] for j in spans[i]]
-            at = f", local step {step + 1}" if step is not None else ""
-            return f"edge worker {i} ({call}, round {r + 1}{at}, devices {chunk[0]}..{chunk[-1]})"
-
-        starts = {i: self.workers[i].start.remote(*start_args[i]) for i in active}
-        history: list[list[Any]] = []
-        pending: dict[int, Any] = {}
-        previous = partial(where, step=None, call="start")  # names the previous call on every worker
-        losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
-
-        def recover_with(step: int, call: Callable[[Any, int], Any]) -> Callable[[int], Any]:
-            def recover(i: int) -> Any:
-                self._replace(i, start_args[i], history[:step], slices)
-                return call(self.workers[i], i)
-            return recover
-
-        pending = starts
-        for step in range(cfg.train.local_steps):
-            if not sum(c for _, c in slices[step]):
-                break  # every device has dropped out
-            # ---- devices: forward and encode the smashed data (every worker in parallel)
-            message_refs: dict[int, Any] = {}
-
-            def submit(worker: Any, i: int, s: int = step, refs: dict[int, Any] = message_refs) -> Any:
-                messages_ref, bits_ref = worker.forward.options(num_returns=2).remote(s)
-                refs[i] = messages_ref
-                return bits_ref
-
-            sizes = {i: submit(self.workers[i], i) for i in active}
-            if "after_forward" in self.hooks:
-                self.hooks["after_forward"](self, r, step)
-            sizes = self._gather(sizes, recover_with(step, submit), partial(where, step=step, call="forward"))
-            self._await(pending, previous)
-            uplink += sum(sizes.values())
-            # ---- server: every rank runs the step on its shard; smashed data and gradients go by reference
-            outs = [rank.step.options(num_returns=2).remote(r, step, task.lr_factor,
-                                                             *[message_refs[i] for i in active])
-                    for rank in self.ranks]
-            stats = self._server_call(r, f"local step {step + 1}", [o[0] for o in outs])
-            grad_refs = [o[1] for o in outs]
-            history.append(grad_refs)
-            step_samples = sum(s[2] for s in stats)
-            losses.append(sum(s[0] for s in stats) / step_samples)
-            correct, seen = correct + sum(s[1] for s in stats), seen + step_samples
-            downlink += sum(s[3] for s in stats)
-            # ---- devices: backward with their slice of the gradients (awaited with the next call's results)
-            pending = {i: self.workers[i].backward.remote(step, slices[step][i][0], *grad_refs) for i in active}
-            previous = partial(where, step=step, call="backward")
-        # ---- aggregation: weighted partial sums from every worker
-        steps = len(history)
-        finished = self._gather({i: self.workers[i].finish.remote() for i in active},
-                                recover_with(steps, lambda w, i: w.finish.remote()),
-                                partial(where, step=None, call="finish"))
-        self._await(pending, previous)
-        total = sum(finished[i][1] for i in active)
-        summed = [finished[i][0] for i in active if finished[i][1] > 0]
-        new_sum = {n: sum((s[n] for s in summed[1:]), summed[0][n]) for n in summed[0]} if summed else {}
-        return RoundOutcome(new_sum, float(total), losses, correct, seen, uplink, downlink)
+    def engine(self) -> Engine:
+        """The round engine over this pool (the driver's planner and data)."""
+        return Engine(self.config, self, planner=self.exp.planner, data=self.exp.data)
 
     def run_round(self, round_index: int, global_adapter: Adapter) -> tuple[Adapter, RoundMetrics]:
         """One round through the engine on this pool (the new global adapter and the round's metrics)."""
-        return Engine(self.config, self).run_round(round_index, global_adapter)
+        return self.engine().run_round(round_index, global_adapter)
 
     def evaluate(self, adapter: Adapter) -> tuple[float, float]:
         """The reference runtime's evaluation spread over the edge workers: each runs its share of the batches
@@ -448,6 +90,10 @@ class RayRuntime(Executor):
         states = self._server_call(-1, "checkpoint", [r.checkpoint.remote() for r in self.ranks])
         return {"deepspeed": {name: data for state in states for name, data in state["deepspeed"].items()}}
 
+    def leakage(self, adapter: Adapter) -> dict[str, float] | None:
+        """The monitoring attacks on the driver, against its own built device part (the actors hold copies)."""
+        return leakage_of(self, adapter)
+
     def restore_server(self, state: dict[str, Any]) -> None:
         self._server_call(-1, "restore", [r.restore.remote(state) for r in self.ranks])
 
@@ -458,34 +104,112 @@ class RayRuntime(Executor):
         return {"device_weight_bytes": stored_weight_bytes(self.exp.device.part),
                 "device_memory_bytes": self.exp.memory.total, "memory": self.exp.memory, "kernels": kernels}
 
-    def shutdown(self) -> None:
-        for actor in self.workers + self.ranks:
-            try:
-                ray.kill(actor)
-            except Exception:  # already gone
-                pass
-        if self.server_group is not None:
-            try:
-                remove_placement_group(self.server_group)
-            except Exception:  # its cluster is already gone
-                pass
-        if self.owns_ray:
-            ray.shutdown()
-        if self.watchdog is not None:  # the cluster is gone: nothing left to guard
-            self.watchdog.terminate()
-            self.watchdog.wait()
+    close = ActorPool.shutdown
 
-    close = shutdown
 
 
 def run_ray(config: ExperimentConfig, progress: ProgressFn | None = None, experiment: Experiment | None = None,
             hooks: dict[str, Hook] | None = None, announce: Callable[[str], None] | None = None,
             checkpoint: Callable[[Resume], None] | None = None, resume: Resume | None = None) -> RunResult:
     """Every round of an experiment on the Ray runtime; the same result as `run_local` for the same seed."""
-    runtime = RayRuntime(config, experiment, hooks)
+    runtime = RayBackend(config, experiment, hooks)
     if announce is not None:
         announce(runtime.layout.describe())
     try:
-        return Engine(config, runtime).run(progress, checkpoint, resume)
+        return runtime.engine().run(progress, checkpoint, resume)
     finally:
         runtime.shutdown()
+
+
+class RayDevices:
+    """The device side on the edge workers: each worker runs a contiguous span of the round's devices as one cohort.
+    Every call's result is awaited; a worker lost in the round is replaced and its devices replayed from the
+    gradients the server already sent (`RayBackend._replace`), so nothing is lost or counted twice."""
+
+    def __init__(self, backend: RayBackend, task: RoundTask, global_adapter: Adapter) -> None:
+        self.backend, self.task = backend, task
+        r = task.round_index
+        devices = self.devices = [int(k) for k in task.devices]
+        workers = len(backend.workers)
+        edges = np.linspace(0, len(devices), workers + 1).round().astype(int)
+        self.spans = [range(int(edges[i]), int(edges[i + 1])) for i in range(workers)]
+        self.active = [i for i, span in enumerate(self.spans) if len(span)]
+        global_ref = ray.put(global_adapter)  # once per round, shared by every worker
+        self.start_args = {i: (r, [devices[j] for j in self.spans[i]], [task.bits[j] for j in self.spans[i]],
+                               [task.steps[j] for j in self.spans[i]], [task.weights[j] for j in self.spans[i]],
+                               {devices[j]: task.indices[devices[j]] for j in self.spans[i]}, global_ref,
+                               task.lr_factor, task.fit) for i in self.active}
+        # each worker's slice (offset, count) of every step's gradients: its devices still taking part
+        self.slices: list[list[tuple[int, int]]] = []
+        for step in range(task.local_steps):
+            counts = [sum(task.steps[j] > step for j in self.spans[i]) for i in range(workers)]
+            self.slices.append([(int(sum(counts[:i])), counts[i]) for i in range(workers)])
+        self.history: list[list[Any]] = []  # every step's gradient references, for a replacement's replay
+        # the calls whose results nobody needs (start, backward), awaited with the next call's results
+        self.pending = {i: backend.workers[i].start.remote(*self.start_args[i]) for i in self.active}
+        self.previous = partial(self.where, step=None, call="start")
+
+    def where(self, i: int, step: int | None = None, call: str = "") -> str:
+        chunk = [self.devices[j] for j in self.spans[i]]
+        at = f", local step {step + 1}" if step is not None else ""
+        return f"edge worker {i} ({call}, round {self.task.round_index + 1}{at}, devices {chunk[0]}..{chunk[-1]})"
+
+    def recover_with(self, step: int, call: Callable[[Any, int], Any]) -> Callable[[int], Any]:
+        def recover(i: int) -> Any:
+            self.backend._replace(i, self.start_args[i], self.history[:step], self.slices)
+            return call(self.backend.workers[i], i)
+        return recover
+
+    def forward(self, step: int) -> Uplink:
+        """Every worker's forward in parallel; the messages go to the server ranks by reference as one object per
+        worker, only their sizes come back here."""
+        backend, message_refs = self.backend, {}
+
+        def submit(worker: Any, i: int) -> Any:
+            messages_ref, bits_ref = worker.forward.options(num_returns=2).remote(step)
+            message_refs[i] = messages_ref
+            return bits_ref
+
+        sizes = {i: submit(backend.workers[i], i) for i in self.active}
+        if "after_forward" in backend.hooks:
+            backend.hooks["after_forward"](backend, self.task.round_index, step)
+        sizes = backend._gather(sizes, self.recover_with(step, submit), partial(self.where, step=step, call="forward"))
+        backend._await(self.pending, self.previous)
+        return Uplink(messages=[message_refs[i] for i in self.active], bits=sum(sizes.values()))
+
+    def backward(self, step: int, downlink: Downlink) -> None:
+        """Every worker's backward with its slice of the server ranks' gradients (awaited with the next call)."""
+        grad_refs = downlink.gradients
+        self.history.append(grad_refs)
+        workers = self.backend.workers
+        self.pending = {i: workers[i].backward.remote(step, self.slices[step][i][0], *grad_refs)
+                        for i in self.active}
+        self.previous = partial(self.where, step=step, call="backward")
+
+    def finish(self) -> tuple[Adapter, float]:
+        """The weighted partial sums of every worker, added up, and their total weight."""
+        backend, steps = self.backend, len(self.history)
+        finished = backend._gather({i: backend.workers[i].finish.remote() for i in self.active},
+                                   self.recover_with(steps, lambda w, i: w.finish.remote()),
+                                   partial(self.where, step=None, call="finish"))
+        backend._await(self.pending, self.previous)
+        total = sum(finished[i][1] for i in self.active)
+        sums = [finished[i][0] for i in self.active if finished[i][1] > 0]
+        return ({n: sum((s[n] for s in sums[1:]), sums[0][n]) for n in sums[0]} if sums else {}), float(total)
+
+
+class RayServer:
+    """The server side on the server ranks: every rank runs every step on its shard; smashed data and gradients
+    travel by reference."""
+
+    def __init__(self, backend: RayBackend, task: RoundTask) -> None:
+        self.backend, self.task = backend, task
+
+    def step(self, step: int, uplink: Uplink) -> Downlink:
+        r = self.task.round_index
+        outs = [rank.step.options(num_returns=2).remote(r, step, self.task.lr_factor, *uplink.messages)
+                for rank in self.backend.ranks]
+        stats = self.backend._server_call(r, f"local step {step + 1}", [o[0] for o in outs])
+        samples = sum(s[2] for s in stats)
+        return Downlink(gradients=[o[1] for o in outs], loss=sum(s[0] for s in stats) / samples,
+                        correct=sum(s[1] for s in stats), samples=samples, bits=sum(s[3] for s in stats))

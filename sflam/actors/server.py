@@ -1,6 +1,7 @@
-"""The server-part group: W actors that run each local step on all devices' micro-batches (DESIGN §8).
+"""The server-part group: W actors that run each local step on all devices' micro-batches
+(docs/concepts/ray-runtime.md).
 
-engine torch: one rank holding the reference runtime's ServerExecutor. engine deepspeed: W ranks, each a
+engine torch: one rank holding the reference runtime's ServerRunner. engine deepspeed: W ranks, each a
 DeepSpeed engine (ZeRO stage 0-3) over the same server part, wired with explicit RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT (gloo on CPU, nccl on GPU). The step's batch is sharded over the ranks by
 device; every rank runs every step (ZeRO-3 gathers parameters collectively). Rank r's loss is
@@ -28,20 +29,14 @@ import torch
 from sflam.actors.failures import logged
 from sflam.actors.memory import trimmed
 from sflam.platform import codec
+from sflam.platform.assembly import server_runner
 from sflam.platform.build import quiet_libraries
 from sflam.platform.codec import Encoded, EncodedList
 from sflam.platform.config import config_from_dict
-from sflam.platform.executors import (
-    DOWNLINK,
-    SERVER_CHUNK_SAMPLES,
-    Adapter,
-    ServerExecutor,
-    Smashed,
-    _rows,
-    codec_generator,
-)
-from sflam.platform.runtime import server_executor
+from sflam.platform.messages import DOWNLINK, Smashed, codec_generator, real_rows
+from sflam.platform.server import SERVER_CHUNK_SAMPLES, ServerRunner
 from sflam.platform.split import ServerPart
+from sflam.platform.strategies import Adapter
 
 StepStats = tuple[float, int, int, int]  # (summed loss, correct, samples, gradient bits) of a rank's shard
 
@@ -99,7 +94,7 @@ class ServerRank:
     @logged
     def load(self, part: ServerPart, send_gradients: bool) -> int:
         """`part` arrives built: the driver's server part through the object store (this rank's own copy)."""
-        self.server = server_executor(self.config, part, send_gradients)
+        self.server = server_runner(self.config, part, send_gradients)
         if self.config.server.engine == "torch" and self.device.type == "cuda":
             self.server.part.to(self.device)
         return os.getpid()
@@ -182,7 +177,7 @@ class ServerRank:
     def _sharded_step(self, shard: list[Smashed], total: int, round_index: int, step: int
                       ) -> tuple[StepStats, list[Encoded | None]]:
         """A DeepSpeed rank's step on its shard, or the torch engine's step on its GPU (one shard of all)."""
-        hidden, mask, labels = ServerExecutor.assemble(shard)
+        hidden, mask, labels = ServerRunner.assemble(shard)
         device = next(self.model.parameters()).device
         hidden, mask, labels = hidden.to(device), mask.to(device), labels.to(device)
         hidden.requires_grad_(self.server.send_gradients)
@@ -201,7 +196,7 @@ class ServerRank:
         gradients: list[Encoded | None] = [None] * len(shard)
         if self.server.send_gradients:  # every device's rows with its own stream, the shard's statistics at once
             mask = mask.cpu()
-            grad_rows = _rows(hidden.grad.cpu() / self.world_size, mask)  # type: ignore[union-attr]
+            grad_rows = real_rows(hidden.grad.cpu() / self.world_size, mask)  # type: ignore[union-attr]
             counts = [int(m.attention_mask.sum()) for m in shard]
             generators = [codec_generator(self.config.seed, round_index, step, m.device, DOWNLINK) for m in shard]
             gradients = list(codec.encode_many(grad_rows, counts, [self.server.gradient_bits] * len(shard),

@@ -4,7 +4,9 @@ The job carries the working directory (minus the virtual environment, results an
 environment (threads, offline Hugging Face; optionally the project's requirements) and the entrypoint's
 resources. The job logs to an MLflow tracking server (--tracking-uri, MLFLOW_TRACKING_URI, or for a head
 on this machine the `sflam server` over ./results, started when none runs), so its runs and artifacts
-outlive Ray's temporary folders. The exit status is the job's: 0 when it SUCCEEDED, 1 otherwise.
+outlive Ray's temporary folders; a server with basic-auth gets the user of MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD (or the admin of the `sflam server --auth` over ./results) in the job's
+environment, where MLflow's client reads them. The exit status is the job's: 0 when it SUCCEEDED, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import re
 import shlex
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,22 +33,24 @@ def _name(requirement: str) -> str:
 
 
 def project_requirements(root: Path) -> list[str]:
-    """pyproject.toml's dependencies in the Makefile's order: the pinned torch, DeepSpeed, then the rest.
+    """requirements.lock's pinned versions (what `make install` installs) in the Makefile's order: the pinned
+    torch, DeepSpeed, then the rest.
 
     Ray itself is left out: the job runs on the cluster's Ray, which a pip environment must not replace.
     """
-    data = tomllib.loads((root / "pyproject.toml").read_text())
-    deps = [d for d in data["project"]["dependencies"] if _name(d) != "ray"]
+    lines = (root / "requirements.lock").read_text().splitlines()
+    deps = [line.strip() for line in lines if line and not line.startswith((" ", "#")) and _name(line) != "ray"]
     first = [d for name in ("torch", "deepspeed") for d in deps if _name(d) == name]
     return first + [d for d in deps if d not in first]
 
 
 # DeepSpeed is a source distribution: without build isolation its build sees the pinned torch instead of
-# fetching an unpinned one (DESIGN §11); Ray's defaults are kept.
+# fetching an unpinned one (docs/concepts/models-and-data.md); Ray's defaults are kept.
 PIP_OPTIONS = ["--no-build-isolation", "--disable-pip-version-check", "--no-cache-dir"]
 
 
-def runtime_env(working_dir: Path, pip: bool, tracking_uri: str | None = None) -> dict[str, Any]:
+def runtime_env(working_dir: Path, pip: bool, tracking_uri: str | None = None,
+                credentials: dict[str, str] | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {
         "working_dir": str(working_dir),
         "excludes": EXCLUDES,
@@ -55,6 +58,7 @@ def runtime_env(working_dir: Path, pip: bool, tracking_uri: str | None = None) -
     }
     if tracking_uri:
         env["env_vars"]["MLFLOW_TRACKING_URI"] = tracking_uri
+        env["env_vars"].update(credentials or {})
     if pip:
         env["pip"] = {"packages": project_requirements(working_dir), "pip_install_options": PIP_OPTIONS}
     return env
@@ -82,6 +86,21 @@ def job_tracking_uri(explicit: str | None, address: str, working_dir: Path, comm
     print(f"sflam submit: {'started' if new else 'using'} the MLflow tracking server {server.uri} (pid {server.pid}, "
           f"store {server.backend_store_uri}); stop it with `sflam server stop`", file=sys.stderr, flush=True)
     return server.uri
+
+
+def job_credentials(tracking_uri: str | None, working_dir: Path) -> dict[str, str]:
+    """The tracking server's user for the job: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from this
+    environment, else the admin of the basic-auth `sflam server` over ./results when the job logs there."""
+    from sflam.cluster import tracking_server
+
+    names = (tracking_server.USERNAME_ENV, tracking_server.PASSWORD_ENV)
+    given = {name: os.environ[name] for name in names if os.environ.get(name)}
+    if given or not tracking_uri:
+        return given
+    server = tracking_server.running(working_dir / "results")
+    if server is not None and server.auth and server.uri == tracking_uri.rstrip("/"):
+        return tracking_server.credentials(working_dir / "results")
+    return {}
 
 
 def use_cluster_token() -> None:
@@ -121,7 +140,8 @@ def submit(command: list[str], address: str | None = None, working_dir: Path | N
                          "`ray start --head --dashboard-host 127.0.0.1` or pass --address") from None
     entrypoint = job_entrypoint(command)
     root = working_dir or Path.cwd()
-    env = runtime_env(root, pip, job_tracking_uri(tracking_uri, target, root, command))
+    uri = job_tracking_uri(tracking_uri, target, root, command)
+    env = runtime_env(root, pip, uri, job_credentials(uri, root))
     kwargs: dict[str, Any] = {}
     if num_cpus is not None:
         kwargs["entrypoint_num_cpus"] = num_cpus

@@ -1,4 +1,4 @@
-"""The baselines of DESIGN §5 on the same data, devices, channels and seeds as SFLAM.
+"""The baselines of docs/concepts/round-engine.md on the same data, devices, channels and seeds as SFLAM.
 
 fl      federated learning: the whole model on every device (fp32 weights, LoRA on every block, the head
         trained too), E local steps on the device's own data, FedAvg of adapters and head; only the
@@ -16,21 +16,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from sflam.platform.build import build_parts, prepare_data, quiet_libraries, validate
-from sflam.platform.cache import CostCache
+from sflam.platform.assembly import (
+    Experiment,
+    build_runners,
+    evaluate_batch,
+    evaluation_batches,
+    longest_batch,
+    summed,
+)
+from sflam.platform.build import validate
+from sflam.platform.cache import CostCache, cost_fields
 from sflam.platform.config import ExperimentConfig, config_from_dict
-from sflam.platform.costs import FlopTable, RoundPlanner, cached_device_memory, cost_fields
-from sflam.platform.data import collate
-from sflam.platform.engine import Engine, Executor, Resume, RoundOutcome, RoundTask
-from sflam.platform.executors import Adapter, trainable_state
+from sflam.platform.data import Batch
+from sflam.platform.engine import Backend, Engine, RoundOutcome, RoundTask
+from sflam.platform.flops import FlopTable
+from sflam.platform.local import CohortDevices, InProcessServer, LocalBackend, collated, run_steps
+from sflam.platform.memory import cached_device_memory
+from sflam.platform.planner import RoundPlanner
+from sflam.platform.protocol import Downlink, StepFigures, whole_model_steps
 from sflam.platform.quantization import kernel_path, stored_weight_bytes
-from sflam.platform.results import RoundMetrics, RunResult
-from sflam.platform.runtime import Experiment, LocalExecutor, evaluation_batches
-from sflam.platform.strategies import weighted_sum
+from sflam.platform.results import Resume, RoundMetrics, RunResult
+from sflam.platform.split import DevicePart, ServerPart
+from sflam.platform.strategies import Adapter, FitInstructions, local_step, trainable_state
 
 METHODS = ("fl", "sl", "sfl", "sfl-q", "sflam")
 ProgressFn = Callable[[RoundMetrics], None]
@@ -69,7 +79,7 @@ def build_planner(method: str, config: ExperimentConfig, flops: FlopTable, adapt
 class WholeModel(nn.Module):
     """Device part at cut L and the server part's norm and head: the whole model on one device."""
 
-    def __init__(self, device_part: nn.Module, server_part: nn.Module) -> None:
+    def __init__(self, device_part: DevicePart, server_part: ServerPart) -> None:
         super().__init__()
         self.device_part = device_part
         self.server_part = server_part
@@ -78,117 +88,131 @@ class WholeModel(nn.Module):
         return self.server_part(self.device_part(input_ids, attention_mask), attention_mask)
 
 
-class LocalTrainingExecutor(Executor):
-    """fl: every device trains the whole model (LoRA everywhere, the head too) on its own batches."""
+# --------------------------------------------------------------------------- fl
+
+
+class WholeModelDevices:
+    """fl's device side: each live device trains the whole model (LoRA everywhere, the head too) on its own loss,
+    one device after another (their computations are independent)."""
+
+    def __init__(self, model: WholeModel, task: RoundTask, batches: dict[int, list[Batch]], global_adapter: Adapter,
+                 lr: float) -> None:
+        self.model, self.task, self.batches = model, task, batches
+        self.devices = [int(k) for k in task.devices]
+        fit: FitInstructions = task.fit
+        self.anchor = global_adapter if fit.proximal_mu > 0 else None
+        self.adapters = [{n: t.detach().clone().requires_grad_(not fit.is_frozen(n)) for n, t in global_adapter.items()}
+                         for _ in self.devices]
+        self.optimizers = [torch.optim.AdamW([t for t in a.values() if t.requires_grad], lr=lr, weight_decay=0.0)
+                           for a in self.adapters]
+
+    def train(self, step: int) -> Downlink:
+        loss_sum, correct, samples = 0.0, 0, 0
+        for i in self.task.live(step):
+            batch = self.batches[self.devices[i]][step]
+            with torch.enable_grad():
+                inputs = (batch.input_ids, batch.attention_mask)
+                logits = torch.func.functional_call(self.model, self.adapters[i], inputs, strict=False)
+                loss, hits = self.model.server_part.loss_and_correct(logits, batch.labels)
+                loss.backward()
+            local_step(self.adapters[i], self.optimizers[i], self.anchor, self.task.fit.proximal_mu)
+            loss_sum += float(loss.detach()) * len(batch)
+            correct, samples = correct + int(hits), samples + len(batch)
+        # the step's mean loss over every sample, as a server would report it; nothing crosses the link
+        return Downlink(gradients=None, loss=loss_sum / samples, correct=correct, samples=samples, bits=0)
+
+    def weighted_sum(self, weights: list[float]) -> tuple[Adapter, float]:
+        kept = [i for i, w in enumerate(weights) if w > 0]
+        if not kept:
+            return {}, 0.0
+        return ({name: torch.stack([weights[i] * self.adapters[i][name].detach().double() for i in kept]).sum(0)
+                 for name in self.adapters[0]}, float(sum(weights[i] for i in kept)))
+
+
+class WholeModelBackend(Backend):
+    """fl: every device trains the whole model on its own batches; only the adapters and the head travel."""
 
     def __init__(self, config: ExperimentConfig) -> None:
-        quiet_libraries()
-        spec = validate(config)
         self.config = config
-        self.data = prepare_data(config, spec)
-        whole_cut = config_from_dict({**config.to_dict(), "split": {"cut_layer": spec.num_layers}})
-        device_part, self.server_part = build_parts(whole_cut, spec, self.data)
-        self.model = WholeModel(device_part, self.server_part)
+        whole = config_from_dict({**config.to_dict(), "split": {"cut_layer": validate(config).num_layers}})
+        self.data, self.device, self.server = build_runners(whole)
+        self.model = WholeModel(self.device.part, self.server.part)
         self.initial = trainable_state(self.model)
         self.adapter_bits = 32 * sum(t.numel() for t in self.initial.values())
-        fields = {**cost_fields(whole_cut, self.model), "method": "fl"}
-        flops = FlopTable(self.model, nn.Identity(), self.initial, int(device_part.config.hidden_size),
+        fields = {**cost_fields(whole, self.model), "method": "fl"}
+        flops = FlopTable(self.model, nn.Identity(), self.initial, int(self.device.part.config.hidden_size),
                           cache=CostCache("flops", fields))
-        longest = np.argsort([-len(s) for s in self.data.train.input_ids])[: config.train.batch_size]
-        self.memory = cached_device_memory(config, self.model, self.initial,
-                                           collate(self.data.train, longest, self.data.pad_token_id), fields)
+        self.memory = cached_device_memory(config, self.model, self.initial, longest_batch(config, self.data), fields)
         self.planner = build_planner("fl", config, flops, self.adapter_bits, True)
 
     def initial_adapter(self) -> Adapter:
         return {n: t.clone() for n, t in self.initial.items()}
 
     def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
+        devices = [int(k) for k in task.devices]
+        batches = collated(task, self.data.train, self.data.pad_token_id, devices)
         lr = self.config.train.device_lr * task.lr_factor
-        finals, weights, losses, correct, seen = [], [], [], 0, 0
-        for i, k in enumerate(task.devices):
-            adapter = {n: t.detach().clone().requires_grad_(not task.fit.is_frozen(n))
-                       for n, t in global_adapter.items()}
-            trained = [t for t in adapter.values() if t.requires_grad]
-            optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
-            for batch in task.batches[int(k)][:task.steps[i]]:
-                with torch.enable_grad():
-                    logits = torch.func.functional_call(self.model, adapter, (batch.input_ids, batch.attention_mask),
-                                                        strict=False)
-                    batch_loss, batch_correct = self.server_part.loss_and_correct(logits, batch.labels)
-                    batch_loss.backward()
-                if task.fit.proximal_mu > 0:  # FedProx: + mu (w - w_global)
-                    with torch.no_grad():
-                        for n, t in adapter.items():
-                            if t.grad is not None:
-                                t.grad += task.fit.proximal_mu * (t - global_adapter[n])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(batch_loss.detach()))
-                correct, seen = correct + int(batch_correct), seen + len(batch)
-            if task.weights[i] > 0:
-                finals.append({n: t.detach().clone() for n, t in adapter.items()})
-                weights.append(task.weights[i])
+        side = WholeModelDevices(self.model, task, batches, global_adapter, lr)
+        figures = whole_model_steps(task.local_steps, [len(task.live(e)) for e in range(task.local_steps)], side)
+        weighted, total = side.weighted_sum(task.weights)
         # only the adapters travel: each device's global adapter down, the finished ones' up
-        return RoundOutcome(weighted_sum(finals, weights), float(sum(weights)), losses, correct, seen,
-                            self.adapter_bits * len(finals), self.adapter_bits * len(task.devices))
+        figures.uplink_bits += self.adapter_bits * sum(w > 0 for w in task.weights)
+        figures.downlink_bits += self.adapter_bits * len(devices)
+        return RoundOutcome(weighted_sum=weighted, total_weight=total, figures=figures)
 
-    @torch.no_grad()
     def evaluate(self, adapter: Adapter) -> tuple[float, float]:
-        total_loss, correct, total = 0.0, 0, 0
-        for _, batch in evaluation_batches(self.config, self.data):
-            logits = torch.func.functional_call(self.model, adapter, (batch.input_ids, batch.attention_mask),
-                                                strict=False)
-            batch_loss, batch_correct = self.server_part.loss_and_correct(logits, batch.labels)
-            total_loss += float(batch_loss) * len(batch)
-            correct, total = correct + int(batch_correct), total + len(batch)
-        return correct / total, total_loss / total
+        """The one evaluation of the deployed pipeline (`assembly.evaluate_batch`): the device part with its
+        adapter, a lossless codec (fl's smashed data never leaves the device), the head with its trained tensors."""
+        device_adapter = {n.removeprefix("device_part."): t for n, t in adapter.items() if n.startswith("device_part.")}
+        with torch.no_grad():
+            for name, param in self.server.part.named_parameters():
+                if f"server_part.{name}" in adapter:
+                    param.copy_(adapter[f"server_part.{name}"])
+        return summed([evaluate_batch(self.config, self.device, self.server.part, device_adapter, number, batch)
+                       for number, batch in evaluation_batches(self.config, self.data)])
 
     def result_fields(self) -> dict[str, Any]:
         return {"device_weight_bytes": stored_weight_bytes(self.model), "device_memory_bytes": self.memory.total,
-                "memory": self.memory, "kernels": kernel_path(self.config.quant.weights)}
+                "memory": self.memory, "kernels": kernel_path(self.config.quant.weights),
+                "privacy": {"labels_sent": False}}  # the whole model and its loss stay on the device
 
 
-def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None,
+def run_fl(config: ExperimentConfig, progress: ProgressFn | None = None, announce: Any = None,
            checkpoint: Checkpoint | None = None, resume: Resume | None = None) -> RunResult:
-    return Engine(config, LocalTrainingExecutor(config)).run(progress, checkpoint, resume)
+    backend = WholeModelBackend(config)
+    return Engine(config, backend, planner=backend.planner, data=backend.data).run(progress, checkpoint, resume)
 
 
-# --------------------------------------------------------------------------- SL
+# --------------------------------------------------------------------------- sl
 
 
-class SequentialExecutor(LocalExecutor):
-    """sl: the round's devices one after another, each training the device part for its steps against the
-    server and handing its adapter to the next; a device that drops out hands on nothing."""
-
-    def __init__(self, config: ExperimentConfig) -> None:
-        super().__init__(Experiment.build(config))
-        base = self.exp.planner  # the FLOP table measured once on the real parts
-        self.planner = build_planner("sl", config, base.flops, base.adapter_bits, self.exp.device.trains)
+class SequentialBackend(LocalBackend):
+    """sl: the round's devices one after another, each a cohort of one training the device part for its steps
+    against the server and handing its adapter to the next; a device that drops out hands on nothing."""
 
     def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
-        exp, r = self.exp, task.round_index
+        exp = self.exp
         exp.server.set_lr_factor(task.lr_factor)
+        devices = [int(k) for k in task.devices]
+        batches = collated(task, exp.data.train, exp.data.pad_token_id, devices)
         adapter = global_adapter
-        losses, correct, seen, uplink, downlink = [], 0, 0, 0, 0
-        for i, k in enumerate(task.devices):
-            state = exp.device.start(int(k), adapter, task.lr_factor, task.fit)
-            for step, batch in enumerate(task.batches[int(k)][:task.steps[i]]):
-                message = exp.device.forward(state, batch, r, step, task.bits[i])
-                result = exp.server.step([message], r, step)
-                exp.device.backward(state, step, result.gradients[0])
-                losses.append(result.loss)
-                correct, seen = correct + result.correct, seen + result.samples
-                uplink += message.payload_bits
-                downlink += sum(result.downlink_bits)
+        figures = StepFigures()
+        for i, k in enumerate(devices):
+            group = exp.device.start([k], adapter, task.lr_factor, task.fit)
+            side = CohortDevices(exp.device, group, task, [i], batches)
+            figures.extend(run_steps(exp, task.steps[i], [1] * task.steps[i], side,
+                                     InProcessServer(exp.server, task.round_index, exp.config.quant.activation_bits)))
             if task.weights[i] > 0:
-                adapter = exp.device.final_adapter(state)
+                adapter = group.adapter_of(0)
         # the chain's last adapter is the round's result (weight 1: nothing to average)
-        return RoundOutcome(adapter, 1.0, losses, correct, seen, uplink, downlink)
+        return RoundOutcome(weighted_sum=adapter, total_weight=1.0, figures=figures)
 
 
-def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announce=None,
+def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announce: Any = None,
            checkpoint: Checkpoint | None = None, resume: Resume | None = None) -> RunResult:
-    return Engine(config, SequentialExecutor(config)).run(progress, checkpoint, resume)
+    exp = Experiment.build(config, schedule="sequential")
+    return Engine(config, SequentialBackend(exp), planner=exp.planner, data=exp.data).run(progress, checkpoint,
+                                                                                        resume)
 
 
 RUNNERS: dict[str, Callable[..., RunResult]] = {"fl": run_fl, "sl": run_sl}

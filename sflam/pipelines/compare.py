@@ -1,4 +1,5 @@
-"""`sflam compare`: fl, sl, sfl, sfl-q and sflam on the same devices, data, channels and seeds (DESIGN §5).
+"""`sflam compare`: fl, sl, sfl, sfl-q and sflam on the same devices, data, channels and seeds
+(docs/concepts/round-engine.md).
 
 Each method is a child MLflow run of one parent run; the parent gets the comparison table (CSV and
 Markdown), a bar chart and the rows as JSON. Ratios are against fl (memory, accuracy) and sfl
@@ -20,13 +21,14 @@ from sflam.pipelines.baselines import METHODS, RUNNERS, method_config
 from sflam.pipelines.figures import save_figure
 from sflam.pipelines.seeds import aggregate, mean_ci, seed_configs, with_ci
 from sflam.pipelines.train import train
-from sflam.platform.checkpoint import atomic_path, checkpoint_path, write_text
+from sflam.platform.checkpoint import checkpoint_path
 from sflam.platform.config import ExperimentConfig
+from sflam.platform.files import atomic_path, write_text
 from sflam.platform.results import RoundMetrics, RunResult
 from sflam.platform.tracking import Tracker
 
 COLUMNS = ("method", "accuracy", "device_memory_bytes", "comm_latency_s", "round_latency_s", "energy_j",
-           "energy_efficiency_samples_per_j")
+           "energy_efficiency_samples_per_j", "leakage", "privacy_epsilon")
 
 
 @dataclass
@@ -159,8 +161,9 @@ def plot_curves(curves: dict[str, list[Curve]], path: Path, title: str) -> Path:
 
 def format_rows(rows: list[dict[str, Any]]) -> list[str]:
     header = ("| method | seeds | accuracy | device memory MiB | comm latency s/round | round latency s | "
-              "energy J/round | samples/J | memory vs fl | comm vs sfl | efficiency vs sfl |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "energy J/round | samples/J | memory vs fl | comm vs sfl | efficiency vs sfl | leakage | epsilon "
+              "| labels sent |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         mib = {**r, "mib": r["device_memory_bytes"] / 2**20 if r.get("device_memory_bytes") is not None else None,
                "mib_ci95": (r.get("device_memory_bytes_ci95") or float("nan")) / 2**20}
@@ -169,8 +172,15 @@ def format_rows(rows: list[dict[str, Any]]) -> list[str]:
                      f"| {with_ci(r, 'round_latency_s', '.4g')} | {with_ci(r, 'energy_j', '.4g')} "
                      f"| {with_ci(r, 'energy_efficiency_samples_per_j', '.4g')} "
                      f"| {with_ci(r, 'memory_vs_fl', '.3f')} | {with_ci(r, 'comm_latency_vs_sfl', '.3f')} "
-                     f"| {with_ci(r, 'energy_efficiency_vs_sfl', '.2f')} |")
+                     f"| {with_ci(r, 'energy_efficiency_vs_sfl', '.2f')} | {with_ci(r, 'leakage', '.3f')} "
+                     f"| {with_ci(r, 'privacy_epsilon', '.3g')} | {_labels(r)} |")
     return lines
+
+
+def _labels(row: dict[str, Any]) -> str:
+    """Whether a method's labels leave the devices."""
+    sent = row.get("labels_sent")
+    return "-" if sent is None else ("yes" if sent is True else "no" if sent is False else "mixed")
 
 
 def write_table(rows: list[dict[str, Any]], target: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sflam.platform.checkpoint import atomic_path
+from sflam.platform.files import atomic_path
 
 
 def save_figure(fig: Any, path: Path, title: str | None = None) -> Path:

@@ -17,8 +17,9 @@ import numpy as np
 
 from sflam.pipelines.figures import save_figure
 from sflam.pipelines.train import train
-from sflam.platform.checkpoint import atomic_path, checkpoint_path, write_text
+from sflam.platform.checkpoint import checkpoint_path
 from sflam.platform.config import ExperimentConfig, config_from_dict
+from sflam.platform.files import atomic_path, write_text
 from sflam.platform.results import RoundMetrics
 from sflam.platform.tracking import Tracker
 

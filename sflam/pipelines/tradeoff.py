@@ -1,7 +1,8 @@
 """The latency–energy trade-off of one round of the configured scenario: sweep λ, plot the Pareto front.
 
 Each point is the joint allocation (bits, power, bandwidth) for one λ in [0, 1] on the same round: the
-same devices, channels and real mini-batches. The plot marks the physical floors of DESIGN §6 (no round
+same devices, channels and real mini-batches. The plot marks the physical floors of docs/concepts/system-model.md
+(no round
 is faster than every device at full band and full power; no uplink spends less than N0 ln2 / g per
 bit) and the equal-allocation baseline.
 """
@@ -16,13 +17,14 @@ import numpy as np
 
 from sflam.pipelines.figures import save_figure
 from sflam.platform.allocation import Allocation, AllocationProblem, allocate, equal_allocation, reference_costs
-from sflam.platform.checkpoint import atomic_path
+from sflam.platform.assembly import Experiment
 from sflam.platform.config import ExperimentConfig
-from sflam.platform.runtime import Experiment, round_batches, select_devices
+from sflam.platform.files import atomic_path
+from sflam.platform.participation import round_indices, round_shapes, select_devices
 from sflam.platform.system import LN2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TradeoffPoint:
     """One allocation on the front."""
 
@@ -34,7 +36,7 @@ class TradeoffPoint:
     objective: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TradeoffResult:
     points: list[TradeoffPoint]
     latency_floor_s: float
@@ -49,7 +51,7 @@ class TradeoffResult:
 
 
 def floors(problem: AllocationProblem, bits_index: np.ndarray) -> tuple[float, float]:
-    """(round latency floor, device energy floor) of a lockstep round at given bits (DESIGN §6).
+    """(round latency floor, device energy floor) of a lockstep round at given bits (docs/concepts/system-model.md).
 
     Latency: every transmission of every stage on the whole band at full power (no device can be faster);
     energy: the compute energy plus every uplink bit at N0 ln2 / g (infinite time).
@@ -72,19 +74,21 @@ def run_tradeoff(config: ExperimentConfig, points: int = 21, experiment: Experim
                  out_dir: Path | None = None) -> TradeoffResult:
     exp = experiment or Experiment.build(config)
     selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)
-    batches = round_batches(exp, 0, selected)
+    shapes = round_shapes(exp.data, round_indices(config, exp.data, 0, selected))
     front: list[TradeoffPoint] = []
     problem = None
     for lam in np.linspace(0.0, 1.0, points):
-        problem = exp.planner.problem(0, selected, batches, lam=float(lam))
+        problem = exp.planner.problem(0, selected, shapes, lam=float(lam))
         a = allocate(problem, config.allocation.bits_search)
-        front.append(TradeoffPoint(float(lam), a.round_latency_s, a.total_energy_j, comm_latency_s(problem, a),
-                                   float(np.mean(a.bits)), a.objective))
+        front.append(TradeoffPoint(lam=float(lam), round_latency_s=a.round_latency_s, energy_j=a.total_energy_j,
+                                   comm_latency_s=comm_latency_s(problem, a), bits_mean=float(np.mean(a.bits)),
+                                   objective=a.objective))
     assert problem is not None
     ref = reference_costs(problem)
     eq = equal_allocation(problem, config.quant.activation_bits, ref)
-    equal = TradeoffPoint(float("nan"), eq.round_latency_s, eq.total_energy_j, comm_latency_s(problem, eq),
-                          float(config.quant.activation_bits), eq.objective)
+    equal = TradeoffPoint(lam=float("nan"), round_latency_s=eq.round_latency_s, energy_j=eq.total_energy_j,
+                          comm_latency_s=comm_latency_s(problem, eq), bits_mean=float(config.quant.activation_bits),
+                          objective=eq.objective)
     lowest_bits = np.full(problem.size, int(np.argmin(problem.bits_options)))
     latency_floor, energy_floor = floors(problem, lowest_bits)
     target = out_dir or Path(config.output_dir) / config.name
@@ -98,7 +102,8 @@ def run_tradeoff(config: ExperimentConfig, points: int = 21, experiment: Experim
     plot_path = target / "tradeoff.png"
     plot_front(front, equal, latency_floor, energy_floor, plot_path,
                title=f"{config.name}: latency–energy trade-off, {problem.size} devices, one round")
-    return TradeoffResult(front, latency_floor, energy_floor, equal, csv_path, plot_path)
+    return TradeoffResult(points=front, latency_floor_s=latency_floor, energy_floor_j=energy_floor, equal=equal,
+                          csv_path=csv_path, plot_path=plot_path)
 
 
 def plot_front(front: list[TradeoffPoint], equal: TradeoffPoint, latency_floor: float, energy_floor: float,

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from sflam.pipelines.figures import save_figure
-from sflam.platform.checkpoint import atomic_path, checkpoint_path, load_checkpoint, save_checkpoint
+from sflam.platform.assembly import Experiment
+from sflam.platform.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from sflam.platform.config import ExperimentConfig, save_config
-from sflam.platform.engine import Resume
-from sflam.platform.results import RoundMetrics, RunResult
-from sflam.platform.tracking import Tracker
+from sflam.platform.files import atomic_path
+from sflam.platform.local import run_local
+from sflam.platform.results import Resume, RoundMetrics, RunResult
+from sflam.platform.tracking import Tracker, run_label
 
 ROUND_METRICS = ("train_loss", "train_accuracy", "samples", "uplink_bits", "downlink_bits", "wall_s",
                  "round_latency_s", "comm_latency_s", "compute_latency_s", "energy_j", "bits_mean", "bits_min",
@@ -32,6 +34,8 @@ def round_values(metrics: RoundMetrics) -> dict[str, float | None]:
     values: dict[str, float | None] = {key: getattr(metrics, key) for key in ROUND_METRICS}
     values["accuracy"] = metrics.eval_accuracy
     values["loss"] = metrics.eval_loss
+    values["leakage"] = metrics.leakage
+    values.update(metrics.leakage_metrics)
     return values
 
 
@@ -39,10 +43,8 @@ def run_experiment(config: ExperimentConfig, progress: Callable[[RoundMetrics], 
                    announce: Callable[[str], None] | None = None, experiment=None,
                    checkpoint: Callable[[Resume], None] | None = None, resume: Resume | None = None) -> RunResult:
     """Run every round on the configured runtime (from a checkpoint's round when resuming)."""
-    from sflam.platform.runtime import Experiment, run_local
-
     if config.runtime == "ray":  # the Ray runtime builds the experiment while its actors start
-        from sflam.actors.runtime import run_ray
+        from sflam.actors.runtime import run_ray  # Ray is imported only by runs that use it
 
         return run_ray(config, progress=progress, experiment=experiment, announce=announce, checkpoint=checkpoint,
                        resume=resume)
@@ -62,8 +64,8 @@ def train(config: ExperimentConfig, run_name: str | None = None, parent_run_id: 
     target.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(target)
     state, run_id = load_checkpoint(path, config) if resume else (None, None)
-    tracker = Tracker(config, run_name=run_name, parent_run_id=parent_run_id, experiment=experiment_name, tags=tags,
-                      resume_run_id=run_id)
+    tracker = Tracker(config, run_name=run_label(run_name or config.name, config.seed), parent_run_id=parent_run_id,
+                      experiment=experiment_name, tags=tags, resume_run_id=run_id)
     logged = tracker.logged_steps("train_loss") if state is not None else set()
     if state is not None:  # rounds the interrupted run completed but never got to the store
         for metrics in state.rounds:
@@ -106,7 +108,8 @@ def record(result: RunResult, config: ExperimentConfig, run_name: str | None = N
     """Record a run that finished elsewhere (a Ray task): the driver alone talks to MLflow."""
     target = out_dir or Path(config.output_dir) / config.name
     target.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(config, run_name=run_name, parent_run_id=parent_run_id, experiment=experiment_name, tags=tags)
+    tracker = Tracker(config, run_name=run_label(run_name or config.name, config.seed), parent_run_id=parent_run_id,
+                      experiment=experiment_name, tags=tags)
     for metrics in result.rounds:
         tracker.log_metrics(round_values(metrics), step=metrics.round)
     result.mlflow_run_id = tracker.run_id
@@ -144,10 +147,11 @@ def write_outputs(result: RunResult, config: ExperimentConfig, target: Path, tra
 def write_rounds_csv(result: RunResult, path: Path) -> Path:
     rows = result.rounds_as_dicts()
     with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k != "step_losses"] if rows else [])
+        kept = [k for k in rows[0] if k not in ("step_losses", "leakage_metrics")] if rows else []
+        writer = csv.DictWriter(handle, fieldnames=kept)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: v for k, v in row.items() if k != "step_losses"})
+            writer.writerow({k: row[k] for k in kept})
     return path
 
 

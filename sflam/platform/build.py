@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import peft
@@ -18,8 +17,7 @@ from torch import nn
 
 from sflam.platform.config import IMAGE_DATASETS, ExperimentConfig
 from sflam.platform.data import (
-    ImageData,
-    TokenizedData,
+    DataBundle,
     dirichlet_partition,
     image_data,
     label_token_ids,
@@ -59,22 +57,6 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*kernels.*")
-
-
-@dataclass(frozen=True)
-class DataBundle:
-    """Tokenized sentences or images as train and test sets, the devices' shards, and what the task needs."""
-
-    train: TokenizedData | ImageData
-    test: TokenizedData | ImageData
-    shards: list[np.ndarray]
-    num_labels: int
-    pad_token_id: int
-    label_token_ids: list[int] | None
-
-    @property
-    def shard_sizes(self) -> np.ndarray:
-        return np.array([len(s) for s in self.shards], dtype=np.int64)
 
 
 def validate(cfg: ExperimentConfig) -> ModelSpec:

@@ -1,4 +1,5 @@
-"""On-disk cache of what start-up measures on the real model: FLOP tables and device memory (DESIGN §8).
+"""On-disk cache of what start-up measures on the real model: FLOP tables and device memory
+(docs/concepts/ray-runtime.md).
 
 An entry is a small JSON file named by the SHA-256 of everything its figures depend on (the caller's
 fields: model, cut layer, weight mode, LoRA, batch shape...; a fingerprint of the built parts; the
@@ -21,7 +22,8 @@ from typing import Any
 
 import torch
 
-from sflam.platform.checkpoint import write_text
+from sflam.platform.config import ExperimentConfig
+from sflam.platform.files import write_text
 
 ROOT_ENV = "SFLAM_CACHE"        # sflam's cache folder (also the converted dinov2-s14 backbone's)
 CACHE_ENV = "SFLAM_COST_CACHE"  # this cache's own folder, or "off"
@@ -102,3 +104,18 @@ class CostCache:
                                              sort_keys=True, default=str, indent=1))
         except OSError:
             pass
+
+
+def cost_fields(config: ExperimentConfig, *parts: torch.nn.Module) -> dict[str, Any]:
+    """What the FLOP table and the device memory of built parts depend on, for their cache key: the model,
+    task, cut layer, weight mode, LoRA, and the parts' own structure (which covers label heads, image sizes
+    and any other setting that changes a layer)."""
+    m = config.model
+    fields = {"model": m.name, "task": m.task, "image_size": m.image_size,
+              "cut_layer": config.split.cut_layer, "weights": config.quant.weights,
+              "lora": {"rank": config.lora.rank, "alpha": config.lora.alpha,
+                       "targets": list(config.lora.target_modules), "server": config.lora.server},
+              "parts": parts_fingerprint(*parts)}
+    if config.split.head != "server":  # a U-shaped split counts the server to its features and the head apart
+        fields["head"] = config.split.head
+    return fields

@@ -1,4 +1,4 @@
-"""Atomic files and round checkpoints: a crash never leaves a half-written file, `--resume` continues exactly.
+"""Round checkpoints: `--resume` continues an interrupted run exactly.
 
 After every completed round the engine hands over what continuing needs: the global device adapter, the
 server part and its optimizer state, the strategy's state (server-optimizer moments), the next round,
@@ -8,48 +8,20 @@ to disk and renamed over the previous checkpoint, so a reader sees the last whol
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sflam.platform.config import ExperimentConfig, flatten
-from sflam.platform.engine import Resume
 from sflam.platform.errors import ConfigError
+from sflam.platform.files import atomic_path
+from sflam.platform.results import Resume
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT = 1
+FORMAT = 2  # 2: results and plans pickled from their modules since the 0.2 layout
 # keys that may differ between the interrupted run and its resumption without changing the result
 RESUMABLE_CHANGES = ("tracking.", "ray.", "threads", "output_dir")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path`; renamed over it when the block succeeds, removed when it fails."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        yield tmp
-        tmp.chmod(0o644)  # mkstemp's (and some writers') 0600 would hide results from the rest of a team
-        with tmp.open("rb+") as written:  # on disk before the rename, so the rename never exposes an empty file
-            os.fsync(written.fileno())
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
 
 
 def checkpoint_path(target: Path) -> Path:
@@ -70,13 +42,21 @@ def load_checkpoint(path: Path, config: ExperimentConfig) -> tuple[Resume, str |
     if not path.is_file():
         raise ConfigError("--resume", str(path), "a checkpoint of an interrupted run (none here: run without --resume)")
     # our own file, holding metrics and plans beside the tensors
-    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as exc:  # pickled by an earlier layout of the package
+        raise ConfigError("--resume", str(path), f"a checkpoint written by this version ({exc}); run without "
+                                                 "--resume") from None
+    if payload.get("format") != FORMAT:
+        raise ConfigError("--resume", str(path), f"a checkpoint of format {FORMAT} (this one has "
+                                                 f"{payload.get('format')}); run without --resume")
     saved, current = flatten(payload["config"]), config.to_flat()
     for key in sorted(set(saved) | set(current)):
         if key.startswith(RESUMABLE_CHANGES) or saved.get(key) == current.get(key):
             continue
         raise ConfigError(key, current.get(key), f"the interrupted run's value {saved.get(key)!r} to resume it "
                                                  f"exactly (checkpoint {path})")
-    resume = Resume(payload["next_round"], payload["global_adapter"], payload["rounds"], payload["accuracy"],
-                    payload["loss"], payload["wall_s"], payload["strategy"], payload["server"])
+    resume = Resume(next_round=payload["next_round"], global_adapter=payload["global_adapter"],
+                    rounds=payload["rounds"], accuracy=payload["accuracy"], loss=payload["loss"],
+                    wall_s=payload["wall_s"], strategy=payload["strategy"], server=payload["server"])
     return resume, payload["mlflow_run_id"]

@@ -1,4 +1,5 @@
-"""Smashed-data codec: stochastic uniform q-bit quantization per row, values packed into bytes (DESIGN §4).
+"""Smashed-data codec: stochastic uniform q-bit quantization per row, values packed into bytes
+(docs/concepts/split-and-codec.md).
 
 Each row (one token's activation or activation-gradient vector) gets an offset and a scale stored in
 fp32 or fp16; values become integer levels in [0, 2^q - 1] by stochastic rounding, which makes the

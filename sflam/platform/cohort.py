@@ -1,6 +1,6 @@
-"""Many virtual devices as one batched computation per local step (DESIGN §8).
+"""Many virtual devices as one batched computation per local step.
 
-All devices of an executor share the device part's frozen (possibly quantized) base weights; only their
+All devices a process holds share the device part's frozen (possibly quantized) base weights; only their
 LoRA adapters differ. A cohort keeps every device's adapter stacked, (devices, ...) per tensor, and runs a
 local step for all live devices at once: the base layers over the stacked batch (the mini-batches of
 devices of one sequence length stacked, in chunks; rows grouped by device), each LoRA layer's delta as
@@ -8,7 +8,8 @@ batched matmuls over a (devices, rows, in) view (the multi-adapter technique of 
 multi-tensor AdamW step over the stacked adapters, elementwise the same update as one AdamW per device.
 With many samples the backward recomputes each chunk's forward instead of keeping its graph (bounded memory). What
 each device sends and receives is encoded with its own seeded stream, so every message, adapter and loss
-equals the device-by-device path (`DeviceExecutor.start/forward/backward`) within float rounding.
+equals each device run alone through peft's own LoRA layers (the reference in tests/reference.py) within float
+rounding.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from torch import nn
 from sflam.platform import codec
 from sflam.platform.codec import Encoded
 from sflam.platform.data import Batch
-from sflam.platform.strategies import local_step
+from sflam.platform.strategies import Adapter, local_step
+from sflam.privacy.defences import clip_packed, nopeek_loss
 
-Adapter = dict[str, torch.Tensor]
 LORA = "default"  # the adapter name peft's inject_adapter_in_model gives
 CHUNK_SAMPLES = 2048  # samples per stacked device-part batch
 KEEP_GRAPH_SAMPLES = 8192  # up to this many samples per step the forward keeps its graph, above it recomputes
@@ -64,7 +65,7 @@ Chunk = tuple[list[int], torch.Tensor, torch.Tensor, Layout]  # live devices (by
 
 @dataclass
 class Cohort:
-    """The devices an executor holds in a round: stacked adapters, one optimizer over them, pending graphs."""
+    """The devices a process holds in a round: stacked adapters, one optimizer over them, pending graphs."""
 
     devices: list[int]
     adapter: Adapter                     # name -> (devices, ...) trained tensor, or the shared global one if frozen
@@ -73,6 +74,8 @@ class Cohort:
     proximal_mu: float = 0.0
     samples_trained: int = 0
     pending: dict[int, list[tuple[Chunk, torch.Tensor | None]]] = field(default_factory=dict)  # graph if kept
+    clip_norm: float = 0.0               # defence: each sample's message clipped to this L2 norm (0: off)
+    nopeek_weight: float = 0.0           # defence: NoPeek's distance correlation in every device's loss (0: off)
 
     @property
     def adapter_device(self) -> torch.device:
@@ -95,7 +98,7 @@ class Cohort:
         index = torch.tensor(kept)
         w = torch.tensor([weights[i] for i in kept], dtype=torch.float64)
         out = {}
-        for name in self.adapter:  # on the CPU: the sum leaves the executor (an edge worker's GPU) anyway
+        for name in self.adapter:  # on the CPU: the sum leaves the process (an edge worker's GPU) anyway
             stacked = self.stacked(name).detach().cpu().index_select(0, index).double()
             out[name] = (w.reshape(-1, *[1] * (stacked.dim() - 1)) * stacked).sum(0)
         return out
@@ -214,7 +217,12 @@ def backward(part: nn.Module, cohort: Cohort, step: int, gradients: list[Encoded
     """Each live device's received activation gradient through its chunk's recomputed forward, then one AdamW
     step for all devices."""
     work = cohort.pending.pop(step)
-    if cohort.optimizer is None or all(g is None for g in gradients):
+    if cohort.optimizer is None:
+        return
+    if all(g is None for g in gradients):
+        # nothing to send back through the device part; a U-shaped split's head may still have trained
+        if any(t.grad is not None for t in cohort.adapter.values()):
+            local_step(cohort.adapter, cohort.optimizer, cohort.anchor, cohort.proximal_mu)
         return
     received = [g for g in gradients if g is not None]
     if len(received) != len(gradients):
@@ -226,8 +234,31 @@ def backward(part: nn.Module, cohort: Cohort, step: int, gradients: list[Encoded
         if hidden is None:
             with torch.enable_grad(), batched_lora(part, cohort, where):
                 hidden = part(ids, mask)
+        if cohort.clip_norm > 0 or cohort.nopeek_weight > 0:
+            _defended_backward(part, cohort, ids, mask, where, hidden, torch.cat([decoded[j] for j in members]))
+            continue
         full = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         full[mask.bool()] = torch.cat([decoded[j] for j in members])
         hidden.backward(full)
     # a device that dropped out has a zero gradient here and its state moves on, but its adapter is never used
     local_step(cohort.adapter, cohort.optimizer, cohort.anchor, cohort.proximal_mu)
+
+
+def _defended_backward(part: Any, cohort: Cohort, ids: torch.Tensor, mask: torch.Tensor, where: Layout,
+                       hidden: torch.Tensor, received: torch.Tensor) -> None:
+    """The backward of a chunk under the defences: the received gradient is the sent (clipped) message's, so it
+    goes back through the clipping; NoPeek adds each device's weighted distance correlation between its inputs
+    and its smashed data (over its own samples, two at least) to its loss."""
+    lengths = mask.sum(1)
+    sent = clip_packed(hidden[mask.bool()], lengths, cohort.clip_norm)
+    objective = (sent * received.to(sent.dtype)).sum()
+    if cohort.nopeek_weight > 0:
+        with torch.no_grad():
+            inputs = part.input_vectors(ids)
+        start = 0
+        for count in where.samples:
+            rows = slice(start, start + count)
+            if count >= 2:
+                objective = objective + cohort.nopeek_weight * nopeek_loss(inputs[rows], hidden[rows], mask[rows])
+            start += count
+    objective.backward()

@@ -26,6 +26,7 @@ ALLOCATION_POLICIES = ("sflam", "equal")
 BITS_SEARCHES = ("greedy", "exhaustive")
 SIDE_DTYPES = ("fp32", "fp16")
 ACCESS_MODES = ("fdma", "ofdma")
+HEADS = ("server", "device")
 EXHAUSTIVE_LIMIT = 4096  # bit combinations the exhaustive allocator may enumerate
 AGGREGATION_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa-lora")
 AGGREGATION_WEIGHTS = ("trained", "shard")
@@ -74,9 +75,13 @@ class SplitConfig:
 
     SECTION: ClassVar[str] = "split"
     cut_layer: int = field(default=1, metadata={"help": "device part = embeddings + blocks [0, cut_layer)"})
+    head: str = field(default="server", metadata={
+        "help": "server: head and loss on the server (labels travel up) | device: a U-shaped split, the head and "
+                "loss on the device (labels stay; the server sends its features down and gets their gradient)"})
 
     def __post_init__(self) -> None:
         _check(self.cut_layer >= 0, "split.cut_layer", self.cut_layer, "an integer in 0..L (L = model layers)")
+        _check(self.head in HEADS, "split.head", self.head, f"one of {', '.join(HEADS)}")
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Rounds of split federated training (DESIGN §5)."""
+    """Rounds of split federated training (docs/concepts/round-engine.md)."""
 
     SECTION: ClassVar[str] = "train"
     rounds: int = field(default=30, metadata={"help": "federated rounds"})
@@ -176,7 +181,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SystemConfig:
-    """The wireless uplink/downlink and the compute of devices and server (DESIGN §6)."""
+    """The wireless uplink/downlink and the compute of devices and server (docs/concepts/system-model.md)."""
 
     SECTION: ClassVar[str] = "system"
     bandwidth_hz: float = field(default=20e6, metadata={"help": "total FDMA bandwidth B shared by a round's devices"})
@@ -211,7 +216,7 @@ class SystemConfig:
 
 @dataclass(frozen=True)
 class AllocationConfig:
-    """How each round chooses bits, transmit power and bandwidth per device (DESIGN §7)."""
+    """How each round chooses bits, transmit power and bandwidth per device (docs/concepts/allocator.md)."""
 
     SECTION: ClassVar[str] = "allocation"
     policy: str = field(default="sflam", metadata={"help": "sflam (joint optimisation) | equal (B/K, P_max)"})
@@ -250,7 +255,8 @@ class AllocationConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    """The Ray runtime's edge-worker pool (DESIGN §8): actors are execution slots, devices are data."""
+    """The Ray runtime's edge-worker pool (docs/concepts/ray-runtime.md): actors are execution slots, devices are
+    data."""
 
     SECTION: ClassVar[str] = "ray"
     address: str | None = field(default=None, metadata={"help": "cluster address (None: RAY_ADDRESS or a local one)"})
@@ -333,7 +339,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    """How a round's device adapters become the next global adapter (DESIGN §5)."""
+    """How a round's device adapters become the next global adapter (docs/concepts/round-engine.md)."""
 
     SECTION: ClassVar[str] = "aggregation"
     strategy: str = field(default="fedavg", metadata={
@@ -372,7 +378,8 @@ def _valid_trace(path: str) -> bool:
 
 @dataclass(frozen=True)
 class ParticipationConfig:
-    """Which devices take part in a round: availability, mid-round dropouts, over-selection (DESIGN §5)."""
+    """Which devices take part in a round: availability, mid-round dropouts, over-selection
+    (docs/concepts/round-engine.md)."""
 
     SECTION: ClassVar[str] = "participation"
     availability: float = field(default=1.0, metadata={"help": "probability a device is available in a round"})
@@ -391,9 +398,57 @@ class ParticipationConfig:
         _check(self.over_selection >= 0, "participation.over_selection", self.over_selection, "a number >= 0")
 
 
+PRIVACY_ATTACKS = ("linear", "inverse-model", "white-box")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Attacks on the smashed data and the defences against them (docs/concepts/privacy.md; `sflam attack`)."""
+
+    SECTION: ClassVar[str] = "privacy"
+    attacks: list[str] = field(default_factory=lambda: list(PRIVACY_ATTACKS), metadata={
+        "help": "attacks to run: linear (least-squares baseline) | inverse-model (learned) | white-box (optimised)"})
+    aux_samples: int = field(default=2000, metadata={
+        "help": "auxiliary samples of the attacker: a seeded part of the train split, never a victim"})
+    inverse_steps: int = field(default=300, metadata={"help": "training steps of the inverse model"})
+    optimisation_steps: int = field(default=100, metadata={
+        "help": "steps of the white-box inversion (Adam for text, L-BFGS evaluations for images)"})
+    victims: int = field(default=32, metadata={"help": "held-out test samples whose messages are attacked"})
+    seed: int = field(default=0, metadata={"help": "seed of the attacks (aux choice, codec streams, inits)"})
+    evaluate_every: int = field(default=0, metadata={
+        "help": "measure a run's leakage every n rounds and after the last (0 = off): the `monitor` attacks"})
+    monitor: list[str] = field(default_factory=lambda: ["linear"], metadata={
+        "help": "attacks of the per-round leakage (evaluate_every): cheap ones, the full suite is `sflam attack`"})
+    monitor_aux_samples: int = field(default=500, metadata={"help": "auxiliary samples of the per-round attacks"})
+    noise_sigma: float = field(default=0.0, metadata={
+        "help": "defence: Gaussian noise N(0, sigma^2 C^2) per message element after clipping (0 = off)"})
+    clip_norm: float = field(default=0.0, metadata={
+        "help": "defence: each sample's whole message clipped to L2 norm C (0 = off; required by noise)"})
+    nopeek_weight: float = field(default=0.0, metadata={
+        "help": "defence: weight of the distance correlation (NoPeek) in the device loss (0 = off)"})
+    delta: float = field(default=1e-5, metadata={"help": "delta of the reported (epsilon, delta) guarantee"})
+
+    def __post_init__(self) -> None:
+        _check(bool(self.attacks), "privacy.attacks", self.attacks, f"a non-empty list of {', '.join(PRIVACY_ATTACKS)}")
+        for name in self.attacks:
+            _check(name in PRIVACY_ATTACKS, "privacy.attacks", name, f"names from {', '.join(PRIVACY_ATTACKS)}")
+        for name in self.monitor:
+            _check(name in PRIVACY_ATTACKS, "privacy.monitor", name, f"names from {', '.join(PRIVACY_ATTACKS)}")
+        for key in ("aux_samples", "inverse_steps", "optimisation_steps", "victims", "monitor_aux_samples"):
+            value = getattr(self, key)
+            _check(value >= 1, f"privacy.{key}", value, "an integer >= 1")
+        _check(self.evaluate_every >= 0, "privacy.evaluate_every", self.evaluate_every, "an integer >= 0 (0 = off)")
+        for key in ("noise_sigma", "clip_norm", "nopeek_weight"):
+            value = getattr(self, key)
+            _check(value >= 0, f"privacy.{key}", value, "a number >= 0 (0 = off)")
+        _check(self.noise_sigma == 0 or self.clip_norm > 0, "privacy.clip_norm", self.clip_norm,
+               f"a number > 0 with privacy.noise_sigma={self.noise_sigma} (the noise is sigma times the clip norm)")
+        _check(0 < self.delta < 1, "privacy.delta", self.delta, "a number in (0, 1)")
+
+
 OBJECTIVES = {"accuracy": "maximize", "loss": "minimize", "round_latency_s": "minimize",
               "comm_latency_s": "minimize", "energy_j": "minimize", "device_memory_bytes": "minimize",
-              "energy_efficiency_samples_per_j": "maximize"}
+              "energy_efficiency_samples_per_j": "maximize", "leakage": "minimize", "privacy_epsilon": "minimize"}
 SAMPLERS = ("nsga2", "tpe", "random")
 
 
@@ -418,18 +473,26 @@ def _check_space(space: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Design-space exploration with Optuna (DESIGN §9): the search space is data."""
+    """Design-space exploration with Optuna (docs/how-to/tracking.md): the search space is data."""
 
     SECTION: ClassVar[str] = "study"
     name: str | None = field(default=None, metadata={"help": "study name in the storage (None: the run name)"})
     storage: str | None = field(default=None, metadata={
-        "help": "SQLAlchemy URL, or a journal file ending in .log (None: sqlite:///<output_dir>/optuna.db)"})
+        "help": "SQLAlchemy URL (postgresql://... for several processes or nodes: `sflam db start` prints one), or "
+                "a journal file ending in .log (None: sqlite:///<output_dir>/optuna.db; with study.parallel > 1 on "
+                "a cluster of several nodes the `sflam db` server of output_dir)"})
     trials: int = field(default=8, metadata={"help": "trials to run (added to the study on --resume)"})
     objectives: list[str] = field(default_factory=lambda: ["accuracy", "round_latency_s", "energy_j",
                                                            "device_memory_bytes"],
                                   metadata={"help": "one (single-objective) or several (multi-objective)"})
     sampler: str = field(default="nsga2", metadata={"help": "nsga2 | tpe | random"})
     parallel: int = field(default=1, metadata={"help": "trials at once; > 1 runs them as Ray tasks"})
+    heartbeat_interval: int = field(default=10, metadata={
+        "help": "seconds between the heartbeats a running trial records in an SQL storage (Optuna's RDB heartbeat)"})
+    grace_period: int = field(default=60, metadata={
+        "help": "seconds without a heartbeat after which a running trial is marked FAIL (its worker or node died)"})
+    retries: int = field(default=1, metadata={
+        "help": "times a trial marked FAIL for a lost heartbeat is run again (Optuna's retry callback)"})
     prune: bool = field(default=True, metadata={"help": "median pruning on per-round reports (single objective)"})
     seed: int = field(default=0, metadata={"help": "sampler seed"})
     space: dict[str, Any] = field(default_factory=dict, metadata={"help": "dotted key -> {type, low/high/choices}"})
@@ -441,6 +504,10 @@ class StudyConfig:
             _check(name in OBJECTIVES, "study.objectives", name, f"names from {', '.join(OBJECTIVES)}")
         _check(self.sampler in SAMPLERS, "study.sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
         _check(self.parallel >= 1, "study.parallel", self.parallel, "an integer >= 1")
+        _check(self.heartbeat_interval >= 1, "study.heartbeat_interval", self.heartbeat_interval, "an integer >= 1")
+        _check(self.grace_period > self.heartbeat_interval, "study.grace_period", self.grace_period,
+               f"an integer > study.heartbeat_interval={self.heartbeat_interval}")
+        _check(self.retries >= 0, "study.retries", self.retries, "an integer >= 0")
         _check_space(self.space)
 
 
@@ -467,6 +534,7 @@ class ExperimentConfig:
     study: StudyConfig = field(default_factory=StudyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check(self.runtime in RUNTIMES, "runtime", self.runtime, f"one of {', '.join(RUNTIMES)}")
@@ -488,6 +556,14 @@ class ExperimentConfig:
                f"greedy when {options} bit options ^ {K} devices per round exceeds {EXHAUSTIVE_LIMIT} combinations")
         _check(self.runtime == "ray" or self.server.engine == "torch", "server.engine", self.server.engine,
                "torch with runtime=local (deepspeed runs in the Ray runtime)")
+        objectives = self.study.objectives
+        _check("leakage" not in objectives or self.privacy.evaluate_every > 0, "privacy.evaluate_every",
+               self.privacy.evaluate_every, "an integer >= 1 with study.objectives containing leakage (it is measured "
+               "by the per-round attacks)")
+        _check("privacy_epsilon" not in objectives or self.privacy.noise_sigma > 0, "privacy.noise_sigma",
+               self.privacy.noise_sigma, "a number > 0 with study.objectives containing privacy_epsilon")
+        _check(self.split.head == "server" or self.runtime == "local", "split.head", self.split.head,
+               "server with runtime=ray (the U-shaped split runs in the reference runtime, runtime=local)")
 
     def to_flat(self) -> dict[str, Any]:
         """Flat dict of dotted keys (the same keys as the overrides and the MLflow params)."""

@@ -11,6 +11,7 @@ the UCI repository (Alpaydin & Kaynak, 1998), 1,797 images, as shipped in scikit
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ class TokenizedData:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        """Each sequence's tokens."""
+        return np.fromiter(map(len, self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
     def subset(self, indices: np.ndarray) -> TokenizedData:
         return TokenizedData([self.input_ids[i] for i in indices], self.labels[indices])
@@ -106,6 +112,55 @@ class Batch:
         if self.input_ids.device == device:
             return self
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchShape:
+    """What the cost model needs of a mini-batch, known from its sample indices alone (nothing is collated):
+    each sample's real tokens (smashed-data rows), and one sample's padded input and mask shapes."""
+
+    lengths: np.ndarray
+    input_shape: tuple[int, ...]  # text (T,), T the longest sample; images (3, S, S)
+    mask_shape: tuple[int, ...]   # text (T,); images (tokens,)
+
+    @property
+    def samples(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def padded(self) -> int:
+        """The padded sequence length (the mask's)."""
+        return int(self.mask_shape[0])
+
+
+def batch_shape(data: TokenizedData | ImageData, indices: np.ndarray) -> BatchShape:
+    """The shape `collate(data, indices, ...)` would have."""
+    if isinstance(data, ImageData):
+        return BatchShape(lengths=np.full(len(indices), data.num_tokens, dtype=np.int64),
+                          input_shape=(len(data.mean), data.image_size, data.image_size), mask_shape=(data.num_tokens,))
+    lengths = data.lengths[np.asarray(indices)]
+    longest = int(lengths.max())
+    return BatchShape(lengths=lengths, input_shape=(longest,), mask_shape=(longest,))
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """Tokenized sentences or images as train and test sets, the devices' shards, and what the task needs."""
+
+    train: TokenizedData | ImageData
+    test: TokenizedData | ImageData
+    shards: list[np.ndarray]
+    num_labels: int
+    pad_token_id: int
+    label_token_ids: list[int] | None
+
+    @property
+    def shard_sizes(self) -> np.ndarray:
+        return np.array([len(s) for s in self.shards], dtype=np.int64)
 
 
 def _packaged_file(package: str, relative: str, dataset: str) -> Path:

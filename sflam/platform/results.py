@@ -1,4 +1,4 @@
-"""Typed results of a run: per-round metrics, the summary of DESIGN §10, and a readable table."""
+"""Typed results of a run: per-round metrics, the summary of docs/reference/cli.md, and a readable table."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sflam.platform.executors import Adapter
+from sflam.platform.files import write_text
+from sflam.platform.strategies import Adapter
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RoundMetrics:
     """What one round did and cost. Cost fields stay None until the cost model fills them."""
 
@@ -41,10 +42,12 @@ class RoundMetrics:
     finished: int = 0   # devices whose adapters entered the aggregation
     dropped: int = 0    # devices that dropped out mid-round
     late: int = 0       # over-selected devices that would have finished after the K first
+    leakage: float | None = None  # the best monitoring attack's headline metric (privacy.evaluate_every)
+    leakage_metrics: dict[str, float] = field(default_factory=dict, repr=False)  # every attack's metrics
     plan: Any = field(default=None, repr=False, compare=False)  # the RoundPlan (per-device allocation)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunResult:
     """A finished run: its rounds, final evaluation, adapters and resource figures."""
 
@@ -62,9 +65,10 @@ class RunResult:
     mlflow_run_id: str | None = None
     memory: Any = field(default=None, repr=False)  # DeviceMemory breakdown
     kernels: dict[str, str] = field(default_factory=dict)  # the device part's kernels (quantization.kernel_path)
+    privacy: dict[str, Any] = field(default_factory=dict)  # labels sent, the DP guarantee of a noise defence
 
     def summary(self) -> dict[str, Any]:
-        """The summary keys of DESIGN §10 (cost figures are None until the cost model exists)."""
+        """The summary keys of docs/reference/cli.md (cost figures are None until the cost model exists)."""
 
         def mean(key: str) -> float | None:
             values = [getattr(r, key) for r in self.rounds if getattr(r, key) is not None]
@@ -90,12 +94,13 @@ class RunResult:
             "downlink_bits_per_round": mean("downlink_bits"),
             "wall_s": self.wall_s,
             "mlflow_run_id": self.mlflow_run_id,
+            # the last measured leakage (privacy.evaluate_every): token accuracy or SSIM of the best attack
+            "leakage": next((r.leakage for r in reversed(self.rounds) if r.leakage is not None), None),
+            **self.privacy,
             "kernels": dict(self.kernels),
         }
 
     def write_json(self, path: str | Path) -> None:
-        from sflam.platform.checkpoint import write_text
-
         write_text(path, json.dumps(self.summary(), indent=2) + "\n")  # never a half-written summary
 
     def rounds_as_dicts(self) -> list[dict[str, Any]]:
@@ -137,3 +142,17 @@ def format_table(result: RunResult) -> str:
         text = _fmt(value, ".6g") if isinstance(value, float) else ("-" if value is None else str(value))
         lines.append(f"{key:<{width}}  {text}")
     return "\n".join(lines)
+
+
+@dataclass(kw_only=True)
+class Resume:
+    """Where a run continues from (read from its last checkpoint)."""
+
+    next_round: int
+    global_adapter: Adapter
+    rounds: list[RoundMetrics]
+    accuracy: float
+    loss: float
+    wall_s: float
+    strategy: dict[str, Adapter]
+    server: dict[str, Any] | None

@@ -13,7 +13,8 @@ from sflam.platform.system import noise_w_per_hz, path_loss_db
 def random_problem(K: int, seed: int = 0, lam: float = 0.5, bits: tuple[int, ...] = (2, 4, 8, 16, 32),
                    budget_bits: float = 8, hidden: int = 384, adapter_bits: int = 200_000, steps: int = 2,
                    **kwargs) -> AllocationProblem:
-    """A lockstep round of K devices and `steps` local steps with DESIGN §6 defaults: placed at U[50, 500] m
+    """A lockstep round of K devices and `steps` local steps with docs/concepts/system-model.md defaults: placed at
+    U[50, 500] m
     with Rayleigh fading, clocks U[0.5, 2] GHz, 25-200 tokens of `hidden`-wide smashed data per step,
     8-bit gradients, an adapter exchanged; the server at 100 TFLOP/s."""
     rng = np.random.default_rng(seed)

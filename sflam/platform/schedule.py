@@ -1,4 +1,4 @@
-"""The round's schedule (DESIGN §6): per-device phase times -> the makespan the runtime executes.
+"""The round's schedule (docs/concepts/system-model.md): per-device phase times -> the makespan the runtime executes.
 
 A round is a set of phases per device: the adapter download, then per local step a forward, the
 smashed-data uplink, the server's step, the gradient download and a backward, and at the end the

@@ -1,7 +1,8 @@
 """The exact split of a Hugging Face transformer at a cut layer into a device part and a server part.
 
 Cut layer c in 0..L: the device part is the embeddings plus blocks [0, c); the server part is blocks
-[c, L), the final norm and the head (DESIGN §3). Both parts hold the model's own modules (no copies),
+[c, L), the final norm and the head (docs/concepts/split-and-codec.md). Both parts hold the model's own modules (no
+copies),
 so loss and gradients equal the unsplit model's. What travels between them is the hidden state and
 the attention mask; the server recomputes positions, rotary embeddings and masks from the mask.
 Sequences are right-padded, so positions are 0..T-1 as in the unsplit model. Vision transformers (ViT,
@@ -10,6 +11,8 @@ the position embeddings; the smashed data is the token sequence, every position 
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,6 +144,15 @@ class DevicePart(nn.Module):
         return _run_bert(self.config, self.layers, self.embeddings(input_ids=input_ids), attention_mask)
 
 
+    def input_vectors(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The inputs as vectors of a metric space (for NoPeek's distance correlation): the token embeddings
+        (B, T, H) of text, the flattened pixels (B, C*H*W) of images."""
+        if self.family == "vit":
+            return input_ids.flatten(1)
+        table = {"bert": lambda: self.embeddings.word_embeddings, "llama": lambda: self.embed_tokens,
+                 "gpt2": lambda: self.wte}[self.family]()
+        return table(input_ids).float()
+
     def _embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
         size = self.config.image_size if isinstance(self.config.image_size, int) else self.config.image_size[0]
         if self.config.model_type in ("vit", "deit") and pixels.shape[-1] != size:
@@ -200,6 +212,15 @@ class ServerPart(nn.Module):
             hidden = _run_bert(self.config, self.layers, hidden, attention_mask)
         return self.norm(hidden)
 
+    def features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the head reads of the final hidden states, (B, F): what a U-shaped split's server sends down."""
+        final = self.body(hidden, attention_mask)
+        if self.family == "bert":
+            return final[:, 0]  # the pooler reads the CLS row
+        if self.family == "vit":
+            return _vit_pool(self.config, final)
+        return final[torch.arange(final.shape[0], device=final.device), last_token_index(attention_mask)]
+
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Task logits: (B, classes) for classification, (B, vocab) at the last token for causal LM."""
         final = self.body(hidden, attention_mask)
@@ -216,13 +237,48 @@ class ServerPart(nn.Module):
         Causal LM: the loss is the next-token loss of the label word after the prompt; the prediction
         is the label word scored higher.
         """
+        return task_loss(self.task, getattr(self, "label_token_ids", None), logits, labels)
+
+
+def task_loss(task: str, label_token_ids: torch.Tensor | None, logits: torch.Tensor, labels: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and correct predictions of a task's logits (one definition, wherever the head runs)."""
+    if task == "causal-lm":
+        assert label_token_ids is not None
+        loss = nn.functional.cross_entropy(logits, label_token_ids[labels])
+        predictions = logits[:, label_token_ids].argmax(-1)
+    else:
+        loss = nn.functional.cross_entropy(logits, labels)
+        predictions = logits.argmax(-1)
+    return loss, (predictions == labels).sum()
+
+
+class HeadPart(nn.Module):
+    """The head of a U-shaped split, on the device: the server part's features in, task logits out, the loss
+    beside it; the labels never leave the device. It holds the server part's own head modules (no copies)."""
+
+    def __init__(self, server_part: ServerPart) -> None:
+        super().__init__()
+        self.family, self.task = server_part.family, server_part.task
+        self.head = server_part.head
+        if self.family == "bert":
+            self.pooler, self.dropout = server_part.pooler, server_part.dropout
         if self.task == "causal-lm":
-            loss = nn.functional.cross_entropy(logits, self.label_token_ids[labels])
-            predictions = logits[:, self.label_token_ids].argmax(-1)
-        else:
-            loss = nn.functional.cross_entropy(logits, labels)
-            predictions = logits.argmax(-1)
-        return loss, (predictions == labels).sum()
+            self.register_buffer("label_token_ids", server_part.label_token_ids.clone(), persistent=False)
+
+    @property
+    def width(self) -> int:
+        """The features per sample the head reads (what the server sends down)."""
+        first: Any = self.pooler.dense if self.family == "bert" else self.head
+        return int(first.in_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.family == "bert":  # BertPooler on the CLS row: dense, then tanh
+            return self.head(self.dropout(self.pooler.activation(self.pooler.dense(features))))
+        return self.head(features)
+
+    def loss_and_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return task_loss(self.task, getattr(self, "label_token_ids", None), logits, labels)
 
 
 def split_model(model: PreTrainedModel, family: str, cut_layer: int, task: str,

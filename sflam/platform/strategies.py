@@ -1,4 +1,4 @@
-"""Aggregation strategies: how a round's device adapters become the next global adapter (DESIGN §5).
+"""Aggregation strategies: how a round's device adapters become the next global adapter (docs/concepts/round-engine.md).
 
 In the spirit of Flower's Strategy: a small class per rule with two hooks, `configure_fit` (what the
 devices are told for local training: a proximal term, frozen LoRA factors) and `aggregate` (the new
@@ -19,10 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from sflam.platform.config import ExperimentConfig
+from sflam.platform.config import AGGREGATION_STRATEGIES, ExperimentConfig
 
-Adapter = dict[str, torch.Tensor]
+Adapter = dict[str, torch.Tensor]  # named trained tensors: a device adapter, or the server part's trained state
 FROZEN_LORA_A = ("lora_A",)
+
+
+def trainable_state(module: torch.nn.Module) -> Adapter:
+    """Detached fp32 copies of a module's trainable tensors (adapters, and a new head)."""
+    return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class FitInstructions:
 
 
 def weighted_sum(adapters: list[Adapter], weights: list[float]) -> Adapter:
-    """Sum of adapters weighted by the strategy's weights (one executor's share of an average), accumulated in
+    """Sum of adapters weighted by the strategy's weights (one process's share of an average), accumulated in
     float64: however the devices are grouped into partial sums, the fp32 average comes out the same."""
     if not adapters or not adapters[0]:
         return {}
@@ -52,11 +57,6 @@ def weighted_average(adapters: list[Adapter], weights: list[float]) -> Adapter:
     """The weighted mean of adapters (FedAvg), in the adapters' dtype."""
     total = float(sum(weights))
     return {name: (t / total).to(adapters[0][name].dtype) for name, t in weighted_sum(adapters, weights).items()}
-
-
-def proximal_gradient(adapter: Adapter, anchor: Adapter, mu: float) -> Adapter:
-    """Gradient of mu/2 ||w - w_global||^2: what FedProx adds to each device's adapter gradient."""
-    return {name: mu * (adapter[name].detach() - anchor[name]) for name in adapter}
 
 
 def adam_update(global_adapter: Adapter, average: Adapter, m: Adapter, v: Adapter, lr: float, beta1: float,
@@ -91,7 +91,6 @@ def yogi_update(global_adapter: Adapter, average: Adapter, m: Adapter, v: Adapte
 class Strategy:
     """Decides a round's local-training instructions and its aggregation; keeps its own state."""
 
-    name = "strategy"
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
@@ -113,18 +112,19 @@ class Strategy:
 
 
 class FedAvg(Strategy):
-    name = "fedavg"
+    """The base rule: the weighted average is the new global adapter."""
 
 
 class FedProx(Strategy):
-    name = "fedprox"
+    """FedAvg, every device's local objective with the proximal term mu/2 ||w - w_global||^2."""
 
     def configure_fit(self, round_index: int) -> FitInstructions:
         return FitInstructions(proximal_mu=self.agg.proximal_mu)
 
 
 class FedAdam(Strategy):
-    name = "fedadam"
+    """A server Adam step on the pseudo-gradient (average - global)."""
+
     update = staticmethod(adam_update)
 
     def __init__(self, config: ExperimentConfig) -> None:
@@ -146,12 +146,13 @@ class FedAdam(Strategy):
 
 
 class FedYogi(FedAdam):
-    name = "fedyogi"
+    """FedAdam with Yogi's additive second moment."""
+
     update = staticmethod(yogi_update)
 
 
 class FfaLora(Strategy):
-    name = "ffa-lora"
+    """LoRA's A factors frozen at their shared initialisation; only B trained and averaged."""
 
     def configure_fit(self, round_index: int) -> FitInstructions:
         return FitInstructions(frozen=FROZEN_LORA_A)
@@ -162,17 +163,20 @@ class FfaLora(Strategy):
         return {n: global_adapter[n] if fit.is_frozen(n) else t for n, t in average.items()}
 
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, FfaLora)}
+# the names are the config's (`aggregation.strategy`), listed there once
+STRATEGIES: dict[str, type[Strategy]] = dict(zip(AGGREGATION_STRATEGIES, (FedAvg, FedProx, FedAdam, FedYogi, FfaLora),
+                                                 strict=True))
 
 
 def build_strategy(config: ExperimentConfig) -> Strategy:
     return STRATEGIES[config.aggregation.strategy](config)
 
 
-def local_step(adapter: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-               anchor: dict[str, torch.Tensor] | None, proximal_mu: float) -> None:
-    """A device's optimizer step after its backward; FedProx adds mu (w - w_global) to every trained gradient
-    first (one device's adapter, or a cohort's stacked adapters against the stacked global one)."""
+def local_step(adapter: Adapter, optimizer: torch.optim.Optimizer, anchor: Adapter | None, proximal_mu: float
+               ) -> None:
+    """A device's optimizer step after its backward; FedProx adds mu (w - w_global), the gradient of
+    mu/2 ||w - w_global||^2, to every trained gradient first (a cohort's stacked adapters against the global one,
+    broadcast). The one place FedProx's term is applied."""
     if anchor is not None:
         with torch.no_grad():
             for name, tensor in adapter.items():

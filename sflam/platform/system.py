@@ -1,4 +1,5 @@
-"""The wireless channel and the device/server compute model of DESIGN §6: pure numpy, vectorised over devices.
+"""The wireless channel and the device/server compute model of docs/concepts/system-model.md: pure numpy, vectorised
+over devices.
 
 Uplink FDMA: device k gets bandwidth b_k of the total B and transmits at power p_k <= P_max; its rate is
 Shannon's r_k = b_k log2(1 + p_k g_k / (N0 b_k)). Gain g_k = 10^(-PL/10) |h|^2 (x shadowing), with the

@@ -1,4 +1,4 @@
-"""MLflow tracking from the driver only, through MlflowClient (DESIGN §9).
+"""MLflow tracking from the driver only, through MlflowClient (docs/how-to/tracking.md).
 
 One run per experiment (nested child runs for compare / scale / study members), params = the flat
 config, per-round metrics with step = round written in batches (`log_batch`), artifacts = the resolved
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -19,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from sflam.platform.config import ExperimentConfig
+from sflam.platform.files import write_text
 
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment in the view its kind names (the GenAI view without this tag);
+# the value is the UI's ExperimentKind.CUSTOM_MODEL_DEVELOPMENT, its model-training view
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 PID_TAG, HOST_TAG, STARTED_TAG = "sflam.pid", "sflam.host", "sflam.process_started"
 FAILURE_TAG = "sflam.failure_reason"
 
@@ -37,7 +42,17 @@ def tracking_uri(config: ExperimentConfig) -> str:
 
 def _param(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return text[:6000]
+    return redact(text)[:6000]
+
+
+def redact(text: str) -> str:
+    """A URL with any password in it replaced by *** (a storage or tracking URI in the config, a tag)."""
+    return re.sub(r"(://[^/:@\s]*:)[^@/\s]*@", r"\1***@", text)
+
+
+def run_label(name: str, seed: int) -> str:
+    """A run's name in its experiment: the member (method, trial, size, or the experiment) and its seed."""
+    return name if re.search(r"seed\s*[=-]?\s*\d", name) else f"{name} (seed {seed})"
 
 
 class Tracker:
@@ -98,7 +113,8 @@ class Tracker:
             if self.uri.startswith("sqlite:///"):
                 location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
             try:
-                experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                              tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
             except Exception:  # another process created it a moment ago
                 found = self.client.get_experiment_by_name(experiment)
                 if found is None:
@@ -106,8 +122,10 @@ class Tracker:
                 experiment_id = found.experiment_id
         else:
             experiment_id = found.experiment_id
-        all_tags = {**tags, "sflam.runtime": self.config.runtime, "sflam.model": self.config.model.name,
-                    **owner_tags()}
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before the platform set its kind
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        all_tags = {**{k: redact(v) for k, v in tags.items()}, "sflam.runtime": self.config.runtime,
+                    "sflam.model": self.config.model.name, "sflam.seed": str(self.config.seed), **owner_tags()}
         if parent:
             all_tags[PARENT_TAG] = parent
         run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
@@ -190,8 +208,6 @@ class Tracker:
         if not self.flush() and spill_dir is not None:
             spill_dir.mkdir(parents=True, exist_ok=True)
             target = spill_dir / "unlogged-metrics.json"
-            from sflam.platform.checkpoint import write_text
-
             write_text(target, json.dumps([{"key": m.key, "value": m.value, "step": m.step} for m in self.buffer]))
             print(f"sflam: warning: {len(self.buffer)} metric values could not reach MLflow; saved to {target}",
                   file=sys.stderr)

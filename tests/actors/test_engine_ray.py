@@ -8,11 +8,11 @@ import pytest
 import ray
 import torch
 
-from sflam.actors.runtime import RayRuntime, start_watchdog
+from sflam.actors.runtime import RayBackend, start_watchdog
 from sflam.cluster.connect import start_ray
 from sflam.platform.engine import Engine
 from sflam.platform.errors import RunFailed
-from sflam.platform.runtime import run_local
+from sflam.platform.local import run_local
 from sflam.platform.strategies import build_strategy
 from tests.conftest import tiny_config
 from tests.equality import LOSSLESS, assert_runs_agree
@@ -39,7 +39,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory):
     start_ray(None, num_cpus=3)  # a fresh loopback cluster, never one a stale ray_current_cluster names
     watchdog = start_watchdog()  # pytest killed: the cluster's agents go with it
     config = tiny_config(*BASE, f"output_dir={tmp_path_factory.mktemp('ray')}")
-    runtime = RayRuntime(config)
+    runtime = RayBackend(config)
     yield runtime, runtime.server_checkpoint()
     runtime.shutdown()
     ray.shutdown()
@@ -57,7 +57,8 @@ def test_strategies_and_failure_modes_agree_with_the_reference_runtime(pool, cas
     runtime, fresh_server = pool
     config = tiny_config(*BASE, *CASES[case])
     runtime.restore_server(fresh_server)
-    remote = Engine(config, runtime, build_strategy(config)).run()
+    remote = Engine(config, runtime, planner=runtime.exp.planner, data=runtime.exp.data,
+                    strategy=build_strategy(config)).run()
     local = run_local(tiny_config(*BASE, *CASES[case], "runtime=local"))
     assert_runs_agree(remote, local, config)
     if case == "dropouts and deadline":
@@ -76,14 +77,15 @@ def test_an_exception_inside_a_workers_backward_fails_the_run_with_one_line(pool
         for tensor in worker.cohort.adapter.values():  # and a recomputed forward builds none
             tensor.requires_grad_(False)
 
-    def sabotage(rt: RayRuntime, round_index: int, step: int) -> None:
+    def sabotage(rt: RayBackend, round_index: int, step: int) -> None:
         if (round_index, step) == (1, 1):
             ray.get(rt.workers[1].__ray_call__.remote(corrupt))
 
     runtime.hooks["after_forward"] = sabotage
     try:
         with pytest.raises(RunFailed) as info:
-            Engine(config, runtime, build_strategy(config)).run()
+            Engine(config, runtime, planner=runtime.exp.planner, data=runtime.exp.data,
+                    strategy=build_strategy(config)).run()
     finally:
         runtime.hooks.clear()
     message = str(info.value)

@@ -8,10 +8,9 @@ import pytest
 import ray
 import torch
 
-from sflam.actors.runtime import RayRuntime, start_watchdog
+from sflam.actors.runtime import RayBackend, start_watchdog
 from sflam.cluster.connect import start_ray
-from sflam.platform.engine import Engine
-from sflam.platform.runtime import run_local
+from sflam.platform.local import run_local
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
@@ -38,11 +37,11 @@ def step_losses(result) -> np.ndarray:
 def test_torch_server_engine_runs_on_its_gpu_and_gives_the_cpu_losses(tmp_path) -> None:
     config = tiny_config(*BASE, "runtime=ray", "ray.workers=1", "server.gpus_per_rank=1",
                          "ray.gpus_per_worker=0", f"output_dir={tmp_path}")
-    runtime = RayRuntime(config)
+    runtime = RayBackend(config)
     try:
         where = ray.get(runtime.ranks[0].__ray_call__.remote(
             lambda self: (str(next(self.server.part.parameters()).device), ray.get_gpu_ids())))
-        result = Engine(config, runtime).run()
+        result = runtime.engine().run()
     finally:
         runtime.shutdown()
     assert where[0].startswith("cuda") and len(where[1]) == 1
@@ -57,10 +56,10 @@ def test_edge_workers_compute_on_their_gpus_and_give_the_cpu_losses(tmp_path, we
     overrides = (*BASE, f"quant.weights={weights}")
     config = tiny_config(*overrides, "runtime=ray", "ray.workers=2", "ray.gpus_per_worker=0.5",
                          f"output_dir={tmp_path}")
-    runtime = RayRuntime(config)
+    runtime = RayBackend(config)
     try:
         where = ray.get([w.where.remote() for w in runtime.workers])
-        result = Engine(config, runtime).run()
+        result = runtime.engine().run()
     finally:
         runtime.shutdown()
     assert all(device.startswith("cuda") and len(gpus) == 1 for device, gpus in where)
@@ -73,10 +72,10 @@ def test_edge_workers_compute_on_their_gpus_and_give_the_cpu_losses(tmp_path, we
 def test_deepspeed_ranks_use_nccl_on_gpus_and_give_the_torch_engines_losses(tmp_path) -> None:
     config = tiny_config(*BASE, "runtime=ray", "ray.workers=1", "server.engine=deepspeed", "server.ranks=2",
                          "server.zero_stage=2", "server.gpus_per_rank=1", f"output_dir={tmp_path}")
-    runtime = RayRuntime(config)
+    runtime = RayBackend(config)
     try:
         assert runtime.backend == "nccl"
-        result = Engine(config, runtime).run()
+        result = runtime.engine().run()
     finally:
         runtime.shutdown()
     reference = run_local(tiny_config(*BASE))

@@ -12,12 +12,12 @@ import pytest
 import ray
 import torch
 
-from sflam.actors.runtime import RayRuntime, RunFailed, run_ray, start_watchdog
+from sflam.actors.runtime import RayBackend, RunFailed, run_ray, start_watchdog
 from sflam.cluster.connect import start_ray
+from sflam.platform.assembly import Experiment
 from sflam.platform.checkpoint import load_checkpoint, save_checkpoint
-from sflam.platform.engine import Engine, Resume
-from sflam.platform.results import RunResult
-from sflam.platform.runtime import Experiment, LocalExecutor, run_local
+from sflam.platform.local import engine, run_local
+from sflam.platform.results import Resume, RunResult
 from tests.conftest import tiny_config
 from tests.equality import LOSSLESS, TIGHT, adamw_reach, assert_adamw_close, assert_runs_agree
 
@@ -49,7 +49,7 @@ def test_ray_torch_engine_gives_the_reference_runtimes_run(messages: tuple[str, 
     # compared for lossless messages, a quantized run on what its codec's rounding leaves determined
     # (tests/equality.py)
     config = tiny_config(*BASE, *messages)
-    local = Engine(config, LocalExecutor(Experiment.build(config), batched=False)).run()
+    local = engine(Experiment.build(config)).run()
     remote = run_ray(tiny_config(*BASE, *messages, "runtime=ray", "ray.workers=2"))
     assert_runs_agree(remote, local, config)
     for a, b in zip(local.rounds, remote.rounds, strict=True):
@@ -61,7 +61,7 @@ def test_ray_torch_engine_gives_the_reference_runtimes_run(messages: tuple[str, 
 def test_one_device_per_worker_is_allowed() -> None:
     three = (*BASE, *LOSSLESS, "train.devices_per_round=3", "train.rounds=1")
     config = tiny_config(*three, "runtime=ray", "ray.devices_per_worker=1", "ray.cpus_per_worker=0.5")
-    runtime = RayRuntime(config)
+    runtime = RayBackend(config)
     try:
         assert runtime.layout.workers == 3 and runtime.layout.devices_per_worker == 1
         # a server step of more than one chunk has the node's cores (the edge workers wait for it), a small one
@@ -106,12 +106,12 @@ def test_a_killed_edge_worker_is_replaced_and_the_round_is_unchanged() -> None:
     config = tiny_config(*BASE, *LOSSLESS, "runtime=ray", "ray.workers=2", "train.rounds=2")
     killed: list[tuple[int, int]] = []
 
-    def kill_worker(runtime: RayRuntime, round_index: int, step: int) -> None:
+    def kill_worker(runtime: RayBackend, round_index: int, step: int) -> None:
         if (round_index, step) in ((0, 1), (1, 0)):  # in the middle of round 1, and at the start of round 2
             ray.kill(runtime.workers[round_index % 2], no_restart=True)
             killed.append((round_index, step))
 
-    runtime = RayRuntime(config, hooks={"after_forward": kill_worker})
+    runtime = RayBackend(config, hooks={"after_forward": kill_worker})
     try:
         adapter = runtime.exp.device.initial_adapter()
         seen = []
@@ -131,7 +131,7 @@ def test_a_killed_edge_worker_is_replaced_and_the_round_is_unchanged() -> None:
 
 
 def test_a_server_failure_stops_the_run_and_keeps_completed_rounds() -> None:
-    def kill_server(runtime: RayRuntime, round_index: int, step: int) -> None:
+    def kill_server(runtime: RayBackend, round_index: int, step: int) -> None:
         if round_index == 2 and step == 0:
             ray.kill(runtime.ranks[0], no_restart=True)
 
@@ -155,14 +155,14 @@ def test_deepspeed_server_state_is_checkpointed_and_resume_continues_exactly(sta
         if state.next_round == 1:
             save_checkpoint(path, state, config, None)
 
-    runtime = RayRuntime(config)
+    runtime = RayBackend(config)
     try:
-        clean = Engine(config, runtime).run(checkpoint=after_round_one)
+        clean = runtime.engine().run(checkpoint=after_round_one)
         resume, _ = load_checkpoint(path, config)
         # ZeRO: every rank's partition; stage 0: rank 0's file (the ranks hold equal replicas)
         assert resume.server is not None and len(resume.server["deepspeed"]) >= (2 if stage else 1)
         # the ranks have trained all three rounds: the restore must bring back round 1's tensors and moments
-        resumed = Engine(config, runtime).run(resume=resume)
+        resumed = runtime.engine().run(resume=resume)
     finally:
         runtime.shutdown()
     assert max_difference(clean.device_adapter, resumed.device_adapter) <= 1e-6
@@ -199,7 +199,7 @@ def test_ray_evaluation_equals_the_reference_exactly_and_survives_a_lost_worker(
     to a sample whose logits tie within rounding."""
     config = tiny_config(*BASE, "runtime=ray", "ray.workers=2", "train.eval_batch_size=16")
     exp = Experiment.build(config)
-    runtime = RayRuntime(config, exp)  # the actors get the parts as built
+    runtime = RayBackend(config, exp)  # the actors get the parts as built
     try:
         generator = torch.Generator().manual_seed(5)
         adapter = {n: t + 0.05 * torch.randn(t.shape, generator=generator)

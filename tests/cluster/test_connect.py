@@ -46,10 +46,10 @@ def stale_ray_tmp() -> Iterator[tuple[dict[str, str], str]]:
 # both with the stale file in place; every listening socket of this process and its children is reported.
 FRESH_LOCAL = """
 import json, sys
-import psutil, ray, optuna
+import psutil, ray
 from sflam.actors.runtime import connect
 from sflam.platform.config import load_config
-from sflam.search.study import _run_parallel
+from sflam.search.study import study_cluster
 
 config = load_config(None, ["runtime=ray", "ray.local_cpus=1"])
 owns, description = connect(config, 1)
@@ -60,8 +60,8 @@ listening = sorted({f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connectio
                     if c.status == psutil.CONN_LISTEN and c.pid in mine})
 ray.shutdown()
 study_config = load_config(None, ["study.parallel=2"])
-object.__setattr__(study_config.study, "trials", 0)  # the study's Ray start and shutdown, no trial
-_run_parallel(study_config, optuna.create_study(), None, None, lambda text: None)
+with study_cluster(study_config) as nodes:  # the study's Ray start and shutdown, no trial
+    assert nodes == 1
 print(json.dumps({"owns": owns, "description": description, "gcs": gcs, "node_ip": node_ip,
                   "listening": listening, "study_left_ray_running": ray.is_initialized()}))
 """

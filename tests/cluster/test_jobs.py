@@ -78,7 +78,7 @@ def ray_head(tmp_path_factory):
 def finished_run(store: Path, name: str):
     client = MlflowClient(f"sqlite:///{store}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"attributes.run_name = '{name}'")
+                              filter_string=f"attributes.run_name = '{name} (seed 0)'")
     assert len(runs) == 1
     return client, runs[0]
 

@@ -18,14 +18,13 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from sflam.actors.runtime import RayRuntime, start_watchdog
+from sflam.actors.runtime import RayBackend, start_watchdog
 from sflam.cluster.connect import start_ray
 from sflam.platform.checkpoint import load_checkpoint, save_checkpoint
 from sflam.platform.config import ExperimentConfig
-from sflam.platform.engine import Engine, Resume
 from sflam.platform.errors import ConfigError, RunFailed, SflamError
-from sflam.platform.results import RunResult
-from sflam.platform.runtime import run_local
+from sflam.platform.local import run_local
+from sflam.platform.results import Resume, RunResult
 from tests.conftest import tiny_config
 from tests.equality import LOSSLESS, assert_runs_agree
 
@@ -33,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 # lossless messages: the ranks' runs are compared with the single-node run to rounding (tests/equality.py)
 BASE = ("quant.weights=nf4", *LOSSLESS, "train.devices_per_round=5", "train.rounds=2", "train.eval_every=2")
-ON_CLUSTER = ("runtime=ray", "ray.workers=2", "ray.resources={edge: 1}", "ray.placement_timeout_s=90",
+ON_CLUSTER = ("runtime=ray", "ray.workers=2", "ray.resources={edge: 1}", "ray.placement_timeout_s=300",
               "server.engine=deepspeed", "server.ranks=2", "server.placement=spread", "server.resources={server: 1}")
 
 
@@ -42,12 +41,13 @@ def cluster() -> Iterator[dict[str, Any]]:
     """Head (edge: 4), two server nodes (server: 1 each) and an edge node (edge: 2); the driver joins it.
 
     The head has room for every edge worker: Ray's default policy would keep them there, SPREAD must not."""
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"edge": 4}})
+    loopback = {"node_ip_address": "127.0.0.1"}  # every node on this machine's loopback, never its outward address
+    nodes = Cluster(initialize_head=True, head_node_args={**loopback, "num_cpus": 4, "resources": {"edge": 4}})
     watchdog = None
     try:
-        named = {"server-a": nodes.add_node(num_cpus=1, resources={"server": 1}),
-                 "server-b": nodes.add_node(num_cpus=1, resources={"server": 1}),
-                 "edge-b": nodes.add_node(num_cpus=2, resources={"edge": 2})}
+        named = {"server-a": nodes.add_node(**loopback, num_cpus=1, resources={"server": 1}),
+                 "server-b": nodes.add_node(**loopback, num_cpus=1, resources={"server": 1}),
+                 "edge-b": nodes.add_node(**loopback, num_cpus=2, resources={"edge": 2})}
         nodes.wait_for_nodes()
         start_ray(nodes.address)
         watchdog = start_watchdog()  # pytest killed: the nodes' raylets and workers go with it
@@ -78,7 +78,7 @@ def reference() -> RunResult:
 @pytest.fixture(scope="module")
 def zero3(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     out = tmp_path_factory.mktemp("zero3")
-    runtime = RayRuntime(on_cluster(3, out))
+    runtime = RayBackend(on_cluster(3, out))
     try:
         yield {"runtime": runtime, "fresh": runtime.server_checkpoint(), "checkpoint": out / "checkpoint.pt"}
     finally:
@@ -95,7 +95,7 @@ def fault_free(pool: dict[str, Any]) -> RunResult:
                 save_checkpoint(pool["checkpoint"], state, runtime.config, None)
 
         runtime.restore_server(pool["fresh"])
-        pool["fault_free"] = Engine(runtime.config, runtime).run(checkpoint=after_round_one)
+        pool["fault_free"] = runtime.engine().run(checkpoint=after_round_one)
     return pool["fault_free"]
 
 
@@ -128,13 +128,13 @@ def test_actors_the_cluster_cannot_place_stop_with_one_line_and_leave_nothing(cl
     fast = ("runtime=ray", "ray.placement_timeout_s=3", f"output_dir={tmp_path}")
     started = time.monotonic()
     with pytest.raises(SflamError) as shape:  # no node has it: at once, before anything is created
-        RayRuntime(tiny_config(*BASE, *fast, "ray.workers=1", "server.resources={gpu-node: 1}"))
+        RayBackend(tiny_config(*BASE, *fast, "ray.workers=1", "server.resources={gpu-node: 1}"))
     message = str(shape.value)
     assert message.startswith("no node of the cluster can host a server rank needing {'CPU': 1.0, 'gpu-node': 1.0}")
     assert "edge=2" in message and "server=1" in message and "\n" not in message
     # a shape that fits a node, but four such workers do not fit the cluster: the timeout, then nothing left
     with pytest.raises(SflamError) as busy:
-        RayRuntime(tiny_config(*BASE, *fast, "ray.workers=4", "server.resources={server: 1}",
+        RayBackend(tiny_config(*BASE, *fast, "ray.workers=4", "server.resources={server: 1}",
                                "ray.resources={edge: 2}"))
     message = str(busy.value)
     assert message.startswith("the cluster could not start 1 server rank(s) and 4 edge worker(s) within "
@@ -151,10 +151,10 @@ def test_actors_the_cluster_cannot_place_stop_with_one_line_and_leave_nothing(cl
 @pytest.mark.slow
 def test_zero2_across_nodes_gives_the_single_node_losses(cluster, reference, tmp_path: Path) -> None:
     # first in the module: the shared ZeRO-3 pool does not hold the server nodes yet
-    runtime = RayRuntime(on_cluster(2, tmp_path))
+    runtime = RayBackend(on_cluster(2, tmp_path))
     try:
         assert len({node_of(r) for r in runtime.ranks}) == 2
-        assert_losses_match(Engine(runtime.config, runtime).run(), reference)
+        assert_losses_match(runtime.engine().run(), reference)
     finally:
         runtime.shutdown()
 
@@ -181,7 +181,7 @@ def test_resume_of_ranks_on_two_nodes_continues_exactly(zero3) -> None:
     files = sorted(resume.server["deepspeed"])
     assert any("zero_pp_rank_0_" in f for f in files) and any("zero_pp_rank_1_" in f for f in files)
     # the ranks have trained both rounds: the restore must bring back round 1's partitions and moments
-    resumed = Engine(runtime.config, runtime).run(resume=resume)
+    resumed = runtime.engine().run(resume=resume)
     assert max_difference(resumed.device_adapter, clean.device_adapter) <= 1e-6
     assert max_difference(resumed.server_state, clean.server_state) <= 1e-6
     assert [r.step_losses for r in resumed.rounds] == [r.step_losses for r in clean.rounds]
@@ -195,14 +195,14 @@ def test_a_lost_edge_node_is_replaced_on_the_survivors_and_the_rounds_are_unchan
     lost = [i for i, w in enumerate(runtime.workers) if node_of(w) == edge_b.node_id]
     assert len(lost) == 1
 
-    def remove_edge_node(rt: RayRuntime, round_index: int, step: int) -> None:
+    def remove_edge_node(rt: RayBackend, round_index: int, step: int) -> None:
         if (round_index, step) == (0, 1):  # mid-round: the node and its actors die together
             cluster["cluster"].remove_node(edge_b)
 
     runtime.restore_server(zero3["fresh"])
     runtime.hooks["after_forward"] = remove_edge_node
     try:
-        faulty = Engine(runtime.config, runtime).run()
+        faulty = runtime.engine().run()
     finally:
         runtime.hooks.clear()
     assert runtime.replaced >= 1
@@ -219,7 +219,7 @@ def test_a_lost_server_node_stops_the_run_with_one_line_and_keeps_the_last_check
     rank1_node = next(node for node in nodes.values() if node.node_id == node_of(runtime.ranks[1]))
     path = tmp_path / "checkpoint.pt"
 
-    def remove_server_node(rt: RayRuntime, round_index: int, step: int) -> None:
+    def remove_server_node(rt: RayBackend, round_index: int, step: int) -> None:
         if (round_index, step) == (1, 0):
             cluster["cluster"].remove_node(rank1_node)
 
@@ -230,7 +230,7 @@ def test_a_lost_server_node_stops_the_run_with_one_line_and_keeps_the_last_check
     runtime.hooks["after_forward"] = remove_server_node
     try:
         with pytest.raises(RunFailed) as info:
-            Engine(runtime.config, runtime).run(checkpoint=checkpoint)
+            runtime.engine().run(checkpoint=checkpoint)
     finally:
         runtime.hooks.clear()
     message = str(info.value)

@@ -1,11 +1,11 @@
-"""The README's cluster section, run as written against a real token-authenticated head on 127.0.0.1 (issue 14).
+"""The cluster walk-through, run as written against a real token-authenticated head on 127.0.0.1 (issue 14).
 
-The first ```bash block after "## Running on a Ray cluster" in README.md runs line by line in one bash
-process, in a scratch copy of the repository (so `results/` is this test's own), from a fresh environment
-with a private home (the Ray token) and a private Ray temp folder. Only the port numbers change: the
-machine is shared, so the head, its dashboard and agent, and the MLflow server take free ports instead of
-6379, 8265, 52365 and 5000. The runs are then looked up through the tracking server the README's UI
-address points at. The server is stopped by `sflam server stop` from the README (through its process
+The first ```bash block after "## Running on a Ray cluster" in docs/how-to/cluster.md runs line by line in
+one bash process, in a scratch copy of the repository (so `results/` is this test's own), from a fresh
+environment with a private home (the Ray token) and a private Ray temp folder. Only the port numbers change:
+the machine is shared, so the head, its dashboard and agent, and the MLflow server take free ports instead of
+6379, 8265, 52365 and 5000. The runs are then looked up through the tracking server the walk-through's UI
+address points at. The server is stopped by `sflam server stop` from the walk-through (through its process
 id), and every Ray process this test started is ended by its process id (never `ray stop`, which would
 stop every Ray on the machine).
 """
@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
+WALKTHROUGH = Path("docs") / "how-to" / "cluster.md"
 HEADING = "\n## Running on a Ray cluster\n"
 
 
@@ -41,12 +42,12 @@ def free_port() -> int:
 
 
 def readme_blocks() -> list[list[str]]:
-    """The ```bash blocks of README.md's cluster section, as command lines (comments stripped)."""
-    text = (ROOT / "README.md").read_text()
-    assert HEADING in text, f"README.md has no '{HEADING.strip()}' section"
+    """The ```bash blocks of the walk-through's section, as command lines (comments stripped)."""
+    text = (ROOT / WALKTHROUGH).read_text()
+    assert HEADING in text, f"{WALKTHROUGH} has no '{HEADING.strip()}' section"
     section = text.split(HEADING, 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-    assert len(blocks) >= 2, "README.md's cluster section needs the walk-through block and the stop block"
+    assert len(blocks) >= 2, f"{WALKTHROUGH}'s section needs the walk-through block and the stop block"
     out = []
     for block in blocks:
         lines = []
@@ -155,7 +156,7 @@ def test_readme_cluster_section_as_written(walkthrough: Walkthrough) -> None:
     assert (walkthrough.repo / "results" / "mlflow-server.json").exists()
     assert (Path(walkthrough.env["HOME"]) / ".ray" / "auth_token").exists()
 
-    # the runs, through the server the README's UI address points at
+    # the runs, through the server the walk-through's UI address points at
     client = MlflowClient(walkthrough.tracking_uri)
     experiment = client.get_experiment_by_name("smoke")
     assert experiment is not None and experiment.artifact_location.startswith("mlflow-artifacts:")
@@ -179,7 +180,7 @@ def test_readme_cluster_section_as_written(walkthrough: Walkthrough) -> None:
 
 def test_job_with_only_job_local_results_is_refused(walkthrough: Walkthrough) -> None:
     assert walkthrough.proc.returncode == 0
-    # the README's `ray job submit`, without the tracking server: results would stay in Ray's temporary folder
+    # the walk-through's `ray job submit`, without the tracking server: results would stay in Ray's temporary folder
     plain = next(line for line in walkthrough.lines if line.startswith("ray job submit"))
     plain = re.sub(r" --runtime-env-json '[^']*'", "", plain)
     assert "MLFLOW_TRACKING_URI" not in plain
@@ -217,7 +218,7 @@ def test_server_stops_by_its_pid(walkthrough: Walkthrough) -> None:
     state = walkthrough.repo / "results" / "mlflow-server.json"
     pid = json.loads(state.read_text())["pid"]
     assert psutil.pid_exists(pid)
-    for line in walkthrough.stop_lines:  # `sflam server stop`, as the README says
+    for line in walkthrough.stop_lines:  # `sflam server stop`, as the walk-through says
         proc = subprocess.run(["bash", "-c", f"source .venv/bin/activate && {line}"], cwd=walkthrough.repo,
                               env=walkthrough.env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and f"pid {pid}" in proc.stderr, proc.stderr

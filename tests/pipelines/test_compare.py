@@ -50,7 +50,7 @@ def test_compare_runs_every_method_as_child_runs(tmp_path: Path) -> None:
     parent = client.get_run(result.parent_run_id)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    assert sorted(c.info.run_name for c in children) == sorted(METHODS)
+    assert sorted(c.info.run_name for c in children) == sorted(f"{m} (seed 0)" for m in METHODS)  # method, seed
     assert {"compare.csv", "compare.md", "compare.json", "compare.png"} <= {
         a.path for a in client.list_artifacts(result.parent_run_id)}
     assert result.table_path.with_suffix(".md").read_text().count("| sflam |") == 1

@@ -119,3 +119,24 @@ def test_default_store_is_local_sqlite_under_the_results(tmp_path: Path, monkeyp
     assert run.data.params["name"] == "local-store"
     assert len(client.get_metric_history(run.info.run_id, "energy_j")) == 2
     assert (tmp_path / "mlartifacts").is_dir()
+
+
+def test_experiments_open_in_the_model_training_view_and_runs_are_named_by_member_and_seed(
+        tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = client.create_experiment("made-before")  # as MLflow makes it: no kind, the UI opens its GenAI view
+    assert "mlflow.experimentKind" not in client.get_experiment(before).tags
+    for seed in (4, 5):
+        config = tiny_config(f"output_dir={tmp_path}", "train.rounds=1", "name=kind", f"seed={seed}",
+                             "tracking.experiment=made-before",
+                             "study.storage=postgresql://sflam:s3cret@127.0.0.1:5432/optuna")
+        result = train(config)
+        run = client.get_run(result.mlflow_run_id)
+        assert run.info.run_name == f"kind (seed {seed})" and run.data.tags["sflam.seed"] == str(seed)
+        assert run.data.params["study.storage"] == "postgresql://sflam:***@127.0.0.1:5432/optuna"  # never the password
+    assert client.get_experiment(before).tags["mlflow.experimentKind"] == "custom_model_development"
+    fresh = train(tiny_config(f"output_dir={tmp_path}", "train.rounds=1", "name=new-experiment"))
+    experiment = client.get_experiment(client.get_run(fresh.mlflow_run_id).info.experiment_id)
+    assert experiment.name == "new-experiment"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

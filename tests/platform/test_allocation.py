@@ -1,4 +1,5 @@
-"""The allocator (DESIGN §7) under the lockstep makespan: feasibility, optimality against a generic solver
+"""The allocator (docs/concepts/allocator.md) under the lockstep makespan: feasibility, optimality against a generic
+solver
 and brute force, the λ extremes, the equal baseline, deadlines and caps."""
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def assert_feasible(problem: AllocationProblem, alloc, check_distortion: bool = 
 
 def generic_block(problem: AllocationProblem, bits_index: np.ndarray, ref: tuple[float, float]) -> float:
     """The power/bandwidth block for fixed bits by a generic solver (multi-start SLSQP) over every device's
-    per-stage uplink time and bandwidth and the stage lengths m (T = sum m + server), written from DESIGN §7
+    per-stage uplink time and bandwidth and the stage lengths m (T = sum m + server), written from
+    docs/concepts/allocator.md
     without the allocator's stage decomposition."""
     K, J = problem.size, problem.stages
     T0, E0 = ref
@@ -269,7 +271,7 @@ def _plain_greedy(problem: AllocationProblem, cost: np.ndarray, weight: np.ndarr
 
 
 def test_heap_greedy_makes_the_plain_greedys_moves() -> None:
-    from sflam.platform.allocation import _spend_budget
+    from sflam.platform.allocation.bits import spend_budget as _spend_budget
 
     rng = np.random.default_rng(0)
     moved = 0
@@ -290,7 +292,8 @@ def test_heap_greedy_makes_the_plain_greedys_moves() -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_compiled_stage_kernels_agree_with_the_formulas(seed: int) -> None:
     """The compiled least bandwidth and Newton split equal the array formulas and the nested-root solver."""
-    from sflam.platform.allocation import _Links, _split_bandwidth
+    from sflam.platform.allocation.links import Links as _Links
+    from sflam.platform.allocation.stage import split_bandwidth as _split_bandwidth
 
     problem = make_problem(12 + 7 * seed, seed)
     K = problem.size

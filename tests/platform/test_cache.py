@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sflam.platform import costs
-from sflam.platform.cache import CACHE_ENV, CostCache, cache_dir
-from sflam.platform.costs import FlopTable, cached_device_memory, cost_fields, measure_device_memory
-from sflam.platform.data import collate
-from sflam.platform.runtime import build_executors
+from sflam.platform import flops, memory
+from sflam.platform.assembly import build_runners
+from sflam.platform.cache import CACHE_ENV, CostCache, cache_dir, cost_fields
+from sflam.platform.data import batch_shape, collate
+from sflam.platform.flops import FlopTable
+from sflam.platform.memory import cached_device_memory, measure_device_memory
 from tests.conftest import tiny_config
 
 BASE = ("model.name=tiny-bert", "quant.weights=nf4", "split.cut_layer=1")
@@ -21,7 +22,7 @@ BASE = ("model.name=tiny-bert", "quant.weights=nf4", "split.cut_layer=1")
 
 def _parts(*overrides: str):
     config = tiny_config(*BASE, *overrides)
-    data, device, server = build_executors(config)
+    data, device, server = build_runners(config)
     return config, data, device, server
 
 
@@ -31,7 +32,7 @@ def _table(device, server, cache: CostCache | None) -> FlopTable:
 
 
 def _count_all(table: FlopTable, data) -> list[tuple[int, int]]:
-    batch = collate(data.train, np.arange(8), data.pad_token_id)
+    batch = batch_shape(data.train, np.arange(8))
     return [table.device(16), table.device(24), table.server(16), table.device_batch(batch)]
 
 
@@ -46,7 +47,7 @@ def test_a_cached_flop_table_equals_a_fresh_count(tmp_path: Path, monkeypatch: p
     assert all(f > 0 and b > 0 for f, b in fresh)
     first = _table(device, server, CostCache("flops", fields, tmp_path))
     assert first.cached == 0 and _count_all(first, data) == fresh
-    monkeypatch.setattr(costs, "_count", _no_counting)  # from here on every figure must come from the file
+    monkeypatch.setattr(flops, "_count", _no_counting)  # from here on every figure must come from the file
     again = _table(device, server, CostCache("flops", fields, tmp_path))
     assert again.cached == 4
     assert _count_all(again, data) == fresh
@@ -62,7 +63,7 @@ def test_cached_device_memory_equals_a_fresh_measurement(monkeypatch: pytest.Mon
     assert fresh.peak > fresh.weights > 0
     assert cached_device_memory(config, device.part, adapter, batch, fields) == fresh
     assert len(list(tmp_path.glob("memory-*.json"))) == 1
-    monkeypatch.setattr(costs, "measure_device_memory", _no_counting)
+    monkeypatch.setattr(memory, "measure_device_memory", _no_counting)
     assert cached_device_memory(config, device.part, adapter, batch, fields) == fresh
     # another batch is another step: never the cached figure
     other = collate(data.train, np.arange(8, 12), data.pad_token_id)

@@ -1,4 +1,5 @@
-"""Smashed-data codec: unbiased, variance within Δ²/4, exact payload, lossless at 32 bits (DESIGN §4)."""
+"""Smashed-data codec: unbiased, variance within Δ²/4, exact payload, lossless at 32 bits
+(docs/concepts/split-and-codec.md)."""
 
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ def test_messages_and_gradients_cross_processes_as_the_same_values() -> None:
     """A worker's messages and the server's gradients pickle as a few arrays and come back value for value."""
     import pickle
 
-    from sflam.platform.executors import Messages, Smashed
+    from sflam.platform.messages import Messages, Smashed
 
     rows = torch.randn(9, 6, generator=torch.Generator().manual_seed(2))
     encoded = codec.encode_many(rows, [4, 2, 3], [8, 32, 3], [torch.Generator().manual_seed(k) for k in range(3)])

@@ -1,4 +1,5 @@
-"""One batched computation for many devices equals the device-by-device path (DESIGN §8), for every family
+"""One batched computation for many devices equals the device-by-device path (docs/concepts/ray-runtime.md), for
+every family
 and weight mode: the same smashed data, losses, gradients and adapters."""
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from sflam.platform import codec, cohort, executors
+from sflam.platform import codec, cohort
+from sflam.platform import server as server_module
+from sflam.platform.assembly import build_runners
 from sflam.platform.data import collate
-from sflam.platform.executors import DeviceExecutor, ServerExecutor
-from sflam.platform.runtime import build_executors
+from sflam.platform.device import DeviceRunner
+from sflam.platform.messages import Smashed
+from sflam.platform.server import ServerRunner
 from sflam.platform.strategies import FitInstructions, local_step, weighted_sum
+from tests import reference
 from tests.conftest import tiny_config
 from tests.equality import adamw_reach, assert_adamw_close, assert_determined, assert_same_message, rounding_noise
 
@@ -30,11 +35,11 @@ MODES = ("fp32", "bf16", "int8", "nf4", "fp4")
 SIZES, STEPS, BITS = (5, 3, 5, 2), (2, 1, 2, 2), (6, 6, 6, 4)
 
 
-def parts(model: str, weights: str, *overrides: str) -> tuple[DeviceExecutor, ServerExecutor, list]:
+def parts(model: str, weights: str, *overrides: str) -> tuple[DeviceRunner, ServerRunner, list]:
     vision = model in ("tiny-vit", "tiny-dinov2")
     config = tiny_config(f"model.name={model}", f"quant.weights={weights}", "quant.activation_bits=6",
                          "quant.gradient_bits=8", *(("data.dataset=digits",) if vision else ()), *overrides)
-    data, device, server = build_executors(config)
+    data, device, server = build_runners(config)
     rng = np.random.default_rng(0)
     batches = [[collate(data.train, rng.choice(len(data.train), n, replace=False), data.pad_token_id)
                 for _ in range(2)] for n in SIZES]
@@ -46,13 +51,13 @@ class Trace:
     """What one path did in a round: each step's messages up, the gradients it received, its adapters' gradients
     before each optimizer step (by position in the round), and the weighted sum of the finished devices."""
 
-    messages: list[list[executors.Smashed]] = field(default_factory=list)
+    messages: list[list[Smashed]] = field(default_factory=list)
     received: list[list] = field(default_factory=list)
     gradients: list[dict[int, dict[str, torch.Tensor]]] = field(default_factory=list)
     summed: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def one_round(device: DeviceExecutor, server: ServerExecutor, batches: list, fit: FitInstructions, batched: bool,
+def one_round(device: DeviceRunner, server: ServerRunner, batches: list, fit: FitInstructions, batched: bool,
               replay: Trace | None = None, monkeypatch: pytest.MonkeyPatch | None = None) -> Trace:
     """A round of two local steps. The reference (device by device) runs against the server part; the batched
     path receives the reference's gradients (`replay`), so both paths' inputs agree up to rounding at every
@@ -80,26 +85,26 @@ def one_round(device: DeviceExecutor, server: ServerExecutor, batches: list, fit
             del optimizer.step
 
     monkeypatch.setattr(cohort, "local_step", record)
-    monkeypatch.setattr(executors, "local_step", record)
+    monkeypatch.setattr(reference, "local_step", record)
     if batched:
-        group = device.start_cohort(devices, global_adapter, 0.5, fit)
+        group = device.start(devices, global_adapter, 0.5, fit)
     else:
-        states = [device.start(k, global_adapter, 0.5, fit) for k in devices]
+        states = [reference.start(device, k, global_adapter, 0.5, fit) for k in devices]
     for step in range(2):
         live = [i for i, s in enumerate(STEPS) if s > step]
         recorded.clear()
         if batched:
-            messages = device.forward_cohort(group, live, [batches[i][step] for i in live], 0, step,
+            messages = device.forward(group, live, [batches[i][step] for i in live], 0, step,
                                              [BITS[i] for i in live])
         else:
-            messages = [device.forward(states[i], batches[i][step], 0, step, BITS[i]) for i in live]
+            messages = [reference.forward(device, states[i], batches[i][step], 0, step, BITS[i]) for i in live]
         gradients = replay.received[step] if replay is not None else server.step(messages, 0, step).gradients
         if batched:
-            device.backward_cohort(group, step, gradients)
+            device.backward(group, step, gradients)
             by_position = {i: {n: g[i] for n, g in recorded[0].items()} for i in live} if recorded else {}
         else:
             for i, gradient in zip(live, gradients, strict=True):
-                device.backward(states[i], step, gradient)
+                reference.backward(states[i], step, gradient)
             by_position = dict(zip(live, recorded, strict=True)) if recorded else {}
         trace.messages.append(messages)
         trace.received.append(list(gradients))
@@ -107,11 +112,11 @@ def one_round(device: DeviceExecutor, server: ServerExecutor, batches: list, fit
     server.restore(start)
     kept = [i for i, w in enumerate(weights) if w > 0]
     trace.summed = (group.weighted_sum(weights) if batched else
-                    weighted_sum([device.final_adapter(states[i]) for i in kept], [weights[i] for i in kept]))
+                    weighted_sum([reference.final_adapter(states[i]) for i in kept], [weights[i] for i in kept]))
     return trace
 
 
-def assert_same(device: DeviceExecutor, server: ServerExecutor, batches: list, monkeypatch: pytest.MonkeyPatch,
+def assert_same(device: DeviceRunner, server: ServerRunner, batches: list, monkeypatch: pytest.MonkeyPatch,
                 fit: FitInstructions | None = None, host: Callable[[], ContextManager] = contextlib.nullcontext
                 ) -> dict[str, torch.Tensor]:
     """The batched path (run within `host`) against the device-by-device reference, with the tolerances of
@@ -207,13 +212,13 @@ def test_a_device_part_without_adapters_runs_batched(monkeypatch: pytest.MonkeyP
 
 def test_the_server_step_in_chunks_equals_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     device, server, batches = parts("tiny-llama", "fp32", "quant.gradient_bits=32")
-    group = device.start_cohort([3, 8, 11, 14], device.initial_adapter())
-    messages = device.forward_cohort(group, [0, 1, 2, 3], [b[0] for b in batches], 0, 0, [32] * 4)
+    group = device.start([3, 8, 11, 14], device.initial_adapter())
+    messages = device.forward(group, [0, 1, 2, 3], [b[0] for b in batches], 0, 0, [32] * 4)
     start = server.checkpoint()
     whole = server.step(messages, 0, 0)
     whole_state = server.state()
     server.restore(start)
-    monkeypatch.setattr(executors, "SERVER_CHUNK_SAMPLES", 6)  # chunks of 6, 6 and 3 samples, by length
+    monkeypatch.setattr(server_module, "SERVER_CHUNK_SAMPLES", 6)  # chunks of 6, 6 and 3 samples, by length
     shapes: list[tuple[int, ...]] = []
     hook = server.part.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[1].shape)))
     chunked = server.step(messages, 0, 0)

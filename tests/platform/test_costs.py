@@ -10,14 +10,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from sflam.platform import executors
-from sflam.platform.costs import FlopTable, _count, measure_device_memory
-from sflam.platform.data import collate
-from sflam.platform.runtime import Experiment, build_executors, round_batches, run_local, run_round, select_devices
+from sflam.platform import server as server_module
+from sflam.platform.assembly import Experiment, build_runners
+from sflam.platform.data import batch_shape, collate
+from sflam.platform.flops import FlopTable, _count
+from sflam.platform.local import run_local, run_round
+from sflam.platform.memory import measure_device_memory
+from sflam.platform.participation import round_indices, round_shapes, select_devices
 from sflam.platform.schedule import latency, makespan
 from tests.conftest import tiny_config
 
 MODES = ("bf16", "int8", "nf4", "fp4")
+
+
+def shapes(exp: Experiment, selected):  # type: ignore[no-untyped-def]
+    """The first round's mini-batch shapes of the selected devices."""
+    return round_shapes(exp.data, round_indices(exp.config, exp.data, 0, selected))
 
 
 def test_device_flops_grow_with_the_cut_and_the_length() -> None:
@@ -38,11 +46,11 @@ def test_cut_zero_device_has_no_compute() -> None:
 def _device_flops(model: str, mode: str) -> tuple[int, int]:
     vision = model in ("tiny-vit", "tiny-dinov2")
     extra = ["data.dataset=digits"] if vision else []
-    data, device, server = build_executors(tiny_config(f"model.name={model}", f"quant.weights={mode}",
+    data, device, server = build_runners(tiny_config(f"model.name={model}", f"quant.weights={mode}",
                                                        "split.cut_layer=2", *extra))
     table = FlopTable(device.part, server.part, device.initial_adapter(), int(device.part.config.hidden_size))
     if vision:  # one real image batch: pixels in, patch tokens out
-        return table.device_batch(collate(data.train, np.arange(4), data.pad_token_id))
+        return table.device_batch(batch_shape(data.train, np.arange(4)))
     return table.device(16)
 
 
@@ -62,7 +70,7 @@ def test_plan_payloads_equal_what_the_round_sends() -> None:
     config = tiny_config("quant.activation_bits=8", "quant.gradient_bits=6", "train.rounds=1")
     exp = Experiment.build(config)
     selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)
-    problem = exp.planner.problem(0, selected, round_batches(exp, 0, selected))
+    problem = exp.planner.problem(0, selected, shapes(exp, selected))
     _, metrics = run_round(exp, 0, exp.device.initial_adapter())
     plan = metrics.plan
     idx = np.array([problem.option_index(int(q)) for q in plan.allocation.bits])
@@ -90,11 +98,11 @@ def test_round_latency_is_the_makespan_of_the_planned_phases() -> None:
 
 @pytest.mark.parametrize("chunk", [6, 2048])  # several chunks in order of length, and one batch
 def test_the_plan_charges_the_server_flops_its_steps_run(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(executors, "SERVER_CHUNK_SAMPLES", chunk)
+    monkeypatch.setattr(server_module, "SERVER_CHUNK_SAMPLES", chunk)
     config = tiny_config("train.rounds=1", "quant.weights=nf4", "quant.activation_bits=8")
     exp = Experiment.build(config)
     selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)
-    charged = exp.planner.inputs(0, selected, round_batches(exp, 0, selected)).server_s * config.system.server_flops
+    charged = exp.planner.inputs(0, selected, shapes(exp, selected)).server_s * config.system.server_flops
     ran: list[int] = []
     step = exp.server.step
 
@@ -138,7 +146,7 @@ class LiveStorages(TorchDispatchMode):
 
 def test_device_memory_is_the_measured_peak_of_a_training_step() -> None:
     config = tiny_config("quant.weights=fp32", "train.batch_size=16", "model.max_length=64")
-    data, device, _ = build_executors(config)
+    data, device, _ = build_runners(config)
     adapter = device.initial_adapter()
     longest = np.argsort([-len(s) for s in data.train.input_ids])[:16]
     batch = collate(data.train, longest, data.pad_token_id)
@@ -187,7 +195,7 @@ def test_a_device_that_drops_out_is_priced_for_what_it_did() -> None:
     config = tiny_config("train.rounds=1", "train.local_steps=3", "allocation.policy=equal")
     exp = Experiment.build(config)
     selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)
-    batches = round_batches(exp, 0, selected)
+    batches = shapes(exp, selected)
     full = exp.planner.plan(0, selected, batches)
     dropped = int(selected[1])
     short = exp.planner.plan(0, selected, {**batches, dropped: batches[dropped][:1]})
@@ -197,5 +205,43 @@ def test_a_device_that_drops_out_is_priced_for_what_it_did() -> None:
     assert phases.adapter_up[1] == 0 and whole.adapter_up[1] > 0
     assert phases.adapter_down[1] == whole.adapter_down[1]  # it did download the global adapter
     assert short.allocation.energy_j[1] < full.allocation.energy_j[1]
-    assert short.samples[1] == len(batches[dropped][0]) < full.samples[1]
+    assert short.samples[1] == batches[dropped][0].samples < full.samples[1]
     np.testing.assert_array_equal(short.allocation.energy_j[[0, 2, 3]], full.allocation.energy_j[[0, 2, 3]])
+
+
+def simulate_u_shaped(phases, E: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A U-shaped round event by event, in its own terms: a device's bottom forward and smashed data up; the
+    server's forward once every device's smashed data is in; features down, the head on the device, the
+    features' gradient up; the server's backward once every gradient is in; the smashed data's gradient down and
+    the bottom backward; the adapter up at the end. (The planner's phases are half steps: 2e and 2e + 1.)"""
+    K = phases.adapter_down.shape[0]
+    ready = phases.adapter_down.copy()  # when each device can start its next phase
+    for e in range(E):
+        arrive = ready + phases.forward[:, 2 * e] + phases.uplink[:, 2 * e]
+        served = float(arrive.max()) + float(phases.server[2 * e])          # the server's forward of step e
+        grads_in = served + phases.downlink[:, 2 * e] + phases.backward[:, 2 * e] + phases.uplink[:, 2 * e + 1]
+        assert np.all(phases.forward[:, 2 * e + 1] == 0)
+        back = float(grads_in.max()) + float(phases.server[2 * e + 1])      # the server's backward of step e
+        ready = back + phases.downlink[:, 2 * e + 1] + phases.backward[:, 2 * e + 1]
+    assert ready.shape == (K,)
+    return ready + phases.adapter_up
+
+
+def test_a_u_shaped_round_charges_its_four_transmissions_and_two_barriers() -> None:
+    config = tiny_config("quant.activation_bits=8", "quant.gradient_bits=6", "train.rounds=1", "split.head=device",
+                         "train.local_steps=3", "model.name=tiny-bert")
+    exp = Experiment.build(config)
+    selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)
+    problem = exp.planner.problem(0, selected, shapes(exp, selected))
+    _, metrics = run_round(exp, 0, exp.device.initial_adapter())
+    plan, E = metrics.plan, config.train.local_steps
+    assert problem.stages == 2 * E + 1 and plan.phases.forward.shape == (len(selected), 2 * E)
+    idx = np.array([problem.option_index(int(q)) for q in plan.allocation.bits])
+    # up: smashed data and the features' gradient of every step; down: the features and the smashed data's gradient
+    assert problem.stage_uplink(idx)[:, :2 * E].sum() == metrics.uplink_bits
+    assert problem.downlink_bits[:, 1:].sum() == metrics.downlink_bits
+    assert np.all(problem.stage_uplink(idx)[:, 2 * E] == exp.planner.adapter_bits)
+    assert np.all(plan.phases.uplink[:, 1::2] > 0) and np.all(plan.phases.downlink[:, 0::2] > 0)
+    finish = simulate_u_shaped(plan.phases, E)
+    assert metrics.round_latency_s == pytest.approx(float(finish.max()), rel=1e-12)
+    assert metrics.round_latency_s == pytest.approx(plan.allocation.round_latency_s, rel=1e-9)

@@ -7,6 +7,8 @@ import pytest
 
 from sflam.platform.config import DataConfig
 from sflam.platform.data import (
+    ImageData,
+    batch_shape,
     collate,
     device_batches,
     dirichlet_partition,
@@ -99,3 +101,18 @@ def test_collate_right_pads() -> None:
     assert batch.input_ids.shape[1] == max(lengths)
     for row, length in enumerate(lengths):
         assert (batch.input_ids[row, length:] == 0).all()
+
+
+def test_a_batch_shape_is_the_collated_batchs_shape() -> None:
+    """Planning reads mini-batches' shapes from their indices alone: they must be what collating gives."""
+    text = synthetic(DataConfig(dataset="synthetic", synthetic_samples=200), seed=0, max_length=24)
+    images = ImageData(np.zeros((30, 8, 8), np.float32), np.zeros(30, np.int64), 28, (0.5,) * 3, (0.5,) * 3, 17)
+    rng = np.random.default_rng(0)
+    for data, pad in ((text, 0), (images, 0)):
+        for size in (1, 5, 8):
+            indices = rng.choice(len(data), size, replace=False)
+            batch, shape = collate(data, indices, pad), batch_shape(data, indices)
+            assert shape.input_shape == tuple(batch.input_ids.shape[1:])
+            assert shape.mask_shape == tuple(batch.attention_mask.shape[1:])
+            assert shape.lengths.tolist() == batch.attention_mask.sum(1).tolist()
+            assert (shape.samples, shape.tokens) == (len(batch), int(batch.attention_mask.sum()))

@@ -1,4 +1,5 @@
-"""The round engine in the reference runtime: strategies, availability, dropouts, over-selection (DESIGN §5)."""
+"""The round engine in the reference runtime: strategies, availability, dropouts, over-selection
+(docs/concepts/round-engine.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from sflam.platform.engine import Engine, available_devices, choose
-from sflam.platform.runtime import Experiment, LocalExecutor
+from sflam.platform.assembly import Experiment
+from sflam.platform.engine import Engine
+from sflam.platform.local import LocalBackend
+from sflam.platform.participation import available_devices, choose, round_indices, round_shapes
 from sflam.platform.strategies import adam_update, build_strategy, weighted_average
 from tests.conftest import tiny_config
 
@@ -25,27 +28,26 @@ def engine_for(exp: Experiment, *overrides: str) -> Engine:
     config = tiny_config(*SMALL, *overrides)
     exp.config = config  # same model, data and cost model; the overrides change only driver decisions
     exp.planner.config = config
-    executor = LocalExecutor(exp)
-    return Engine(config, executor, build_strategy(config))
+    return Engine(config, LocalBackend(exp), planner=exp.planner, data=exp.data, strategy=build_strategy(config))
 
 
 def recorded_round(engine: Engine, round_index: int, global_adapter):
-    """Run a round and record every device's final adapter as the executor produced it (its batched cohort)."""
-    device = engine.executor.exp.device  # type: ignore[attr-defined]
+    """Run a round and record every device's final adapter as the backend produced it (its batched cohort)."""
+    device = engine.backend.exp.device  # type: ignore[attr-defined]
     finals: dict[int, dict[str, torch.Tensor]] = {}
     cohorts = []
-    original = device.start_cohort
+    original = device.start
 
     def record(*args, **kwargs):
         cohorts.append(original(*args, **kwargs))
         return cohorts[-1]
 
-    device.start_cohort = record
+    device.start = record
     try:
         task, _, _ = engine.configure(round_index)
         new, metrics = engine.run_round(round_index, global_adapter)
     finally:
-        device.start_cohort = original
+        device.start = original
     for group in cohorts:
         for i, k in enumerate(group.devices):
             finals[k] = group.adapter_of(i)
@@ -65,7 +67,7 @@ def test_fedadam_applies_the_server_step_to_fedavgs_average(experiment: Experime
         assert torch.allclose(fedavg_new[name], average[name], atol=1e-7)
     expected, _, _ = adam_update(start, average, {}, {}, 0.05, 0.9, 0.99, 1e-3)
     assert max(float((adam_new[n] - expected[n]).abs().max()) for n in expected) <= 1e-6
-    assert task.weights == [float(sum(len(b) for b in task.batches[int(k)])) for k in task.devices]
+    assert task.weights == [float(sum(len(b) for b in task.indices[int(k)])) for k in task.devices]
 
 
 def test_fedprox_pulls_devices_towards_the_global_adapter(experiment: Experiment) -> None:
@@ -110,7 +112,7 @@ def test_a_dropped_device_never_enters_the_average(experiment: Experiment) -> No
     assert (metrics.selected, metrics.finished, metrics.dropped, metrics.late) == (
         6, len(finished), 6 - len(finished), 0)
     # the server trained only on the steps the dropped devices took part in
-    assert metrics.samples == sum(len(task.batches[int(k)][0]) * s for k, s in zip(task.devices, task.steps,
+    assert metrics.samples == sum(len(task.indices[int(k)][0]) * s for k, s in zip(task.devices, task.steps,
                                                                                       strict=True))
 
 
@@ -118,7 +120,7 @@ def test_over_selection_keeps_the_k_fastest_by_the_cost_model(experiment: Experi
     engine = engine_for(experiment, "participation.over_selection=1.0", "train.devices_per_round=3")
     task, plan, counts = engine.configure(1)
     candidates = choose(0, 1, np.arange(20), 6)
-    _, batches = engine.batches(1, candidates)
+    batches = round_shapes(experiment.data, round_indices(engine.config, experiment.data, 1, candidates))
     latency = experiment.planner.plan(1, candidates, batches).solo_s  # each device's own time through the round
     fastest = set(candidates[np.argsort(latency)[:3]].tolist())
     assert set(task.devices.tolist()) == fastest and len(fastest) == 3

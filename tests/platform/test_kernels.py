@@ -1,5 +1,6 @@
 """Quantized layers run the same kernels in every mode and on every host: no fused bf16 repacking in eval mode,
-no kernel fetched from the hub at import, and the kernel path recorded with each run (DESIGN §11)."""
+no kernel fetched from the hub at import, and the kernel path recorded with each run
+(docs/concepts/models-and-data.md)."""
 
 from __future__ import annotations
 

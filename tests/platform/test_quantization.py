@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sflam.platform.assembly import Experiment
 from sflam.platform.build import build_parts, prepare_data, validate
 from sflam.platform.config import ModelConfig
 from sflam.platform.data import collate
+from sflam.platform.local import run_round
 from sflam.platform.models import load_model, resolve_model
 from sflam.platform.quantization import quantize_weights, quantized_layer_bytes, stored_weight_bytes
-from sflam.platform.runtime import Experiment, run_round
 from sflam.platform.split import split_model
 from tests.conftest import tiny_config
 

@@ -1,4 +1,4 @@
-"""The reference runtime: SFL-V1 semantics, FedAvg, determinism, learning (DESIGN §5)."""
+"""The reference runtime: SFL-V1 semantics, FedAvg, determinism, learning (docs/concepts/round-engine.md)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from sflam.platform.assembly import Experiment
 from sflam.platform.data import collate, device_batches
-from sflam.platform.executors import fedavg
-from sflam.platform.runtime import Experiment, run_local, run_round, select_devices
+from sflam.platform.local import run_local, run_round
+from sflam.platform.participation import select_devices
+from sflam.platform.strategies import weighted_average as fedavg
 from tests.conftest import tiny_config
 from tests.equality import TIGHT, adamw_reach, assert_adamw_close
 

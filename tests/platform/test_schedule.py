@@ -1,4 +1,5 @@
-"""The round's schedule: the vectorised makespan against an event-by-event simulation (DESIGN §6)."""
+"""The round's schedule: the vectorised makespan against an event-by-event simulation
+(docs/concepts/system-model.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The split is exact: loss and every gradient equal the unsplit model's, with padding (DESIGN §3)."""
+"""The split is exact: loss and every gradient equal the unsplit model's, with padding
+(docs/concepts/split-and-codec.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from transformers import AutoModelForSequenceClassification, MistralConfig, Qwen
 from sflam.platform import codec
 from sflam.platform.config import ModelConfig
 from sflam.platform.data import Batch
-from sflam.platform.executors import ServerExecutor, Smashed
+from sflam.platform.messages import Smashed
 from sflam.platform.models import conv1d_to_linear, load_model, resolve_model
+from sflam.platform.server import ServerRunner
 from sflam.platform.split import split_model
 
 pytestmark = pytest.mark.equality
@@ -112,7 +114,7 @@ def test_transmission_at_32_bits_is_exact(name: str) -> None:
     for p in model.parameters():
         p.requires_grad_(True)
     device_part, server_part = split_model(model, spec.family, 2, "classification")
-    server = ServerExecutor(server_part, 32, "fp32", lr=1e-3, seed=0, send_gradients=True)
+    server = ServerRunner(server_part, 32, "fp32", lr=1e-3, seed=0, send_gradients=True)
     server.optimizer = None  # compare gradients, not updated weights
     ids, mask, labels = _padded_batch()
     halves = [slice(0, 2), slice(2, 4)]
@@ -159,3 +161,59 @@ def test_packaged_minilm_split_is_exact(cut: int) -> None:
     spec = resolve_model(ModelConfig(name="minilm-l6"))
     model = load_model(spec, ModelConfig(name="minilm-l6"), 2, pad_token_id=0)
     _check_exact(model, "bert", "classification", cut)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert", "tiny-gpt2"])
+@pytest.mark.parametrize("cut", [0, 2])
+def test_a_u_shaped_split_at_32_bits_is_exact(name: str, cut: int) -> None:
+    """The head and the loss on the devices (split.head=device): smashed data up, the server part's features
+    down, each device's loss as its share of the mean, the features' gradient up, the smashed data's gradient
+    down; loss and every gradient (device part, server part, head) equal the unsplit model's."""
+    from sflam.platform.device import TOP, DeviceRunner
+    from sflam.platform.split import HeadPart
+
+    spec = resolve_model(ModelConfig(name=name))
+    model = load_model(spec, ModelConfig(name=name), num_labels=2, pad_token_id=0)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    device_part, server_part = split_model(model, spec.family, cut, "classification")
+    head = HeadPart(server_part)
+    server = ServerRunner(server_part, 32, "fp32", lr=1e-3, seed=0, send_gradients=True)
+    server.optimizer = None  # compare gradients, not updated weights
+    device = DeviceRunner(device_part, 32, 32, "fp32", lr=1e-3, seed=0, head=head)
+    ids, mask, labels = _padded_batch()
+    halves = [slice(0, 2), slice(2, 4)]
+    messages, hiddens, batches = [], [], []
+    for k, part in enumerate(halves):
+        length = int(mask[part].sum(1).max())
+        batch = Batch(ids[part, :length], mask[part, :length], labels[part])
+        hidden = device_part(batch.input_ids, batch.attention_mask)
+        hiddens.append((hidden, batch.attention_mask))
+        batches.append(batch)
+        messages.append(Smashed(k, codec.encode(hidden[batch.attention_mask.bool()], 32), batch.attention_mask,
+                                batch.labels[:0]))  # no label leaves a device
+    features = server.forward_features(messages, 0, 0, 32)
+    # every device runs the model's own head tensors (its copy of the global head, stacked as in a cohort of two)
+    head_tensors = {TOP + n: p.detach().clone() for n, p in head.named_parameters()}
+    group = device.start([0, 1], head_tensors)
+    grads, loss_sum, _ = device.head_step(group, [0, 1], features, batches, 4, 0, 0)
+    down = server.backward_features(messages, grads, 0, 0)
+    for (hidden, own_mask), gradient in zip(hiddens, down, strict=True):
+        full = torch.zeros_like(hidden)
+        full[own_mask.bool()] = codec.decode(gradient)
+        hidden.backward(full)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in head.named_parameters():  # the devices' head gradients, summed over the two devices
+        got[_model_name(model, p)] = group.adapter[TOP + n].grad.sum(0)
+    model.zero_grad()
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(loss_sum / 4 - reference.item()) <= TOL * reference.item()
+    assert got.keys() == expected.keys()
+    worst, worst_name = _worst(got, expected)
+    assert worst <= TOL, f"largest relative gradient error {worst:.2e} in {worst_name}"
+
+
+def _model_name(model: torch.nn.Module, param: torch.Tensor) -> str:
+    return next(n for n, p in model.named_parameters() if p is param)

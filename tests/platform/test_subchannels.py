@@ -1,4 +1,5 @@
-"""OFDMA subchannel assignment by matching (DESIGN §7): whole subchannels, each used once, bounded by FDMA."""
+"""OFDMA subchannel assignment by matching (docs/concepts/allocator.md): whole subchannels, each used once, bounded
+by FDMA."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import itertools
 import numpy as np
 import pytest
 
-from sflam.platform.allocation import _solve_block, allocate, equal_allocation, reference_costs, solve_power_bandwidth
+from sflam.platform.allocation import allocate, equal_allocation, reference_costs, solve_power_bandwidth
+from sflam.platform.allocation.block import solve_block as _solve_block
+from sflam.platform.allocation.ofdma import match_stage, owners, solve_fixed_bandwidth
 from sflam.platform.scenarios import random_problem
-from sflam.platform.subchannels import match_stage, owners, solve_fixed_bandwidth
 
 
 def compositions(total: int, parts: int):

@@ -1,4 +1,4 @@
-"""The channel and compute model (DESIGN §6): constants, formulas, reproducible fading."""
+"""The channel and compute model (docs/concepts/system-model.md): constants, formulas, reproducible fading."""
 
 from __future__ import annotations
 

@@ -1,10 +1,13 @@
-"""The reference runtime runs a vision experiment end to end (DESIGN §5): tiny ViT on the 8x8 digits."""
+"""The reference runtime runs a vision experiment end to end (docs/concepts/round-engine.md): tiny ViT on the 8x8
+digits."""
 
 from __future__ import annotations
 
 from sflam.platform import codec
+from sflam.platform.assembly import Experiment
 from sflam.platform.config import load_config
-from sflam.platform.runtime import Experiment, run_local, select_devices
+from sflam.platform.local import run_local
+from sflam.platform.participation import select_devices
 from tests.conftest import ROOT
 
 

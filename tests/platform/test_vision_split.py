@@ -1,4 +1,5 @@
-"""The vision split is exact: loss and every gradient equal the unsplit ViT's / Dinov2's (DESIGN §3)."""
+"""The vision split is exact: loss and every gradient equal the unsplit ViT's / Dinov2's
+(docs/concepts/split-and-codec.md)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from transformers import (
 
 from sflam.platform import codec
 from sflam.platform.config import ModelConfig
-from sflam.platform.executors import ServerExecutor, Smashed
+from sflam.platform.messages import Smashed
 from sflam.platform.models import load_model, resolve_model
 from sflam.platform.quantization import PatchLinear, quantize_weights, stored_weight_bytes
+from sflam.platform.server import ServerRunner
 from sflam.platform.split import split_model
 
 pytestmark = pytest.mark.equality
@@ -162,7 +164,7 @@ def test_transmission_of_tokens_at_32_bits_is_exact() -> None:
     for p in model.parameters():
         p.requires_grad_(True)
     device_part, server_part = split_model(model, "vit", 1, "classification")
-    server = ServerExecutor(server_part, 32, "fp32", lr=1e-3, seed=0, send_gradients=True)
+    server = ServerRunner(server_part, 32, "fp32", lr=1e-3, seed=0, send_gradients=True)
     server.optimizer = None
     pixels, labels = _images(28)
     hiddens, messages = [], []

@@ -1,11 +1,11 @@
-"""Compiled per-device kernels of one lockstep stage's power/bandwidth problem (DESIGN §7).
+"""Compiled per-device kernels of one lockstep stage's power/bandwidth problem (docs/concepts/allocator.md).
 
 The allocator's inner work is the same small scalar computation for every device, repeated for every
 stage length and bandwidth price its searches try: the least bandwidth that still meets the stage length
 at full power, and the first two derivatives of a device's uplink energy in its bandwidth. numpy runs
 these as some forty array passes each; compiled loops (numba) run them in one pass over the devices with
 scalar Newton iterations per device, which is what makes a 10,000-device round plan in well under a second.
-Formulas as in `allocation._Links`: capacity r(b) = b log2(1 + a/b), download time D(b) = S_d / r_d(b),
+Formulas as in `allocation.links.Links`: capacity r(b) = b log2(1 + a/b), download time D(b) = S_d / r_d(b),
 uplink energy e = (N0/g) u (2^(S/u) - 1) with u = b (T - c - D(b)).
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 LN2 = math.log(2.0)
-MAX_X = 1000.0  # spectral efficiency cap (bit/s/Hz), as in allocation.MAX_X
+MAX_X = 1000.0  # spectral efficiency cap (bit/s/Hz), as in allocation.problem.MAX_X
 
 
 @njit(cache=True)

@@ -1,4 +1,5 @@
-"""OFDMA: each device gets a whole number of the band's N equal subchannels (DESIGN §7, the paper's matching).
+"""OFDMA: each device gets a whole number of the band's N equal subchannels (docs/concepts/allocator.md, the paper's
+matching).
 
 For a stage of the lockstep at a fixed length T, the devices' uplink energies are separable and convex in
 their bandwidth, so in whole subchannels each device's energy is discretely convex: giving every device its
@@ -14,18 +15,20 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import brentq
 
-from sflam.platform.allocation import LN2, MAX_X, AllocationError, _BlockSolution, _Links
+from sflam.platform.allocation.links import BlockSolution, Links
+from sflam.platform.allocation.problem import MAX_X, AllocationError
+from sflam.platform.system import LN2
 
 SWAP_LIMIT = 32  # devices up to which the exact single-move improvement pass runs
 
 
-def solve_fixed_bandwidth(links: _Links, b: np.ndarray, horizon: float) -> _BlockSolution:
+def solve_fixed_bandwidth(links: Links, b: np.ndarray, horizon: float) -> BlockSolution:
     """The best stage length and uplink energies when every device's bandwidth is fixed."""
     w_time, w_energy = links.weights
     down = links.downlink_s(b)
     T_min = float(np.max(links.c + down + links.full_power_s(b)))
     if not np.isfinite(T_min) or T_min > horizon * (1 + 1e-12):
-        return _BlockSolution(T_min, b, np.full_like(b, np.inf), np.inf)
+        return BlockSolution(T_min, b, np.full_like(b, np.inf), np.inf)
 
     def slope(T: float) -> float:  # dJ/dT: latency weight + the energy's (negative) marginal value of time
         tau = T - links.c - down
@@ -41,11 +44,11 @@ def solve_fixed_bandwidth(links: _Links, b: np.ndarray, horizon: float) -> _Bloc
                                                         rtol=1e-10)
     energy = links.energy(T - links.c - down, b)
     if np.any(energy > links.uplink_cap * (1 + 1e-9)):
-        return _BlockSolution(T, b, energy, np.inf)
-    return _BlockSolution(T, b, energy, w_time * T + w_energy * float(np.sum(energy)))
+        return BlockSolution(T, b, energy, np.inf)
+    return BlockSolution(T, b, energy, w_time * T + w_energy * float(np.sum(energy)))
 
 
-def _energies(links: _Links, T: float, unit: float, N: int) -> np.ndarray:
+def _energies(links: Links, T: float, unit: float, N: int) -> np.ndarray:
     """(K, N): each device's uplink energy at T with 1..N subchannels (inf where it cannot finish in time)."""
     b = np.arange(1, N + 1, dtype=np.float64)[:, None] * unit  # (N, 1) broadcasts against the (K,) link arrays
     b = np.broadcast_to(b, (N, links.g.shape[0]))
@@ -55,7 +58,7 @@ def _energies(links: _Links, T: float, unit: float, N: int) -> np.ndarray:
     return np.where(feasible & (energy <= links.uplink_cap), energy, np.inf).T
 
 
-def _greedy(links: _Links, T: float, N: int) -> np.ndarray | None:
+def _greedy(links: Links, T: float, N: int) -> np.ndarray | None:
     """The optimal whole-subchannel assignment at stage length T, or None if the devices cannot all finish."""
     unit = links.p.bandwidth_hz / N
     energy = _energies(links, T, unit, N)
@@ -76,14 +79,14 @@ def _greedy(links: _Links, T: float, N: int) -> np.ndarray | None:
     return counts
 
 
-def match_stage(links: _Links, relaxed: _BlockSolution, N: int, horizon: float) -> tuple[_BlockSolution, np.ndarray]:
+def match_stage(links: Links, relaxed: BlockSolution, N: int, horizon: float) -> tuple[BlockSolution, np.ndarray]:
     """Whole subchannels for one stage, starting from the continuous optimum's stage length."""
     K = links.g.shape[0]
     if K > N:
         raise AllocationError(f"{K} devices cannot share {N} subchannels; raise system.subchannels to at least {K}")
     unit = links.p.bandwidth_hz / N
     T = relaxed.T
-    best: _BlockSolution | None = None
+    best: BlockSolution | None = None
     counts = previous = None
     for _ in range(30):  # alternate: the assignment for the stage length, the stage length for the assignment
         assigned = _greedy(links, T, N)

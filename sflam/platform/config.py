@@ -560,8 +560,10 @@ class ExperimentConfig:
         _check("leakage" not in objectives or self.privacy.evaluate_every > 0, "privacy.evaluate_every",
                self.privacy.evaluate_every, "an integer >= 1 with study.objectives containing leakage (it is measured "
                "by the per-round attacks)")
-        _check("privacy_epsilon" not in objectives or self.privacy.noise_sigma > 0, "privacy.noise_sigma",
-               self.privacy.noise_sigma, "a number > 0 with study.objectives containing privacy_epsilon")
+        # sigma searched by the study: each trial's own value is checked when its config is built
+        _check("privacy_epsilon" not in objectives or self.privacy.noise_sigma > 0
+               or "privacy.noise_sigma" in self.study.space, "privacy.noise_sigma", self.privacy.noise_sigma,
+               "a number > 0 (or searched in study.space) with study.objectives containing privacy_epsilon")
         _check(self.split.head == "server" or self.runtime == "local", "split.head", self.split.head,
                "server with runtime=ray (the U-shaped split runs in the reference runtime, runtime=local)")
 

@@ -110,3 +110,28 @@ def test_parallel_trials_run_as_ray_tasks_and_the_driver_records_them(tmp_path: 
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
         assert len(client.get_metric_history(run.info.run_id, "energy_j")) == 2
+
+
+def test_leakage_and_epsilon_are_objectives_of_a_study(tmp_path: Path) -> None:
+    # the accuracy–privacy front over the cut layer and the noise: each trial's values are its run's measured
+    # leakage (the monitoring attack's token accuracy in the last measured round) and its (epsilon, delta) bound
+    space = ("study.space={split.cut_layer: {type: categorical, choices: [0, 2]}, "
+             "privacy.noise_sigma: {type: categorical, choices: [0.5, 4.0]}}")
+    config = small(tmp_path, "study.trials=3", "study.sampler=random", "study.seed=1", space,
+                   "study.objectives=[accuracy, leakage, privacy_epsilon]", "privacy.evaluate_every=2",
+                   "privacy.clip_norm=10", "privacy.monitor_aux_samples=100", "privacy.victims=8")
+    result = run_study(config)
+    study = optuna.load_study(study_name="study-smoke", storage=result.storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for trial in complete:
+        metrics = client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics
+        assert 0 <= trial.values[1] <= 1 and trial.values[1] == pytest.approx(metrics["leakage"])
+        assert trial.values[2] > 0
+    # more noise, a smaller epsilon: the accountant's bound is monotone in sigma
+    by_sigma = {t.params["privacy.noise_sigma"]: t.values[2] for t in complete}
+    if len(by_sigma) == 2:
+        assert by_sigma[4.0] < by_sigma[0.5]
+    assert result.front and {"leakage", "privacy_epsilon"} <= set(result.front[0])

@@ -10,7 +10,7 @@ config's training schedule, and the wall time. The device part is built once per
 adapters); the bits and the defence change only what crosses the link.
 
 Run: .venv/bin/python benchmarks/privacy_sweep.py [--quick] [--sigmas 0.01 1.0] [--only text|image]
-Writes results/benchmarks/privacy_sweep.md (and .json). --quick: cuts 0 and 1, 8 and 32 bits, one sigma,
+Writes benchmarks/results/privacy_sweep.md (and .json). --quick: cuts 0 and 1, 8 and 32 bits, one sigma,
 small budgets and few victims; a check that the sweep runs, not a measurement.
 """
 
@@ -37,7 +37,7 @@ FULL_BUDGET = ["privacy.aux_samples=2000", "privacy.inverse_steps=300", "privacy
                "privacy.victims=32"]
 QUICK_BUDGET = ["privacy.aux_samples=300", "privacy.inverse_steps=30", "privacy.optimisation_steps=15",
                 "privacy.victims=8"]
-OUT = Path("results/benchmarks/privacy_sweep")
+OUT = Path("benchmarks/results/privacy_sweep")
 
 
 def with_link(setup: AttackSetup, config: ExperimentConfig, bits: int, clip: float, sigma: float) -> AttackSetup:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import random
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,15 @@ def cost_cache(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+SEED_ENV = "SFLAM_TEST_SEED"
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    """A randomised test's generator: its seed is printed (pytest shows it with a failure) and comes from
+    SFLAM_TEST_SEED when set, so `SFLAM_TEST_SEED=<seed> pytest <test>` repeats the failing draw."""
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**32))
+    print(f"random draws of this test: seed {seed} ({SEED_ENV}={seed} repeats them)")
+    return random.Random(seed)

@@ -29,7 +29,7 @@ CASES = {
     "fedadam": ("aggregation.strategy=fedadam", "aggregation.server_lr=0.02"),
     "fedyogi": ("aggregation.strategy=fedyogi", "aggregation.server_lr=0.02"),
     "ffa-lora": ("aggregation.strategy=ffa-lora", "aggregation.weights=shard"),
-    "dropouts and deadline": ("participation.dropout=0.4", "participation.over_selection=1.0",
+    "dropouts, availability and over-selection": ("participation.dropout=0.4", "participation.over_selection=1.0",
                               "participation.availability=0.8", "train.devices_per_round=4"),
 }
 
@@ -61,7 +61,7 @@ def test_strategies_and_failure_modes_agree_with_the_reference_runtime(pool, cas
                     strategy=build_strategy(config)).run()
     local = run_local(tiny_config(*BASE, *CASES[case], "runtime=local"))
     assert_runs_agree(remote, local, config)
-    if case == "dropouts and deadline":
+    if case == "dropouts, availability and over-selection":
         assert sum(r.late for r in local.rounds) == 8 and sum(r.dropped for r in local.rounds) >= 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 from pathlib import Path
 
 import psutil
@@ -172,15 +173,14 @@ def test_deepspeed_server_state_is_checkpointed_and_resume_continues_exactly(sta
 
 
 @pytest.mark.slow
-def test_deepspeed_run_killed_by_sigkill_resumes_from_the_command_line_exactly(tmp_path: Path) -> None:
+def test_deepspeed_run_killed_by_sigkill_resumes_from_the_command_line_exactly(tmp_path: Path,
+                                                                              rng: random.Random) -> None:
     """`sflam run --resume` with server.engine=deepspeed: the DeepSpeed state goes through checkpoint.pt."""
-    import random
-
     from tests.pipelines.test_resume import ROUNDS, assert_same_run, run_to_end, start_and_kill
 
     args = ("runtime=ray", "ray.workers=1", "ray.local_cpus=3", "server.engine=deepspeed", "server.ranks=2",
             "server.zero_stage=3")
-    pids, _ = start_and_kill(tmp_path / "killed", random.Random().randint(1, ROUNDS - 2), *args)
+    pids, _ = start_and_kill(tmp_path / "killed", rng.randint(1, ROUNDS - 2), *args)
     for pid in pids:  # the run's own watchdog ends them; never leave them behind if it did not
         try:
             psutil.Process(pid).kill()

@@ -84,8 +84,9 @@ def alive(pids: list[int]) -> list[int]:
     return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
 
 
-def test_local_run_killed_at_a_random_round_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    kill_after = random.Random().randint(1, ROUNDS - 2)
+def test_local_run_killed_at_a_random_round_resumes_to_the_uninterrupted_result(tmp_path: Path,
+                                                                                rng: random.Random) -> None:
+    kill_after = rng.randint(1, ROUNDS - 2)
     run_to_end(tmp_path / "clean")
     _, log = start_and_kill(tmp_path / "killed", kill_after)
     target = tmp_path / "killed" / "resume"
@@ -112,9 +113,9 @@ def test_local_run_killed_at_a_random_round_resumes_to_the_uninterrupted_result(
 
 
 @pytest.mark.slow
-def test_ray_run_killed_leaves_no_orphans_and_resumes_exactly(tmp_path: Path) -> None:
+def test_ray_run_killed_leaves_no_orphans_and_resumes_exactly(tmp_path: Path, rng: random.Random) -> None:
     ray_args = ("runtime=ray", "ray.workers=2", "ray.local_cpus=3")
-    kill_after = random.Random().randint(1, ROUNDS - 2)
+    kill_after = rng.randint(1, ROUNDS - 2)
     pids, _ = start_and_kill(tmp_path / "killed", kill_after, *ray_args)
     try:
         assert len(pids) >= 4  # GCS, raylet, the agents and the workers

@@ -6,7 +6,8 @@ Work: tiny-llama on the synthetic task, every device selected every round (K dev
 each, 2 local steps of mini-batch 4, nf4 device weights, 8-bit smashed data, torch server part, one torch
 thread. For each K, in this process on the same round's plan (server part restored before each path):
 - batched: the local runtime's executor, all devices as one cohort (the default);
-- device by device: the same executor with `batched=False` (each device's forward, backward and AdamW alone);
+- device by device: the same protocol over a `DeviceSide` that runs each device alone (its forward, backward and
+  AdamW), as `tests/reference.py` does;
 - single adapter: one adapter over all the round's samples as one batch per local step (no per-device work at
   all: the machine's limit for this work).
 Each is the executor's time for the round's local steps (device part, codec and server part); the driver's

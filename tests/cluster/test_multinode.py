@@ -41,13 +41,12 @@ def cluster() -> Iterator[dict[str, Any]]:
     """Head (edge: 4), two server nodes (server: 1 each) and an edge node (edge: 2); the driver joins it.
 
     The head has room for every edge worker: Ray's default policy would keep them there, SPREAD must not."""
-    loopback = {"node_ip_address": "127.0.0.1"}  # every node on this machine's loopback, never its outward address
-    nodes = Cluster(initialize_head=True, head_node_args={**loopback, "num_cpus": 4, "resources": {"edge": 4}})
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "resources": {"edge": 4}})
     watchdog = None
     try:
-        named = {"server-a": nodes.add_node(**loopback, num_cpus=1, resources={"server": 1}),
-                 "server-b": nodes.add_node(**loopback, num_cpus=1, resources={"server": 1}),
-                 "edge-b": nodes.add_node(**loopback, num_cpus=2, resources={"edge": 2})}
+        named = {"server-a": nodes.add_node(num_cpus=1, resources={"server": 1}),
+                 "server-b": nodes.add_node(num_cpus=1, resources={"server": 1}),
+                 "edge-b": nodes.add_node(num_cpus=2, resources={"edge": 2})}
         nodes.wait_for_nodes()
         start_ray(nodes.address)
         watchdog = start_watchdog()  # pytest killed: the nodes' raylets and workers go with it

@@ -12,6 +12,7 @@ from sflam.actors.runtime import RayBackend, start_watchdog
 from sflam.cluster.connect import start_ray
 from sflam.platform.local import run_local
 from tests.conftest import tiny_config
+from tests.equality import LOSSLESS, adamw_reach, assert_adamw_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
@@ -52,8 +53,9 @@ def test_torch_server_engine_runs_on_its_gpu_and_gives_the_cpu_losses(tmp_path) 
 @pytest.mark.parametrize("weights", ["fp32", "nf4", "int8"])
 def test_edge_workers_compute_on_their_gpus_and_give_the_cpu_losses(tmp_path, weights) -> None:
     """Two edge workers sharing one GPU (0.5 each) run the device part there; the round's losses and the final
-    adapter equal the CPU reference's within float differences of the two devices' kernels."""
-    overrides = (*BASE, f"quant.weights={weights}")
+    adapter equal the CPU reference's within float differences of the two devices' kernels. Messages are lossless
+    so the adapters can be compared (tests/equality.py: a quantized codec's flips make them incomparable)."""
+    overrides = (*BASE, f"quant.weights={weights}", *LOSSLESS)
     config = tiny_config(*overrides, "runtime=ray", "ray.workers=2", "ray.gpus_per_worker=0.5",
                          f"output_dir={tmp_path}")
     runtime = RayBackend(config)
@@ -66,6 +68,14 @@ def test_edge_workers_compute_on_their_gpus_and_give_the_cpu_losses(tmp_path, we
     reference = run_local(tiny_config(*overrides))
     assert np.max(np.abs(step_losses(result) - step_losses(reference))) <= 1e-3
     assert abs(result.accuracy - reference.accuracy) <= 0.05
+    # the final adapters: every element within what AdamW can move it, all but a few within rounding of the scale
+    train = config.train
+    steps = train.rounds * train.local_steps
+    assert_adamw_close(result.device_adapter, reference.device_adapter, adamw_reach(train.device_lr, steps),
+                       what="device adapter")
+    if reference.server_state:
+        assert_adamw_close(result.server_state, reference.server_state, adamw_reach(train.server_lr, steps),
+                           what="server state")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

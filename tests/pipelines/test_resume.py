@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
@@ -45,18 +46,33 @@ def run_to_end(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def start_and_kill(out: Path, kill_after: int, *extra: str) -> tuple[list[int], str]:
-    """Start a run, SIGKILL it once round `kill_after` is reported; returns its Ray processes and its stderr."""
+def started_by(pid: int) -> dict[int, psutil.Process]:
+    """Every process the run has started and that is still there, whatever its name: its descendants, and the
+    members of its session (the run leads one), which a process that left the tree by double-forking stays in."""
+    found = {p.pid: p for p in psutil.Process(pid).children(recursive=True)}
+    for process in psutil.process_iter():
+        try:
+            if process.pid != pid and os.getsid(process.pid) == pid:
+                found.setdefault(process.pid, process)
+        except (OSError, psutil.Error):  # gone meanwhile
+            continue
+    return found
+
+
+def start_and_kill(out: Path, kill_after: int, *extra: str) -> tuple[list[psutil.Process], str]:
+    """Start a run in its own session, SIGKILL it once round `kill_after` is reported; returns every process it
+    started (seen at any reported line, up to the kill) and its stderr."""
     proc = subprocess.Popen(sflam("run", *TINY, *extra, f"output_dir={out}"), cwd=ROOT, env=env(), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     assert proc.stderr is not None
-    lines, ray_pids = [], []
+    lines: list[str] = []
+    started: dict[int, psutil.Process] = {}
     try:
         for line in proc.stderr:
             lines.append(line)
+            for found in started_by(proc.pid).values():  # psutil.Process: a reused pid is not the same process
+                started.setdefault(found.pid, found)
             if line.startswith(f"round {kill_after:>3}/{ROUNDS}"):
-                ray_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
-                            if "ray" in " ".join(p.cmdline())]
                 os.kill(proc.pid, signal.SIGKILL)
                 break
         proc.wait(timeout=60)
@@ -64,7 +80,7 @@ def start_and_kill(out: Path, kill_after: int, *extra: str) -> tuple[list[int], 
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
-    return ray_pids, "".join(lines)
+    return list(started.values()), "".join(lines)
 
 
 def rounds_csv(path: Path) -> list[dict[str, str]]:
@@ -80,8 +96,21 @@ def assert_same_run(resumed: Path, clean: Path) -> None:
     assert rounds_csv(resumed / "rounds.csv") == rounds_csv(clean / "rounds.csv")
 
 
-def alive(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    def running(process: psutil.Process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [p for p in processes if running(p)]
+
+
+def described(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid}: {' '.join(process.cmdline())[:120]}"
+    except psutil.Error:
+        return f"{process.pid}: gone"
 
 
 def test_local_run_killed_at_a_random_round_resumes_to_the_uninterrupted_result(tmp_path: Path,
@@ -116,16 +145,18 @@ def test_local_run_killed_at_a_random_round_resumes_to_the_uninterrupted_result(
 def test_ray_run_killed_leaves_no_orphans_and_resumes_exactly(tmp_path: Path, rng: random.Random) -> None:
     ray_args = ("runtime=ray", "ray.workers=2", "ray.local_cpus=3")
     kill_after = rng.randint(1, ROUNDS - 2)
-    pids, _ = start_and_kill(tmp_path / "killed", kill_after, *ray_args)
+    started, _ = start_and_kill(tmp_path / "killed", kill_after, *ray_args)
     try:
-        assert len(pids) >= 4  # GCS, raylet, the agents and the workers
+        assert len(started) >= 4  # GCS, raylet, the agents, the workers, the watchdog
         deadline = time.monotonic() + 30
-        while alive(pids) and time.monotonic() < deadline:
+        while alive(started) and time.monotonic() < deadline:
             time.sleep(1)
-        assert not alive(pids), [" ".join(psutil.Process(p).cmdline())[:120] for p in alive(pids)]
+        # whatever the run started, Ray's or not, is gone (the watchdog's own filter is not the test's)
+        assert not alive(started), [described(p) for p in alive(started)]
     finally:
-        for pid in alive(pids):  # never leave our own cluster behind, even when the test fails
-            psutil.Process(pid).kill()
+        for process in alive(started):  # never leave our own cluster behind, even when the test fails
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
     run_to_end(tmp_path / "killed", *ray_args, "--resume")
     run_to_end(tmp_path / "clean", *ray_args)
     assert_same_run(tmp_path / "killed" / "resume", tmp_path / "clean" / "resume")

@@ -28,31 +28,49 @@ def free_port() -> int:
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 with an sqlite backend, stopped by its own process id."""
 
+    START_S = 120.0  # the server must answer within this, or the test fails saying so
+
     def __init__(self, root: Path) -> None:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         mlflow = Path(sys.executable).parent / "mlflow"
-        self.proc = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            self.stop()
-            raise RuntimeError("mlflow server did not start")
+        root.mkdir(parents=True, exist_ok=True)
+        self.log = root / "server.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
+                 str(root / "art")], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        deadline = time.time() + self.START_S
+        while not self._port_open():
+            self._give_up_after(deadline, "its port never opened")
+            time.sleep(0.5)
         client = MlflowClient(self.uri)
-        while time.time() < deadline:  # the port opens before the app answers
+        while True:  # the port opens before the app answers
             try:
                 client.search_experiments()
                 return
-            except Exception:
-                time.sleep(0.5)
+            except Exception as exc:  # any failure to answer is waited out, then reported
+                self._give_up_after(deadline, f"it never answered a search ({type(exc).__name__}: {exc})")
+            time.sleep(0.5)
+
+    def _port_open(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def _give_up_after(self, deadline: float, why: str) -> None:
+        """Fail the test, with the server's own last words, once it has exited or the deadline has passed."""
+        code = self.proc.poll()
+        if code is None and time.time() < deadline:
+            return
+        self.stop()
+        state = f"it exited with code {code}" if code is not None else f"after {self.START_S:.0f} s {why}"
+        tail = self.log.read_text(errors="replace")[-2000:]
+        pytest.fail(f"the mlflow server on {self.uri} is not usable: {state}; its stderr ends:\n{tail}",
+                    pytrace=False)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -1,6 +1,6 @@
 """The allocator (docs/concepts/allocator.md) under the lockstep makespan: feasibility, optimality against a generic
-solver
-and brute force, the λ extremes, the equal baseline, deadlines and caps."""
+solver (multi-start SLSQP written here) and brute force over the bits with that solver, the λ extremes, the equal
+baseline, deadlines and caps."""
 
 from __future__ import annotations
 
@@ -122,19 +122,38 @@ def generic_block(problem: AllocationProblem, bits_index: np.ndarray, ref: tuple
     return best
 
 
-@pytest.mark.parametrize(("seed", "lam"), [(0, 0.2), (1, 0.5), (2, 0.9), (3, 0.5), (4, 0.7)])
-def test_power_bandwidth_block_matches_a_generic_solver(seed: int, lam: float) -> None:
-    problem = make_problem(3, seed=seed, lam=lam)
+BLOCK_CASES = [  # (K, seed, lam, local steps (J = steps + 1 stages), bit options)
+    (3, 0, 0.2, 2, (4, 8, 32)), (3, 1, 0.5, 1, (2, 8)), (4, 2, 0.9, 2, (4, 8, 32)), (5, 3, 0.5, 2, (2, 4, 8)),
+    (6, 4, 0.7, 1, (4, 8, 32)), (8, 5, 0.3, 2, (4, 8, 32)), (8, 6, 0.5, 2, (2, 8, 16)), (8, 7, 0.8, 1, (4, 16, 32)),
+    (8, 8, 0.05, 2, (2, 4, 32)), (7, 9, 1.0, 2, (4, 8, 32)),
+]
+BLOCK_GAP = 1e-4  # the block's roots stop at ~1e-5 (seen: 1.1e-5 above SLSQP at K=3, seed 1); SLSQP's at ~1e-9
+
+
+@pytest.mark.parametrize(("K", "seed", "lam", "steps", "bits"), BLOCK_CASES)
+def test_power_bandwidth_block_matches_a_generic_solver(K: int, seed: int, lam: float, steps: int,
+                                                        bits: tuple[int, ...], record_property) -> None:
+    """Both ways: the block is no worse than the generic solver's best start, and the generic solver finds the
+    block's value (so the comparison is not against a solver that stalled, and the block does not under-report)."""
+    problem = make_problem(K, seed=seed, lam=lam, bits=bits, steps=steps)
     ref = reference_costs(problem)
-    bits_index = np.random.default_rng(seed).integers(1, len(problem.bits_options), problem.size)
+    bits_index = np.random.default_rng(seed).integers(0, len(problem.bits_options), problem.size)
     ours = solve_power_bandwidth(problem, bits_index, ref)
     assert_feasible(problem, ours, check_distortion=False)
+    T0, E0 = ref  # the objective from the plan's own latency and energy, not the one the block reports
+    priced = lam * ours.round_latency_s / T0 + (1 - lam) * ours.total_energy_j / E0
+    assert ours.objective == pytest.approx(priced, rel=1e-12)
     generic = generic_block(problem, bits_index, ref)
     assert np.isfinite(generic)
-    assert ours.objective <= generic * (1 + 1e-3), (ours.objective, generic)
+    gap = priced / generic - 1  # > 0: the block is worse than SLSQP
+    record_property("gap_vs_slsqp", gap)
+    assert gap <= BLOCK_GAP, f"the block is {gap:.3g} worse than SLSQP ({priced} vs {generic})"
+    assert gap >= -BLOCK_GAP, f"SLSQP is {-gap:.3g} worse than the block ({generic} vs {priced})"
 
 
 def brute_force(problem: AllocationProblem) -> float:
+    """Every bit combination within the budget, each power/bandwidth block solved by the generic solver (not the
+    package's block): the joint optimum up to SLSQP's accuracy."""
     ref = reference_costs(problem)
     best = np.inf
     Q = len(problem.bits_options)
@@ -143,7 +162,8 @@ def brute_force(problem: AllocationProblem) -> float:
         used = np.sum(problem.distortion_weight * distortion(problem.bits_options[idx]))
         if used > problem.distortion_budget * (1 + 1e-12):
             continue
-        best = min(best, solve_power_bandwidth(problem, idx, ref).objective)
+        best = min(best, generic_block(problem, idx, ref))
+    assert np.isfinite(best)
     return best
 
 
@@ -160,7 +180,7 @@ def test_joint_allocation_is_within_one_percent_of_brute_force(K: int, seed: int
 
 def test_exhaustive_search_equals_brute_force() -> None:
     problem = make_problem(3, seed=7, lam=0.5, bits=(2, 4, 8), budget_bits=4)
-    assert allocate(problem, search="exhaustive").objective == pytest.approx(brute_force(problem), rel=1e-9)
+    assert allocate(problem, search="exhaustive").objective == pytest.approx(brute_force(problem), rel=BLOCK_GAP)
 
 
 def test_lambda_one_attains_the_minimum_makespan() -> None:

@@ -17,7 +17,7 @@ from sflam.platform.flops import FlopTable, _count
 from sflam.platform.local import run_local, run_round
 from sflam.platform.memory import measure_device_memory
 from sflam.platform.participation import round_indices, round_shapes, select_devices
-from sflam.platform.schedule import latency, makespan
+from sflam.platform.schedule import latency, lockstep_phases
 from tests.conftest import tiny_config
 
 MODES = ("bf16", "int8", "nf4", "fp4")
@@ -82,16 +82,46 @@ def test_plan_payloads_equal_what_the_round_sends() -> None:
     assert np.all(problem.downlink_bits[:, 0] == exp.planner.adapter_bits)
 
 
-def test_round_latency_is_the_makespan_of_the_planned_phases() -> None:
+def lockstep_by_hand(up: np.ndarray, down: np.ndarray, forward: np.ndarray, backward: np.ndarray,
+                     server: np.ndarray) -> float:
+    """A lockstep round written out: stage 0 downloads the adapter, runs forward 1 and sends it; stage e receives
+    gradient e, runs backward e and forward e + 1 and sends it; the last stage runs the last backward and sends the
+    adapter. Every stage but the last ends at a barrier (the slowest device), then the server's step."""
+    E = forward.shape[1]
+    busy = [down[:, 0] + forward[:, 0] + up[:, 0]]
+    busy += [down[:, e] + backward[:, e - 1] + forward[:, e] + up[:, e] for e in range(1, E)]
+    busy += [down[:, E] + backward[:, E - 1] + up[:, E]]
+    return float(sum(np.max(b) for b in busy) + np.sum(server))
+
+
+def test_lockstep_latency_of_a_hand_made_plan() -> None:
+    """Two devices, two steps, times in seconds. Stages (A | B): 1+2+1 | 2+1+2 -> 5; 1+3+1+1 | 1+1+1+3 -> 6;
+    2+1+2 | 1+1+1 -> 5; server 0.5 + 0.5: 17 s. Without the radio: 2 | 1; 3+1 | 1+1; 1 | 1 -> 2 + 4 + 1 + 1 = 8 s;
+    the radio adds 9 s."""
+    phases = lockstep_phases(uplink_s=np.array([[1.0, 1.0, 2.0], [2.0, 3.0, 1.0]]),
+                             downlink_s=np.array([[1.0, 1.0, 2.0], [2.0, 1.0, 1.0]]),
+                             forward_s=np.array([[2.0, 1.0], [1.0, 1.0]]),
+                             backward_s=np.array([[3.0, 1.0], [1.0, 1.0]]),
+                             server_s=np.array([0.5, 0.5]))
+    parts = latency(phases, "lockstep")
+    assert (parts.round_s, parts.compute_s, parts.comm_s) == pytest.approx((17.0, 8.0, 9.0), rel=1e-15)
+
+
+def test_round_latency_and_its_parts_are_the_planned_lockstep() -> None:
     config = tiny_config("train.rounds=1", "train.local_steps=3")
     exp = Experiment.build(config)
     _, metrics = run_round(exp, 0, exp.device.initial_adapter())
     plan = metrics.plan
-    assert metrics.round_latency_s == pytest.approx(makespan(plan.phases, "lockstep"), rel=1e-12)
-    assert metrics.round_latency_s == pytest.approx(plan.allocation.round_latency_s, rel=1e-9)
-    parts = latency(plan.phases, "lockstep")
-    assert metrics.comm_latency_s + metrics.compute_latency_s == pytest.approx(metrics.round_latency_s, rel=1e-12)
-    assert 0 < parts.comm_s < parts.round_s
+    a = plan.allocation
+    work = exp.planner.inputs(0, plan.devices, shapes(exp, plan.devices))  # the compute phases, from the batches
+    zeros = np.zeros_like(a.uplink_s)
+    total = lockstep_by_hand(a.uplink_s, a.downlink_s, work.forward_s, work.backward_s, work.server_s)
+    compute = lockstep_by_hand(zeros, zeros, work.forward_s, work.backward_s, work.server_s)
+    assert metrics.round_latency_s == pytest.approx(total, rel=1e-12)
+    assert metrics.round_latency_s == pytest.approx(a.round_latency_s, rel=1e-9)  # what the allocator planned
+    assert metrics.compute_latency_s == pytest.approx(compute, rel=1e-12)
+    assert metrics.comm_latency_s == pytest.approx(total - compute, rel=1e-9)
+    assert 0 < metrics.comm_latency_s < metrics.round_latency_s
     # lockstep: never faster than the slowest device alone, never slower than all barriers at their worst
     assert metrics.round_latency_s >= float(np.max(plan.phases.chains())) * (1 - 1e-12)
 

@@ -81,3 +81,16 @@ def test_converted_backbone_reproduces_the_onnx_graph(cache, digits, monkeypatch
     same = [float(similarity[i, i + 1]) for i in (0, 2, 4)]
     different = [float(similarity[i, j]) for i in range(6) for j in range(6) if i // 2 != j // 2]
     assert min(same) > float(np.mean(different))
+    # the negative control of docs/concepts/models-and-data.md: two projections of one block swapped (query and
+    # value, weights and biases) and the comparison fails by far
+    params = dict(model.dinov2.named_parameters())
+    with torch.no_grad():
+        for kind in ("weight", "bias"):
+            q, v = (params[f"encoder.layer.5.attention.{p}_proj.{kind}"] for p in "qv")
+            saved = q.clone()
+            q.copy_(v)
+            v.copy_(saved)
+        swapped = model.dinov2(pixel_values=digits).last_hidden_state.numpy()
+    swapped_error = float(np.abs(swapped - reference).max())
+    print(f"with block 5's query and value projections swapped: max abs error {swapped_error:.2e}")
+    assert swapped_error > 100 * TOL

@@ -175,11 +175,11 @@ def test_a_study_on_several_nodes_without_a_database_server_is_refused_in_one_li
     assert [line for line in lines if "error" in line.lower()] == lines[-1:]
     if storage:
         assert lines[-1] == (f"sflam study: error: study.storage=sqlite:///{tmp_path}/optuna.db: a SQLite file cannot "
-                            f"serve study.parallel={PARALLEL} on {live} nodes (their trials record heartbeats from every "
-                            f"node); start PostgreSQL with `sflam db start --dir {tmp_path}` and leave study.storage "
-                            "unset")
+                            f"serve study.parallel={PARALLEL} on {live} nodes (their trials record heartbeats from "
+                            f"every node); start PostgreSQL with `sflam db start --dir {tmp_path}` and leave "
+                            "study.storage unset")
     else:
-        assert lines[-1] == (f"sflam study: error: study.parallel={PARALLEL} on a cluster of {live} nodes needs a database "
-                            f"server every node reaches: start one with `sflam db start --dir {tmp_path}` (then it "
-                            "is the default), or set study.storage=postgresql://...")
+        assert lines[-1] == (f"sflam study: error: study.parallel={PARALLEL} on a cluster of {live} nodes needs a "
+                            f"database server every node reaches: start one with `sflam db start --dir {tmp_path}` "
+                            "(then it is the default), or set study.storage=postgresql://...")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no MLflow run, no trial

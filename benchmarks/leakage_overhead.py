@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sflam.platform.files import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -84,13 +86,7 @@ def main() -> None:
     lines += ["", f"Rounds' wall time with leakage / without: **{ratio:.3f}** (mean over the repeats); the whole "
               f"command: {mean(True, 'command_s') / mean(False, 'command_s'):.3f}.", ""]
     text = "\n".join(lines)
-    target = ROOT / "benchmarks/results/leakage_overhead.md"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=".leakage_overhead.md.", dir=target.parent)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.chmod(name, 0o644)
-    os.replace(name, target)
+    write_text(ROOT / "benchmarks/results/leakage_overhead.md", text)  # atomically: never a half-written table
     print(text)
 
 

@@ -46,6 +46,7 @@ class EdgeWorker:
         self.round_index = -1
 
     @logged
+    @trimmed
     def load(self, data: DataBundle, device_part: DevicePart, server_part: list[Any]) -> int:
         """`data` and `device_part` arrive built (the driver's, through the object store: nothing is tokenized,
         loaded or quantized again here); `server_part` holds the reference to the driver's server part, fetched
@@ -126,6 +127,7 @@ class EdgeWorker:
         return partial, float(sum(w for w in self.weights if w > 0)), samples
 
     @logged
+    @trimmed
     def replay(self, gradients: list[list[Encoded | None]], *start_args: Any) -> None:
         """Rebuild a lost worker's devices: rerun the steps whose gradients the server already sent.
 
@@ -138,6 +140,7 @@ class EdgeWorker:
 
     # ------------------------------------------------------------------ evaluation
     @logged
+    @trimmed
     def evaluate(self, adapter: Adapter, server_state: Adapter, numbers: list[int]) -> list[tuple[float, int, int]]:
         """Evaluation batches `numbers` (as the reference runtime numbers them) through the whole deployed
         pipeline here: this worker's own test data, the device part, the codec and the server part with the

@@ -39,4 +39,5 @@ def trimmed(method: F) -> F:
         finally:
             release_freed_memory()
 
+    wrapper.releases_heap = True  # type: ignore[attr-defined]  # copied by functools.wraps of outer decorators
     return wrapper  # type: ignore[return-value]

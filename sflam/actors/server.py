@@ -92,6 +92,7 @@ class ServerRank:
                                    else "cpu")
 
     @logged
+    @trimmed
     def load(self, part: ServerPart, send_gradients: bool) -> int:
         """`part` arrives built: the driver's server part through the object store (this rank's own copy)."""
         self.server = server_runner(self.config, part, send_gradients)
@@ -108,6 +109,7 @@ class ServerRank:
         return host, free_port(host)
 
     @logged
+    @trimmed
     def join(self, master_addr: str, master_port: int) -> str:
         """Join the DeepSpeed group at rank 0's address (after `load`); returns the collectives backend in use."""
         self._init_deepspeed(master_addr, master_port)
@@ -205,6 +207,7 @@ class ServerRank:
         return (float(mean_loss.detach()) * shard_samples, int(correct), shard_samples, bits), EncodedList(gradients)
 
     @logged
+    @trimmed
     def checkpoint(self) -> dict[str, Any]:
         """What an exact resume needs: the torch engine's tensors and optimizer state, or this rank's files of
         DeepSpeed's own checkpoint (trainable tensors, optimizer state and ZeRO partitions; every rank takes part)."""
@@ -218,6 +221,7 @@ class ServerRank:
         return {"deepspeed": files}
 
     @logged
+    @trimmed
     def restore(self, state: dict[str, Any]) -> None:
         if self.engine is None:
             self.server.restore(state)
@@ -235,6 +239,7 @@ class ServerRank:
             raise ValueError("DeepSpeed found no checkpoint of this group's ranks in the run's checkpoint")
 
     @logged
+    @trimmed
     def state(self) -> Adapter:
         """The server part's trained tensors (gathered from every rank under ZeRO-3)."""
         if self.engine is None or self.config.server.zero_stage < 3:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from sflam.platform import flops, memory
+from sflam.platform import cache, flops, memory
 from sflam.platform.assembly import build_runners
 from sflam.platform.cache import CACHE_ENV, CostCache, cache_dir, cost_fields
 from sflam.platform.data import batch_shape, collate
@@ -130,3 +131,39 @@ def test_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     monkeypatch.delenv("SFLAM_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "sflam" / "costs"
+
+
+@pytest.mark.parametrize("library", ["torch", "transformers", "peft", "bitsandbytes"])
+def test_a_changed_library_version_is_a_new_entry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   library: str) -> None:
+    config, data, device, server = _parts()
+    fields = cost_fields(config, device.part, server.part)
+    first = CostCache("flops", fields, tmp_path)
+    _count_all(_table(device, server, first), data)
+    assert _table(device, server, CostCache("flops", fields, tmp_path)).cached == 4  # same versions: read back
+    real = cache._version
+    monkeypatch.setattr(cache, "_version", lambda name: real(name) + ".post9" if name == library else real(name))
+    upgraded = CostCache("flops", fields, tmp_path)
+    assert upgraded.key != first.key
+    assert _table(device, server, upgraded).cached == 0  # the entry of the other version is never read
+    assert len(list(tmp_path.glob("flops-*.json"))) == 1  # nothing counted yet under the new key: not written
+
+
+def test_another_thread_count_is_a_new_memory_entry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    config, data, device, server = _parts()
+    fields = cost_fields(config, device.part, server.part)
+    adapter, batch = device.initial_adapter(), collate(data.train, np.arange(8), data.pad_token_id)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cached_device_memory(config, device.part, adapter, batch, fields)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(memory, "measure_device_memory", _no_counting)
+        with pytest.raises(AssertionError, match="counted again"):  # two threads: measured afresh, not read
+            cached_device_memory(config, device.part, adapter, batch, fields)
+        torch.set_num_threads(1)
+        assert cached_device_memory(config, device.part, adapter, batch, fields) == one  # one thread: read back
+    finally:
+        torch.set_num_threads(threads)
+    assert len(list(tmp_path.glob("memory-*.json"))) == 1

@@ -131,7 +131,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     quiet_libraries()
     config = _load(args)
     validate(config)
-    _announce(f"sflam compare: {config.name} — fl, sl, sfl, sfl-q and sflam on the same devices, data and channels")
+    _announce(f"sflam compare: {config.name} — fl, sl, sfl, sfl-v2, sfl-q and sflam on the same devices and data")
     result = run_compare(config, progress=lambda method, m: print_progress(m, config.train.rounds),
                          announce=_announce, seeds=args.seeds, resume=args.resume)
     if args.json:
@@ -293,7 +293,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "train one experiment and print its round table"),
     "runs": (cmd_runs, "manage recorded runs: --clean marks FAILED the runs left RUNNING by a dead process"),
     "db": (cmd_db, "start, stop or show the project's PostgreSQL server on 127.0.0.1 (studies, MLflow)"),
-    "compare": (cmd_compare, "run fl, sl, sfl, sfl-q and sflam on the same scenario and compare them"),
+    "compare": (cmd_compare, "run fl, sl, sfl, sfl-v2, sfl-q and sflam on the same scenario and compare them"),
     "scale": (cmd_scale, "the same experiment at 10, 100 and 1,000 devices per round"),
     "server": (cmd_server, "start, stop or show the MLflow tracking server on 127.0.0.1 over results/"),
     "study": (cmd_study, "explore the design space with Optuna (multi-objective by default)"),

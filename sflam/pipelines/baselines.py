@@ -6,7 +6,10 @@ fl      federated learning: the whole model on every device (fp32 weights, LoRA 
 sl      vanilla split learning: the selected devices one after another, each training the device part
         for E steps against the server and handing its adapter to the next (fp32 weights and activations);
         each device has the whole band while it transmits, so the round takes the sum of their times.
-sfl     split federated learning with fp32 weights and activations, equal bandwidth, full power.
+sfl     split federated learning (SFL-V1) with fp32 weights and activations, equal bandwidth, full power.
+sfl-v2  SFL-V2: the devices train in parallel from the global adapter (as sfl), but one server part serves them
+        one after another, each device's steps updating it before the next device's; device adapters are
+        averaged as in sfl. fp32, equal bandwidth, full power; a device waits while the server serves others.
 sfl-q   the same split, quantized as configured, equal allocation.
 sflam   quantized and allocated (bits, power, bandwidth).
 """
@@ -42,7 +45,8 @@ from sflam.platform.results import Resume, RoundMetrics, RunResult
 from sflam.platform.split import DevicePart, ServerPart
 from sflam.platform.strategies import Adapter, FitInstructions, local_step, trainable_state
 
-METHODS = ("fl", "sl", "sfl", "sfl-q", "sflam")
+METHODS = ("fl", "sl", "sfl", "sfl-v2", "sfl-q", "sflam")
+SCHEDULE_OF = {"fl": "parallel", "sl": "sequential", "sfl-v2": "server-sequential"}  # the others: lockstep
 ProgressFn = Callable[[RoundMetrics], None]
 Checkpoint = Callable[[Resume], None]
 
@@ -51,13 +55,13 @@ def method_config(config: ExperimentConfig, method: str) -> ExperimentConfig:
     """The configuration each method runs with; everything else (data, devices, channels, seeds) is shared."""
     tree = config.to_dict()
     tree["name"] = f"{config.name}-{method}"
-    if method in ("fl", "sl", "sfl"):
+    if method in ("fl", "sl", "sfl", "sfl-v2"):
         tree["quant"] = {**tree["quant"], "weights": "fp32", "activation_bits": 32, "gradient_bits": 32}
-    if method in ("fl", "sl", "sfl", "sfl-q"):
+    if method in ("fl", "sl", "sfl", "sfl-v2", "sfl-q"):
         tree["allocation"] = {**tree["allocation"], "policy": "equal"}
     if method == "sflam":
         tree["allocation"] = {**tree["allocation"], "policy": "sflam"}
-    if method in ("fl", "sl"):
+    if method in ("fl", "sl", "sfl-v2"):
         tree["runtime"] = "local"  # the baselines run in the reference process
     return config_from_dict(tree)
 
@@ -70,9 +74,10 @@ def build_planner(method: str, config: ExperimentConfig, flops: FlopTable, adapt
     """The one place a method gets its round planner: the cost model under the method's schedule.
 
     sfl, sfl-q and sflam run the lockstep split; fl trains the whole model on every device in parallel
-    (only adapters travel); sl runs the devices one after another, each alone on the whole band.
+    (only adapters travel); sl runs the devices one after another, each alone on the whole band; sfl-v2 runs
+    them in parallel on their shares of the band while the server serves one device after another.
     """
-    schedule = {"fl": "parallel", "sl": "sequential"}.get(method, "lockstep")
+    schedule = SCHEDULE_OF.get(method, "lockstep")
     return RoundPlanner(config, flops, adapter_bits, trains_device=trains_device, schedule=schedule)
 
 
@@ -215,4 +220,37 @@ def run_sl(config: ExperimentConfig, progress: ProgressFn | None = None, announc
                                                                                         resume)
 
 
-RUNNERS: dict[str, Callable[..., RunResult]] = {"fl": run_fl, "sl": run_sl}
+# --------------------------------------------------------------------------- sfl-v2
+
+
+class ServerSequentialBackend(LocalBackend):
+    """sfl-v2: every device starts from the global adapter and trains its own copy of the device part, while the
+    one server part takes the devices' steps one device after another in the round's order (each device's steps
+    update it before the next device's); the finished devices' adapters are averaged with the strategy's weights."""
+
+    def execute(self, task: RoundTask, global_adapter: Adapter) -> RoundOutcome:
+        exp = self.exp
+        exp.server.set_lr_factor(task.lr_factor)
+        devices = [int(k) for k in task.devices]
+        batches = collated(task, exp.data.train, exp.data.pad_token_id, devices)
+        figures = StepFigures()
+        weighted: Adapter = {}
+        for i, k in enumerate(devices):
+            group = exp.device.start([k], global_adapter, task.lr_factor, task.fit)
+            side = CohortDevices(exp.device, group, task, [i], batches)
+            figures.extend(run_steps(exp, task.steps[i], [1] * task.steps[i], side,
+                                     InProcessServer(exp.server, task.round_index, exp.config.quant.activation_bits)))
+            for name, value in group.weighted_sum([task.weights[i]]).items():
+                weighted[name] = weighted[name] + value if name in weighted else value
+        return RoundOutcome(weighted_sum=weighted, total_weight=float(sum(w for w in task.weights if w > 0)),
+                            figures=figures)
+
+
+def run_sfl_v2(config: ExperimentConfig, progress: ProgressFn | None = None, announce: Any = None,
+               checkpoint: Checkpoint | None = None, resume: Resume | None = None) -> RunResult:
+    exp = Experiment.build(config, schedule="server-sequential")
+    return Engine(config, ServerSequentialBackend(exp), planner=exp.planner, data=exp.data).run(progress, checkpoint,
+                                                                                              resume)
+
+
+RUNNERS: dict[str, Callable[..., RunResult]] = {"fl": run_fl, "sl": run_sl, "sfl-v2": run_sfl_v2}

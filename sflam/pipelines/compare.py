@@ -1,4 +1,4 @@
-"""`sflam compare`: fl, sl, sfl, sfl-q and sflam on the same devices, data, channels and seeds
+"""`sflam compare`: fl, sl, sfl, sfl-v2, sfl-q and sflam on the same devices, data, channels and seeds
 (docs/concepts/round-engine.md).
 
 Each method is a child MLflow run of one parent run; the parent gets the comparison table (CSV and

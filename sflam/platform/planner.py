@@ -3,6 +3,7 @@ schedule the runtime executes, allocated by the configured policy, with its make
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from sflam.platform.flops import FlopTable
 from sflam.platform.messages import HEADER_BITS_PER_SAMPLE, U_HEADER_BITS_PER_SAMPLE
 from sflam.platform.schedule import (
     Phases,
+    finish_times,
     latency,
     lockstep_phases,
     lockstep_stage_compute,
@@ -97,9 +99,10 @@ class RoundInputs:
 class RoundPlanner:
     """Builds each round's phases from its mini-batches' shapes, allocates and prices them under `schedule`.
 
-    lockstep (sfl, sfl-q, sflam), sequential (sl: devices one after another, each alone on the whole band)
-    or parallel (fl: the whole model on the device, only adapters travel; `flops` then counts the whole
-    model as the device part).
+    lockstep (sfl, sfl-q, sflam), sequential (sl: devices one after another, each alone on the whole band),
+    server-sequential (sfl-v2: the devices in parallel on their shares of the band, the server serving one
+    device's steps after another) or parallel (fl: the whole model on the device, only adapters travel;
+    `flops` then counts the whole model as the device part).
     """
 
     def __init__(self, config: ExperimentConfig, flops: FlopTable, adapter_bits: int, trains_device: bool,
@@ -110,6 +113,8 @@ class RoundPlanner:
         self.adapter_bits = adapter_bits
         self.trains_device = trains_device
         self.schedule = schedule
+        if schedule == "server-sequential" and config.split.head == "device":
+            raise ValueError("split.head=device with sfl-v2: the U-shaped split is priced for the lockstep and sl only")
         self.population = Population.place(config.system, config.data.num_devices, config.seed)
         alloc = config.allocation
         self.options = np.array(sorted(set(alloc.bits) | {config.quant.activation_bits}))
@@ -128,7 +133,7 @@ class RoundPlanner:
                 rows = shape.samples
                 fwd_flops[i, e], bwd_flops[i, e] = rows * fwd, rows * bwd
                 samples[i] += rows
-                if self.schedule == "sequential":
+                if self.schedule in ("sequential", "server-sequential"):
                     per_device_server[i, e] = rows * sum(self.flops.server(shape.padded))
         if self.u_shaped:
             return self._u_shaped_inputs(round_index, devices, shapes, fwd_flops, bwd_flops, samples)
@@ -141,7 +146,7 @@ class RoundPlanner:
                     server_flops[e] = sum(len(chunk) * sum(self.flops.server(int(lengths[chunk].max())))
                                           for chunk in server_chunks(lengths))
             server_s = server_flops / sysc.server_flops
-        elif self.schedule == "sequential":
+        elif self.schedule in ("sequential", "server-sequential"):
             server_s = per_device_server / sysc.server_flops
         else:
             server_s = np.zeros(0)
@@ -280,12 +285,16 @@ class RoundPlanner:
             solo = phases.chains()
         else:
             ref = reference_costs(problem)
-            if self.config.allocation.policy == "equal":
+            # the allocator optimises the lockstep's stages: sfl-v2's queue at the server runs with equal shares
+            if self.config.allocation.policy == "equal" or self.schedule == "server-sequential":
                 allocation = equal_allocation(problem, self.config.quant.activation_bits, ref)
             else:
                 allocation = allocate(problem, self.config.allocation.bits_search, reference=ref)
             phases = lockstep_phases(allocation.uplink_s, allocation.downlink_s, work.forward_s, work.backward_s,
                                      work.server_s)
+            if self.schedule == "server-sequential":  # the allocation's times, the server's queue's finish times
+                finish = finish_times(phases, self.schedule)
+                allocation = dataclasses.replace(allocation, latency_s=finish, round_latency_s=float(finish.max()))
             # a device's speed, independent of the allocator's equalised stages: its bits at an equal share
             equal = equal_allocation(problem, allocation.bits, ref)
             solo = lockstep_phases(equal.uplink_s, equal.downlink_s, work.forward_s, work.backward_s,

@@ -11,6 +11,12 @@ adapter upload. Three schedules execute them:
       S_{e+1} = S_e + max_k (d_ke + w_ke + f_k,e+1 + u_k,e+1) + s_{e+1}
   and the round ends with the last backward and adapter upload: T = S_E + max_k (d_kE + w_kE + z_k).
 - sequential (sl): one device after another, each alone with the server; T = sum of their chains.
+- server-sequential (sfl-v2): the devices compute and transmit in parallel, but the one server part serves
+  them one at a time in the round's device order, all of a device's steps before the next device's. With F
+  the time the server becomes free and A_ke the arrival of device k's smashed data of step e,
+      A_k1    = a_k + f_k1 + u_k1,      start_ke = max(A_ke, F),      F = start_ke + s_ke,
+      A_k,e+1 = F + d_ke + w_ke + f_k,e+1 + u_k,e+1
+  and device k finishes at F_kE + d_kE + w_kE + z_k (the server turns to the next device meanwhile).
 - parallel (fl): every device trains alone (no smashed data, no server), T = max_k of its chain.
 
 Communication latency is defined once for every schedule: the time the radio adds to the round, i.e.
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEDULES = ("lockstep", "sequential", "parallel")
+SCHEDULES = ("lockstep", "sequential", "server-sequential", "parallel")
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,8 @@ class Phases:
     """Phase durations (seconds) of one round: K devices, E local steps.
 
     `server` is (E,) for the lockstep (one step over every device's micro-batch) and (K, E) for the
-    sequential schedule (the server's step over one device's micro-batch); the parallel schedule has none.
+    sequential and server-sequential schedules (the server's step over one device's micro-batch); the
+    parallel schedule has none.
     """
 
     adapter_down: np.ndarray  # (K,)
@@ -74,9 +81,26 @@ def finish_times(phases: Phases, schedule: str) -> np.ndarray:
         return barrier + stages[:, -1]
     if schedule == "sequential":
         return np.cumsum(phases.chains())
+    if schedule == "server-sequential":
+        return _server_sequential_finish(phases)
     if schedule == "parallel":
         return phases.chains()
     raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+
+
+def _server_sequential_finish(phases: Phases) -> np.ndarray:
+    """Device k's finish time when the server serves the devices one after another, each device's steps in turn."""
+    K, E = phases.forward.shape
+    finish = np.empty(K)
+    free = 0.0  # when the server is free for the next device's step
+    for k in range(K):
+        arrival = phases.adapter_down[k] + phases.forward[k, 0] + phases.uplink[k, 0]
+        for e in range(E):
+            free = max(arrival, free) + phases.server[k, e]
+            back = free + phases.downlink[k, e] + phases.backward[k, e]
+            arrival = back + (phases.forward[k, e + 1] + phases.uplink[k, e + 1] if e + 1 < E else 0.0)
+        finish[k] = back + phases.adapter_up[k]
+    return finish
 
 
 def makespan(phases: Phases, schedule: str) -> float:

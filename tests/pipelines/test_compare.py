@@ -25,6 +25,9 @@ def test_method_configs_follow_the_design() -> None:
     assert (sflq.quant.weights, sflq.quant.activation_bits, sflq.allocation.policy) == ("nf4", 8, "equal")
     assert (ours.quant.weights, ours.allocation.policy) == ("nf4", "sflam")
     assert method_config(base, "fl").quant.weights == "fp32"
+    v2 = method_config(base, "sfl-v2")  # SFL-V1's settings, the server part trained device after device
+    assert (v2.quant.weights, v2.quant.activation_bits, v2.allocation.policy, v2.runtime) == ("fp32", 32, "equal",
+                                                                                              "local")
     # same devices, data, channels and seeds
     for method in METHODS:
         cfg = method_config(base, method)
@@ -57,7 +60,7 @@ def test_compare_runs_every_method_as_child_runs(tmp_path: Path) -> None:
     def samples_per_j(method: str) -> float:
         return sum(int(r["samples"]) for r in rounds[method]) / sum(float(r["energy_j"]) for r in rounds[method])
 
-    for method in ("fl", "sl", "sfl-q", "sflam"):
+    for method in ("fl", "sl", "sfl-v2", "sfl-q", "sflam"):
         row = rows[method]
         assert row["comm_latency_vs_sfl"] == pytest.approx(mean(method, "comm_latency_s")
                                                            / mean("sfl", "comm_latency_s"), rel=1e-9), method
@@ -77,6 +80,13 @@ def test_compare_runs_every_method_as_child_runs(tmp_path: Path) -> None:
             own = sum(float(d["compute_s"]) + float(d["uplink_s"]) + float(d["downlink_s"])
                       for d in per_device if d["round"] == r["round"])
             assert (float(r["round_latency_s"]) >= own * (1 - 1e-12)) is one_at_a_time, (method, r["round"])
+    # sfl-v2: each round ends when its last device's adapter is up behind the server's queue (allocation.csv's
+    # finish times are the queue's, not the lockstep's); the same fp32 device part as sfl
+    per_device = list(csv.DictReader((target / "sfl-v2" / "allocation.csv").open()))
+    for r in rounds["sfl-v2"]:
+        finish = [float(d["finish_s"]) for d in per_device if d["round"] == r["round"]]
+        assert float(r["round_latency_s"]) == pytest.approx(max(finish), rel=1e-12)
+    assert rows["sfl-v2"]["device_memory_bytes"] == rows["sfl"]["device_memory_bytes"]
     # the same split and fp32 work per device: sl's computation adds up, sfl's overlaps between barriers
     assert rows["sl"]["compute_latency_s"] > rows["sfl"]["compute_latency_s"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -4,6 +4,8 @@
 force the layout: each DeepSpeed rank needs `server` (one on each of two server nodes), each edge worker
 needs `edge` (the head and one edge node have it). One cluster and one ZeRO-3 pool serve the module; the
 fixture shuts the cluster down whatever the tests do, and a watchdog ends its processes if pytest is killed.
+No test depends on another's order: a test that needs the server nodes free releases the pool (the next
+user builds it again), and a test that removes a node adds its replacement back and releases the pool.
 """
 
 from __future__ import annotations
@@ -74,19 +76,48 @@ def reference() -> RunResult:
     return run_local(tiny_config(*BASE))
 
 
+class Pool:
+    """The module's ZeRO-3 runtime on the cluster, built on first use and again after `release`; its fault-free
+    run (and that run's round-1 checkpoint) is computed once and kept: every build gives the same run."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.runtime, self.fresh = out, None, None
+        self.checkpoint = out / "checkpoint.pt"
+        self.fault_free: RunResult | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if self.runtime is None:
+            self.runtime = RayBackend(on_cluster(3, self.out))
+            self.fresh = self.runtime.server_checkpoint()
+        return {"runtime": self.runtime, "fresh": self.fresh, "checkpoint": self.checkpoint}[key]
+
+    def release(self) -> None:
+        """Shut the runtime down: its ranks free the server nodes."""
+        if self.runtime is not None:
+            self.runtime.shutdown()
+        self.runtime = self.fresh = None
+
+
 @pytest.fixture(scope="module")
-def zero3(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("zero3")
-    runtime = RayBackend(on_cluster(3, out))
+def zero3(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    pool = Pool(tmp_path_factory.mktemp("zero3"))
     try:
-        yield {"runtime": runtime, "fresh": runtime.server_checkpoint(), "checkpoint": out / "checkpoint.pt"}
+        yield pool
     finally:
-        runtime.shutdown()
+        pool.release()
 
 
-def fault_free(pool: dict[str, Any]) -> RunResult:
+def replace_node(cluster: dict[str, Any], name: str, pool: Pool, **node_args: Any) -> None:
+    """After a test removed node `name`: a new node with its resources under its name, and the pool rebuilt on
+    the next use (its actors may have moved or died), so the module's other tests find the layout they expect."""
+    pool.release()
+    cluster["nodes"][name] = cluster["cluster"].add_node(**node_args)
+    cluster["cluster"].wait_for_nodes()
+
+
+def fault_free(pool: Pool) -> RunResult:
     """The pool's run from fresh server state without faults (once per module), its round-1 checkpoint kept."""
-    if "fault_free" not in pool:
+    if pool.fault_free is None:
         runtime = pool["runtime"]
 
         def after_round_one(state: Resume) -> None:  # as `sflam run` writes it
@@ -94,8 +125,8 @@ def fault_free(pool: dict[str, Any]) -> RunResult:
                 save_checkpoint(pool["checkpoint"], state, runtime.config, None)
 
         runtime.restore_server(pool["fresh"])
-        pool["fault_free"] = runtime.engine().run(checkpoint=after_round_one)
-    return pool["fault_free"]
+        pool.fault_free = runtime.engine().run(checkpoint=after_round_one)
+    return pool.fault_free
 
 
 def assert_losses_match(result: RunResult, reference: RunResult) -> None:
@@ -122,8 +153,9 @@ def test_placement_keys_are_checked_with_one_line(override: str, allowed: str) -
     assert str(info.value).endswith(allowed) and "\n" not in str(info.value)
 
 
-def test_actors_the_cluster_cannot_place_stop_with_one_line_and_leave_nothing(cluster, tmp_path: Path) -> None:
-    # before the shared pool exists: both server nodes' `server` resources are free
+def test_actors_the_cluster_cannot_place_stop_with_one_line_and_leave_nothing(cluster, zero3,
+                                                                            tmp_path: Path) -> None:
+    zero3.release()  # both server nodes' `server` resources free
     fast = ("runtime=ray", "ray.placement_timeout_s=3", f"output_dir={tmp_path}")
     started = time.monotonic()
     with pytest.raises(SflamError) as shape:  # no node has it: at once, before anything is created
@@ -148,8 +180,8 @@ def test_actors_the_cluster_cannot_place_stop_with_one_line_and_leave_nothing(cl
 
 
 @pytest.mark.slow
-def test_zero2_across_nodes_gives_the_single_node_losses(cluster, reference, tmp_path: Path) -> None:
-    # first in the module: the shared ZeRO-3 pool does not hold the server nodes yet
+def test_zero2_across_nodes_gives_the_single_node_losses(cluster, zero3, reference, tmp_path: Path) -> None:
+    zero3.release()  # the shared ZeRO-3 pool must not hold the server nodes
     runtime = RayBackend(on_cluster(2, tmp_path))
     try:
         assert len({node_of(r) for r in runtime.ranks}) == 2
@@ -204,6 +236,7 @@ def test_a_lost_edge_node_is_replaced_on_the_survivors_and_the_rounds_are_unchan
         faulty = runtime.engine().run()
     finally:
         runtime.hooks.clear()
+        replace_node(cluster, "edge-b", zero3, num_cpus=2, resources={"edge": 2})
     assert runtime.replaced >= 1
     assert {node_of(w) for w in runtime.workers} == {nodes["head"].node_id}  # replaced on the surviving node
     assert max_difference(faulty.device_adapter, clean.device_adapter) <= 1e-6
@@ -215,7 +248,8 @@ def test_a_lost_edge_node_is_replaced_on_the_survivors_and_the_rounds_are_unchan
 def test_a_lost_server_node_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(cluster, zero3,
                                                                                         tmp_path: Path) -> None:
     runtime, nodes = zero3["runtime"], cluster["nodes"]
-    rank1_node = next(node for node in nodes.values() if node.node_id == node_of(runtime.ranks[1]))
+    rank1_name = next(name for name, node in nodes.items() if node.node_id == node_of(runtime.ranks[1]))
+    rank1_node = nodes[rank1_name]
     path = tmp_path / "checkpoint.pt"
 
     def remove_server_node(rt: RayBackend, round_index: int, step: int) -> None:
@@ -232,6 +266,7 @@ def test_a_lost_server_node_stops_the_run_with_one_line_and_keeps_the_last_check
             runtime.engine().run(checkpoint=checkpoint)
     finally:
         runtime.hooks.clear()
+        replace_node(cluster, rank1_name, zero3, num_cpus=1, resources={"server": 1})
     message = str(info.value)
     assert "\n" not in message and message.startswith("the server part failed during local step 1 of round 2")
     assert [r.round for r in info.value.partial.rounds] == [1]  # type: ignore[attr-defined]

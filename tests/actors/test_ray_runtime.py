@@ -180,10 +180,10 @@ def test_deepspeed_run_killed_by_sigkill_resumes_from_the_command_line_exactly(t
 
     args = ("runtime=ray", "ray.workers=1", "ray.local_cpus=3", "server.engine=deepspeed", "server.ranks=2",
             "server.zero_stage=3")
-    pids, _ = start_and_kill(tmp_path / "killed", rng.randint(1, ROUNDS - 2), *args)
-    for pid in pids:  # the run's own watchdog ends them; never leave them behind if it did not
+    processes, _ = start_and_kill(tmp_path / "killed", rng.randint(1, ROUNDS - 2), *args)
+    for process in processes:  # the run's own watchdog ends them; never leave them behind if it did not
         try:
-            psutil.Process(pid).kill()
+            process.kill()  # psutil checks the process is still the one seen (a reused pid is not killed)
         except psutil.NoSuchProcess:
             pass
     run_to_end(tmp_path / "killed", *args, "--resume")

@@ -12,7 +12,7 @@ TORCH := torch==2.13.0
 # where a CPU build of torch lies for `make lock` (pip's find-links on this machine, else PyTorch's CPU wheels)
 TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/torch/)
 
-.PHONY: install lock run test test-all lint docs bench peers clean
+.PHONY: install lock run test test-fast lint docs bench peers clean
 
 install: $(STAMP)
 
@@ -57,13 +57,15 @@ OTHER_KERNELS = $(shell $(PY) -c "import torch; print('avx2' if torch.backends.c
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
+# every test, the minutes-long end-to-end ones too (Ray jobs on a real head, SIGKILL of a Ray run, DeepSpeed
+# resume, ZeRO across nodes, the README's cluster walk-through): what CI runs (.ci/run)
 test: lint docs
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow" tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15 tests
 	ATEN_CPU_CAPABILITY=$(OTHER_KERNELS) $(VENV)/bin/pytest -q -p no:cacheprovider -m "equality and not slow" tests
 
-# everything, the minutes-long end-to-end tests too (Ray jobs on a real head, SIGKILL of a Ray run)
-test-all: lint docs
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+# while working: the suite without the `slow` tier (about 15 minutes less on 2 cores); not a substitute for `make test`
+test-fast: lint docs
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/device_memory.py

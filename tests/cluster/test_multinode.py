@@ -234,11 +234,11 @@ def test_a_lost_edge_node_is_replaced_on_the_survivors_and_the_rounds_are_unchan
     runtime.hooks["after_forward"] = remove_edge_node
     try:
         faulty = runtime.engine().run()
+        assert runtime.replaced >= 1
+        assert {node_of(w) for w in runtime.workers} == {nodes["head"].node_id}  # replaced on the surviving node
     finally:
         runtime.hooks.clear()
         replace_node(cluster, "edge-b", zero3, num_cpus=2, resources={"edge": 2})
-    assert runtime.replaced >= 1
-    assert {node_of(w) for w in runtime.workers} == {nodes["head"].node_id}  # replaced on the surviving node
     assert max_difference(faulty.device_adapter, clean.device_adapter) <= 1e-6
     assert max_difference(faulty.server_state, clean.server_state) <= 1e-6
     for a, b in zip(faulty.rounds, clean.rounds, strict=True):

@@ -88,8 +88,9 @@ def plain(r: dict[str, object]) -> dict[str, object]:
     return {k: "inf" if v == float("inf") else v for k, v in r.items()}
 
 
-def markdown(rows: list[dict[str, object]], command: str) -> str:
-    lines = ["# Leakage sweep", "", f"Command: `{command}`", "",
+def markdown(rows: list[dict[str, object]], command: str, budget: list[str]) -> str:
+    lines = ["# Leakage sweep", "", f"Command: `{command}`; attack budget: `{' '.join(budget)}`; one thread, "
+             "the device part freshly built (no run's adapter).", "",
              "Leakage of each attack on held-out victims (text: token accuracy; images: SSIM at the model's input "
              "size); the best attack's ROUGE-L F1 (text) or PSNR in dB at the original 28x28 (images); ε at "
              "δ = 1e-5 over the config's training schedule (inf: no noise). Labels are sent in the clear to the "
@@ -120,7 +121,7 @@ def main() -> None:
     parser.add_argument("--out", default=OUT, help="artifact path without suffix: writes OUT.md and OUT.json")
     args = parser.parse_args()
     quiet_libraries()
-    command = "python benchmarks/privacy_sweep.py " + " ".join(sys.argv[1:])
+    command = "OMP_NUM_THREADS=1 python benchmarks/privacy_sweep.py " + " ".join(sys.argv[1:])
     budget = QUICK_BUDGET if args.quick else FULL_BUDGET
     bits = (8, 32) if args.quick else BITS
     sigmas = tuple(args.sigmas[:1] if args.quick else args.sigmas)
@@ -137,7 +138,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps([plain(r) for r in rows], indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows, command))
+    out.with_suffix(".md").write_text(markdown(rows, command, budget))
     print(f"wrote {out.with_suffix('.md')}", file=sys.stderr)
 
 

@@ -9,6 +9,9 @@ reduced rounds), its mean and 95 % interval over the seeds:
   noise-free messages, read from the sweep's JSON so that training and attack see the same noise),
 - NoPeek (distance correlation in the device loss, weight --nopeek) and the U-shaped split (split.head=device).
 
+Every point fixes its bit width (`allocation.bits=[q]`): the allocator then chooses power and bandwidth only, so
+the bits the sweep attacked are the bits the run sends.
+
 Run (after benchmarks/privacy_sweep.py wrote its JSON for the modality):
   OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_cost.py --only text --seeds 3 --rounds 6
 Writes benchmarks/results/privacy_cost_<modality>.md and .json.
@@ -59,9 +62,19 @@ def points(modality: str, bits: int, sigmas: list[float], nopeek: float) -> list
     if nopeek > 0:
         out.append((f"NoPeek weight {nopeek:g}", [f"privacy.nopeek_weight={nopeek}"]))
     out.append(("U-shaped split (head on the device)", ["split.head=device"]))
-    return [(label, [f"split.cut_layer={cut}", *overrides]) if not any(o.startswith("split.cut_layer")
-                                                                           for o in overrides)
-            else (label, overrides) for label, overrides in out]
+    return [(label, pinned(overrides, cut, bits)) for label, overrides in out]
+
+
+def pinned(overrides: list[str], cut: int, bits: int) -> list[str]:
+    """A point's overrides with the cut and the smashed data's bits fixed: `allocation.bits=[q]` leaves the
+    allocator power and bandwidth only, so every message of the run travels at the point's bit width."""
+    out = list(overrides)
+    if not any(o.startswith("split.cut_layer=") for o in out):
+        out.insert(0, f"split.cut_layer={cut}")
+    q = next((int(o.split("=")[1]) for o in out if o.startswith("quant.activation_bits=")), bits)
+    if q == bits:
+        out.append(f"quant.activation_bits={bits}")
+    return [*out, f"allocation.bits=[{q}]"]
 
 
 def run_point(config: str, overrides: list[str], seeds: int, common: list[str]) -> dict:
@@ -79,7 +92,8 @@ def markdown(modality: str, rows: list[dict], command: str, common: list[str]) -
     model = "MiniLM-L6, Rotten Tomatoes" if modality == "text" else "DINOv2 ViT-S/14, MNIST"
     lines = [f"# What the defences cost: {model}",
              "", f"Command: `{command}`; every run with `{' '.join(common)}` (mean ± 95 % interval over "
-             f"{rows[0]['summary'].get('seeds', 1)} seeds).", "",
+             f"{rows[0]['summary'].get('seeds', 1)} seeds); each point sends its smashed data at the bits it names "
+             "(`allocation.bits=[q]`, the allocator choosing power and bandwidth only).", "",
              "| point | accuracy | round latency s | energy J/round | uplink Mbit/round | ε | wall s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:

@@ -122,8 +122,9 @@ def tune_method(config: ExperimentConfig, method: str, parent_run_id: str | None
             say(f"tune {method}: trial {k + 1}/{tune.trials}: {drawn} -> validation accuracy {result.accuracy:.4f} "
                 f"(best {study.best_value:.4f})")
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            raise SflamError(f"tune {method}: all {tune.trials} trials failed; narrow tune.lr_low..tune.lr_high "
-                             f"({tune.lr_low:g}..{tune.lr_high:g})")
+            last = study.trials[-1].user_attrs.get("error")
+            raise SflamError(f"tune {method}: all {tune.trials} trials failed (the last: {last}); see tune/{method}/ "
+                             f"in {target}, or narrow tune.lr_low..tune.lr_high ({tune.lr_low:g}..{tune.lr_high:g})")
     except BaseException:
         tracker.close("FAILED")
         raise

@@ -196,11 +196,12 @@ BAD = [
 
 
 @pytest.mark.parametrize(("overrides", "names"), BAD, ids=[b[1] for b in BAD])
-def test_tune_config_errors_are_one_line_before_any_model_loads(overrides, names, capsys, monkeypatch) -> None:
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the config was rejected")
+def test_tune_config_errors_are_one_line_before_any_work(overrides, names, capsys, monkeypatch) -> None:
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the config was rejected")
 
-    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.setattr(models, "load_model", no_work)
+    monkeypatch.setattr("sflam.pipelines.compare.run_compare", no_work)
     status = cli.main(["compare", "--tune", "-c", str(ROOT / "configs" / "smoke.yaml"), *overrides])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2

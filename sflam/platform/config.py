@@ -132,7 +132,8 @@ class DataConfig:
     split_seed: int = field(default=1234, metadata={"help": "seed of the train/test split"})
     num_devices: int = field(default=1000, metadata={"help": "N devices holding the training data"})
     dirichlet_alpha: float = field(default=0.5, metadata={"help": "label skew: Dirichlet concentration"})
-    eval_samples: int = field(default=0, metadata={"help": "cap on evaluated held-out samples (test or validation), 0 = all"})
+    eval_samples: int = field(default=0, metadata={
+        "help": "cap on evaluated held-out samples (test or validation), 0 = all"})
     synthetic_samples: int = field(default=2000, metadata={"help": "size of the synthetic task"})
     evaluate_on: str = field(default="test", metadata={
         "help": "test: evaluate on the test split | validation: hold data.validation_fraction of the training split "

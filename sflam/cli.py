@@ -131,9 +131,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     quiet_libraries()
     config = _load(args)
     validate(config)
-    _announce(f"sflam compare: {config.name} — fl, sl, sfl, sfl-v2, sfl-q and sflam on the same devices and data")
+    _announce(f"sflam compare: {config.name} — fl, sl, sfl, sfl-v2, sfl-q and sflam on the same devices and data"
+              + (", each at its own learning rates tuned on validation data" if args.tune else ""))
     result = run_compare(config, progress=lambda method, m: print_progress(m, config.train.rounds),
-                         announce=_announce, seeds=args.seeds, resume=args.resume)
+                         announce=_announce, seeds=args.seeds, resume=args.resume, tune=args.tune)
     if args.json:
         _write_json(args.json, result.rows)
     print("\n".join(format_rows(result.rows)))
@@ -354,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "compare"):
             command.add_argument("--seeds", type=_seeds, default=1,
                                  help="repeat over N seeds (seed, seed+1, ...) and report means with 95%% intervals")
+        if name == "compare":
+            command.add_argument("--tune", action="store_true",
+                                 help="first tune each method's learning rates with Optuna on validation data "
+                                      "carved from the training split (settings: the tune section), then run the "
+                                      "seeds at them")
         if name == "study":
             command.add_argument("--resume", action="store_true", help="add trials to an existing study")
         if name in ("run", "scale", "compare"):

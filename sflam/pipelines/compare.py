@@ -3,7 +3,9 @@
 
 Each method is a child MLflow run of one parent run; the parent gets the comparison table (CSV and
 Markdown), a bar chart and the rows as JSON. Ratios are against fl (memory, accuracy) and sfl
-(communication latency, energy efficiency), the paper's headline comparisons.
+(communication latency, energy efficiency), the paper's headline comparisons. With `tune`, each method first
+gets its own learning rates from a study on validation data (sflam.pipelines.tune): a child run per study,
+tune.json beside compare.json, and the chosen values as columns `tuned_device_lr`, `tuned_server_lr`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sflam.pipelines.baselines import METHODS, RUNNERS, method_config
 from sflam.pipelines.figures import save_figure
 from sflam.pipelines.seeds import aggregate, mean_ci, seed_configs, with_ci
 from sflam.pipelines.train import train
+from sflam.pipelines.tune import Tuned, tune_methods
 from sflam.platform.checkpoint import checkpoint_path
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.files import atomic_path, write_text
@@ -55,27 +58,36 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
 
 def run_compare(config: ExperimentConfig, methods: tuple[str, ...] = METHODS,
                 progress: Callable[[str, RoundMetrics], None] | None = None,
-                announce: Callable[[str], None] | None = None, seeds: int = 1, resume: bool = False
-                ) -> CompareResult:
+                announce: Callable[[str], None] | None = None, seeds: int = 1, resume: bool = False,
+                tune: bool = False) -> CompareResult:
     """Every method on the same devices, data and channels; with several seeds, each seed in turn and the
     table of means with 95 % confidence intervals (ratios paired within a seed). `resume` continues member
-    by member (finished members are only re-recorded) under the same parent MLflow run."""
+    by member (finished members are only re-recorded) under the same parent MLflow run. `tune` first gives every
+    method its own learning rates from a study on validation data (sflam.pipelines.tune); every seed runs at them."""
     target = Path(config.output_dir) / f"{config.name}-compare"
     target.mkdir(parents=True, exist_ok=True)
     parent_file = target / "parent_run_id"
     previous = parent_file.read_text().strip() if resume and parent_file.is_file() else None
     parent = Tracker(config, run_name=f"{config.name}-compare", tags={"sflam.pipeline": "compare",
-                                                                       "sflam.seeds": str(seeds)},
+                                                                       "sflam.seeds": str(seeds),
+                                                                       "sflam.tuned": str(tune).lower()},
                      resume_run_id=previous or None)
     if parent.run_id:
         write_text(parent_file, parent.run_id)
     per_seed: list[list[dict[str, Any]]] = []
     curves: dict[str, list[Curve]] = {m: [] for m in methods}
+    tuned: dict[str, Tuned] = {}
     try:
+        if tune:
+            tuned = tune_methods(config, methods, parent.run_id, target, announce or (lambda text: None), resume)
         for seed_config in seed_configs(config, seeds):
             rows: list[dict[str, Any]] = []
             for method in methods:
                 child = method_config(seed_config, method)
+                tags: dict[str, str] = {}
+                if method in tuned:  # the seeds run at the method's tuned values, evaluated on the test split
+                    child = tuned[method].apply(child)
+                    tags = {"sflam.tuned_by": tuned[method].mlflow_run_id or "-"}
                 if announce is not None:
                     announce(f"== {method} (seed {seed_config.seed}): {child.quant.weights} weights, "
                              f"{child.quant.activation_bits}-bit smashed data, allocation {child.allocation.policy}")
@@ -86,7 +98,7 @@ def run_compare(config: ExperimentConfig, methods: tuple[str, ...] = METHODS,
                 name = method if seeds == 1 else f"{method}-seed{seed_config.seed}"
                 out_dir = target / method if seeds == 1 else target / f"seed{seed_config.seed}" / method
                 result: RunResult = train(child, run_name=name, parent_run_id=parent.run_id, progress=on_round,
-                                          out_dir=out_dir, runner=RUNNERS.get(method),
+                                          out_dir=out_dir, runner=RUNNERS.get(method), tags=tags,
                                           experiment_name=config.tracking.experiment or config.name,
                                           resume=resume and checkpoint_path(out_dir).is_file())
                 rows.append({"method": method, "seed": seed_config.seed, **result.summary()})
@@ -97,8 +109,14 @@ def run_compare(config: ExperimentConfig, methods: tuple[str, ...] = METHODS,
         parent.close("FAILED", spill_dir=target)
         raise
     rows = [aggregate([seed_rows[i] for seed_rows in per_seed]) for i in range(len(methods))]
+    for row in rows:
+        if row["method"] in tuned:
+            row.update(tuned[row["method"]].columns())
     table_path = write_table(rows, target)
     write_text(target / "compare.json", json.dumps(rows, indent=2) + "\n")
+    if tuned:
+        parent.log_artifact(target / "tune.json")
+        parent.log_params({f"{m}.tuned_{k}": repr(v) for m, t in tuned.items() for k, v in t.values.items()})
     plot_path = plot_compare(rows, target / "compare.png", title=f"{config.name}: methods compared")
     curves_path = plot_curves(curves, target / "compare_curves.png",
                               title=f"{config.name}: test accuracy against simulated time and device energy")
@@ -163,7 +181,10 @@ def format_rows(rows: list[dict[str, Any]]) -> list[str]:
     header = ("| method | seeds | accuracy | device memory MiB | comm latency s/round | round latency s | "
               "energy J/round | samples/J | memory vs fl | comm vs sfl | efficiency vs sfl | leakage | epsilon "
               "| labels sent |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    tuned = any(r.get("tuned_device_lr") is not None for r in rows)
+    if tuned:
+        header += " tuned device lr | tuned server lr |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + "---:|---:|" * tuned]
     for r in rows:
         mib = {**r, "mib": r["device_memory_bytes"] / 2**20 if r.get("device_memory_bytes") is not None else None,
                "mib_ci95": (r.get("device_memory_bytes_ci95") or float("nan")) / 2**20}
@@ -173,8 +194,13 @@ def format_rows(rows: list[dict[str, Any]]) -> list[str]:
                      f"| {with_ci(r, 'energy_efficiency_samples_per_j', '.4g')} "
                      f"| {with_ci(r, 'memory_vs_fl', '.3f')} | {with_ci(r, 'comm_latency_vs_sfl', '.3f')} "
                      f"| {with_ci(r, 'energy_efficiency_vs_sfl', '.2f')} | {with_ci(r, 'leakage', '.3f')} "
-                     f"| {with_ci(r, 'privacy_epsilon', '.3g')} | {_labels(r)} |")
+                     f"| {with_ci(r, 'privacy_epsilon', '.3g')} | {_labels(r)} |"
+                     + (f" {_lr(r.get('tuned_device_lr'))} | {_lr(r.get('tuned_server_lr'))} |" if tuned else ""))
     return lines
+
+
+def _lr(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _labels(row: dict[str, Any]) -> str:

@@ -110,7 +110,8 @@ def longest_batch(config: ExperimentConfig, data: DataBundle) -> Batch:
 
 
 def evaluation_batches(config: ExperimentConfig, data: DataBundle) -> list[tuple[int, Batch]]:
-    """The test set in evaluation batches, numbered (the number seeds the codec of each batch)."""
+    """The held-out set (the test split, or the validation samples: data.evaluate_on) in evaluation batches,
+    numbered (the number seeds the codec of each batch)."""
     size = config.train.eval_batch_size
     indices = np.arange(len(data.test))
     return [(number, collate(data.test, indices[start:start + size], data.pad_token_id))

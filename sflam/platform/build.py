@@ -10,7 +10,6 @@ import logging
 import os
 import warnings
 
-import numpy as np
 import peft
 import torch
 from torch import nn
@@ -22,9 +21,9 @@ from sflam.platform.data import (
     image_data,
     label_token_ids,
     load_texts,
+    split_for_evaluation,
     synthetic,
     tokenize,
-    train_test_split,
 )
 from sflam.platform.errors import ConfigError
 from sflam.platform.models import (
@@ -117,14 +116,13 @@ def prepare_data(cfg: ExperimentConfig, spec: ModelSpec) -> DataBundle:
         texts, labels = load_texts(cfg.data)
         data = tokenize(texts, labels, tokenizer, cfg.model.task, cfg.model.max_length)
     num_labels = int(data.labels.max()) + 1
-    train, test = train_test_split(data, cfg.data.test_fraction, cfg.data.split_seed)
-    if cfg.data.eval_samples:
-        test = test.subset(np.arange(min(cfg.data.eval_samples, len(test))))
+    train, test = split_for_evaluation(data, cfg.data)
     shards = dirichlet_partition(train.labels, cfg.data.num_devices, cfg.data.dirichlet_alpha, cfg.seed)
     label_ids = label_token_ids(tokenizer, num_labels) if cfg.model.task == "causal-lm" else None
     if cfg.data.dataset == "synthetic" and label_ids is not None:
         label_ids = [7, 8]  # the synthetic task has no words: two fixed token ids stand for the labels
-    return DataBundle(train, test, shards, num_labels, int(tokenizer.pad_token_id), label_ids)
+    return DataBundle(train, test, shards, num_labels, int(tokenizer.pad_token_id), label_ids,
+                      evaluated_on=cfg.data.evaluate_on)
 
 
 def _prepare_images(cfg: ExperimentConfig, spec: ModelSpec) -> DataBundle:
@@ -132,11 +130,10 @@ def _prepare_images(cfg: ExperimentConfig, spec: ModelSpec) -> DataBundle:
     size = cfg.model.image_size or spec.image_size
     data = image_data(cfg.data, size, spec.image_mean, spec.image_std, vision_tokens(spec.hf_config, size))
     num_labels = int(data.labels.max()) + 1
-    train, test = train_test_split(data, cfg.data.test_fraction, cfg.data.split_seed)
-    if cfg.data.eval_samples:
-        test = test.subset(np.arange(min(cfg.data.eval_samples, len(test))))
+    train, test = split_for_evaluation(data, cfg.data)
     shards = dirichlet_partition(train.labels, cfg.data.num_devices, cfg.data.dirichlet_alpha, cfg.seed)
-    return DataBundle(train, test, shards, num_labels, 0, None)  # no padding: every token is real
+    # no padding: every token is real
+    return DataBundle(train, test, shards, num_labels, 0, None, evaluated_on=cfg.data.evaluate_on)
 
 
 def _add_lora(part: nn.Module, cfg: ExperimentConfig, family: str, seed: int) -> None:

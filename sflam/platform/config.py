@@ -30,6 +30,9 @@ HEADS = ("server", "device")
 EXHAUSTIVE_LIMIT = 4096  # bit combinations the exhaustive allocator may enumerate
 AGGREGATION_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "ffa-lora")
 AGGREGATION_WEIGHTS = ("trained", "shard")
+EVALUATION_SETS = ("test", "validation")
+TUNE_KNOBS = ("device_lr", "server_lr")
+TUNE_SAMPLERS = ("tpe", "random")
 
 
 def _allowed_bits(value: int) -> bool:
@@ -129,8 +132,15 @@ class DataConfig:
     split_seed: int = field(default=1234, metadata={"help": "seed of the train/test split"})
     num_devices: int = field(default=1000, metadata={"help": "N devices holding the training data"})
     dirichlet_alpha: float = field(default=0.5, metadata={"help": "label skew: Dirichlet concentration"})
-    eval_samples: int = field(default=0, metadata={"help": "cap on evaluated test samples, 0 = all"})
+    eval_samples: int = field(default=0, metadata={
+        "help": "cap on evaluated held-out samples (test or validation), 0 = all"})
     synthetic_samples: int = field(default=2000, metadata={"help": "size of the synthetic task"})
+    evaluate_on: str = field(default="test", metadata={
+        "help": "test: evaluate on the test split | validation: hold data.validation_fraction of the training split "
+                "out of every device's shard and evaluate on it; the test split is then never built (tuning trials)"})
+    validation_fraction: float = field(default=0.1, metadata={
+        "help": "share of the training split held out for validation with data.evaluate_on=validation (drawn with "
+                "seed data.split_seed + 1)"})
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "data.dataset", self.dataset, f"one of {', '.join(DATASETS)}")
@@ -142,6 +152,10 @@ class DataConfig:
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "a number > 0")
         _check(self.eval_samples >= 0, "data.eval_samples", self.eval_samples, "an integer >= 0 (0 = all)")
         _check(self.synthetic_samples >= 10, "data.synthetic_samples", self.synthetic_samples, "an integer >= 10")
+        _check(self.evaluate_on in EVALUATION_SETS, "data.evaluate_on", self.evaluate_on,
+               f"one of {', '.join(EVALUATION_SETS)}")
+        _check(0.0 < self.validation_fraction < 1.0, "data.validation_fraction", self.validation_fraction,
+               "a number in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -512,6 +526,40 @@ class StudyConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """`sflam compare --tune`: each method's own learning rates from an Optuna study on validation data
+    (docs/how-to/compare.md#tuned-comparisons)."""
+
+    SECTION: ClassVar[str] = "tune"
+    trials: int = field(default=8, metadata={"help": "Optuna trials per method"})
+    rounds: int = field(default=0, metadata={
+        "help": "rounds of each trial, at most train.rounds (0: a third of train.rounds, at least 1)"})
+    knobs: list[str] = field(default_factory=lambda: list(TUNE_KNOBS), metadata={
+        "help": "what is tuned: device_lr (every method) and server_lr (the methods with a server part: all but "
+                "fl), each on a log scale over [lr_low, lr_high]"})
+    lr_low: float = field(default=1e-4, metadata={"help": "lowest learning rate a trial may draw"})
+    lr_high: float = field(default=3e-2, metadata={"help": "highest learning rate a trial may draw"})
+    sampler: str = field(default="tpe", metadata={
+        "help": "tpe (random for the first half of the trials, then TPE) | random"})
+    seed: int = field(default=0, metadata={"help": "sampler seed"})
+
+    def trial_rounds(self, train_rounds: int) -> int:
+        """Rounds each trial trains: tune.rounds, or a third of the full run's."""
+        return self.rounds or max(1, train_rounds // 3)
+
+    def __post_init__(self) -> None:
+        _check(self.trials >= 1, "tune.trials", self.trials, "an integer >= 1")
+        _check(self.rounds >= 0, "tune.rounds", self.rounds, "an integer >= 0 (0 = a third of train.rounds)")
+        _check(bool(self.knobs), "tune.knobs", self.knobs, f"a non-empty list from {', '.join(TUNE_KNOBS)}")
+        for knob in self.knobs:
+            _check(knob in TUNE_KNOBS, "tune.knobs", knob, f"names from {', '.join(TUNE_KNOBS)}")
+        _check(len(set(self.knobs)) == len(self.knobs), "tune.knobs", self.knobs, "each knob once")
+        _check(self.lr_low > 0, "tune.lr_low", self.lr_low, "a number > 0 (the range is searched on a log scale)")
+        _check(self.lr_high > self.lr_low, "tune.lr_high", self.lr_high, f"a number > tune.lr_low={self.lr_low}")
+        _check(self.sampler in TUNE_SAMPLERS, "tune.sampler", self.sampler, f"one of {', '.join(TUNE_SAMPLERS)}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: every concern's dataclass, composed; passed explicitly, never global."""
 
@@ -532,6 +580,7 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -564,6 +613,8 @@ class ExperimentConfig:
         _check("privacy_epsilon" not in objectives or self.privacy.noise_sigma > 0
                or "privacy.noise_sigma" in self.study.space, "privacy.noise_sigma", self.privacy.noise_sigma,
                "a number > 0 (or searched in study.space) with study.objectives containing privacy_epsilon")
+        _check(self.tune.rounds <= self.train.rounds, "tune.rounds", self.tune.rounds,
+               f"at most train.rounds={self.train.rounds} (a trial is a shortened run), or 0")
         _check(self.split.head == "server" or self.runtime == "local", "split.head", self.split.head,
                "server with runtime=ray (the U-shaped split runs in the reference runtime, runtime=local)")
 

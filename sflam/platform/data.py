@@ -149,7 +149,11 @@ def batch_shape(data: TokenizedData | ImageData, indices: np.ndarray) -> BatchSh
 
 @dataclass(frozen=True)
 class DataBundle:
-    """Tokenized sentences or images as train and test sets, the devices' shards, and what the task needs."""
+    """Tokenized sentences or images as training and held-out sets, the devices' shards, and what the task needs.
+
+    `test` is the set evaluation reads: the test split, or with data.evaluate_on=validation (`evaluated_on`) the
+    validation samples carved out of the training split; the test split is then not in the bundle at all.
+    """
 
     train: TokenizedData | ImageData
     test: TokenizedData | ImageData
@@ -157,6 +161,7 @@ class DataBundle:
     num_labels: int
     pad_token_id: int
     label_token_ids: list[int] | None
+    evaluated_on: str = "test"
 
     @property
     def shard_sizes(self) -> np.ndarray:
@@ -266,10 +271,43 @@ def synthetic(cfg: DataConfig, seed: int, max_length: int) -> TokenizedData:
     return TokenizedData(ids, labels.astype(np.int64))
 
 
+def _split_positions(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions 0..n-1 split into the kept and the held-out ones (a share `fraction`, at least one), sorted."""
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(1, round(fraction * n))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
 def train_test_split(data: D, test_fraction: float, seed: int) -> tuple[D, D]:
-    order = np.random.default_rng(seed).permutation(len(data))
-    num_test = max(1, round(test_fraction * len(data)))
-    return data.subset(np.sort(order[num_test:])), data.subset(np.sort(order[:num_test]))
+    train, test = _split_positions(len(data), test_fraction, seed)
+    return data.subset(train), data.subset(test)
+
+
+def evaluation_split(num_samples: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into the data set of the training samples (the devices' shards are drawn from them) and of the
+    held-out samples evaluation reads.
+
+    The train/test split is the same whatever is evaluated (data.split_seed). With data.evaluate_on=validation a
+    share data.validation_fraction of the training split is held out (seed data.split_seed + 1): those samples
+    leave the training set, and the test split is neither trained on nor evaluated.
+    """
+    train, test = _split_positions(num_samples, cfg.test_fraction, cfg.split_seed)
+    if cfg.evaluate_on == "test":
+        return train, test
+    if len(train) < 2:
+        raise ConfigError("data.evaluate_on", cfg.evaluate_on, f"test: the training split has {len(train)} sample(s), "
+                                                               "too few to hold some out for validation")
+    kept, validation = _split_positions(len(train), cfg.validation_fraction, cfg.split_seed + 1)
+    return train[kept], train[validation]
+
+
+def split_for_evaluation(data: D, cfg: DataConfig) -> tuple[D, D]:
+    """The training set and the held-out set evaluation reads (`evaluation_split`), the latter capped at
+    data.eval_samples."""
+    train, held = evaluation_split(len(data), cfg)
+    if cfg.eval_samples:
+        held = held[: cfg.eval_samples]
+    return data.subset(train), data.subset(held)
 
 
 def dirichlet_partition(labels: np.ndarray, num_devices: int, alpha: float, seed: int) -> list[np.ndarray]:

@@ -261,3 +261,20 @@ def test_causal_lm_classification_scores_the_label_words() -> None:
     server_loss, _ = server_part.loss_and_correct(vocabulary, labels)
     assert float(server_loss) == pytest.approx(
         float(torch.nn.functional.cross_entropy(vocabulary, torch.tensor([6, 5]))), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-vit"])
+def test_input_vectors_are_the_token_embeddings_or_the_pixels(name: str) -> None:
+    """What NoPeek's distance correlation compares the smashed data with: each token's row of the model's own
+    input embedding table (text, fp32), or the flattened pixels (images)."""
+    spec = resolve_model(ModelConfig(name=name))
+    model = load_model(spec, ModelConfig(name=name), num_labels=2, pad_token_id=0)
+    device_part, _ = split_model(model, spec.family, 1, "classification")
+    if spec.family == "vit":
+        pixels = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(device_part.input_vectors(pixels), pixels.reshape(2, 48))
+        return
+    ids, _, _ = _padded_batch(vocab_low=10)
+    table = model.get_input_embeddings().weight
+    vectors = device_part.input_vectors(ids)
+    assert vectors.dtype == torch.float32 and torch.equal(vectors, table[ids].float())

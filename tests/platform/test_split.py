@@ -278,3 +278,15 @@ def test_input_vectors_are_the_token_embeddings_or_the_pixels(name: str) -> None
     table = model.get_input_embeddings().weight
     vectors = device_part.input_vectors(ids)
     assert vectors.dtype == torch.float32 and torch.equal(vectors, table[ids].float())
+
+
+def test_the_server_trains_the_new_head_in_full_and_nothing_for_causal_lm() -> None:
+    """A classification head is new, so the server trains it in full: BERT's pooler and classifier, the score
+    layer of decoders; a causal LM reads its label words from the pretrained LM head and trains none."""
+    for name, task, expected in (("tiny-bert", "classification", ["pooler", "classifier"]),
+                                 ("tiny-llama", "classification", ["score"]), ("tiny-llama", "causal-lm", [])):
+        spec = resolve_model(ModelConfig(name=name))
+        model = load_model(spec, ModelConfig(name=name, task=task), num_labels=2, pad_token_id=0)
+        _, server_part = split_model(model, spec.family, 1, task, [5, 6] if task == "causal-lm" else None)
+        names = {id(module): n.rsplit(".", 1)[-1] for n, module in model.named_modules()}
+        assert [names[id(module)] for module in server_part.head_modules()] == expected

@@ -247,18 +247,20 @@ def test_causal_lm_classification_scores_the_label_words() -> None:
     """The causal-lm task: class c is the word label_token_ids[c]; the loss is the cross-entropy of the last token's
     vocabulary logits against that word, the prediction the arg-max among the label words only (here token 4 has
     the largest logit of sample 0 but is no label word). By hand, and through a split model's server part."""
-    logits = torch.tensor([[0.0, 2.0, 0.0, 1.0, 5.0], [0.0, 0.5, 0.0, 3.0, 0.0]])
-    labels = torch.tensor([1, 0])  # sample 0's word is token 1, sample 1's token 3
+    logits = torch.tensor([[0.0, 2.0, 0.0, 1.0, 5.0], [0.0, 0.5, 0.0, 3.0, 0.0], [0.0, 4.0, 0.0, 3.5, 0.0]])
+    labels = torch.tensor([1, 0, 0])  # the words: token 1, token 3, token 3
     log_z = logits.exp().sum(1).log()
-    expected = float(((log_z[0] - logits[0, 1]) + (log_z[1] - logits[1, 3])) / 2)
+    expected = float(((log_z[0] - logits[0, 1]) + (log_z[1] - logits[1, 3]) + (log_z[2] - logits[2, 3])) / 3)
     loss, correct = task_loss("causal-lm", torch.tensor([3, 1]), logits, labels)
-    assert float(loss) == pytest.approx(expected, rel=1e-6) and int(correct) == 2
-    assert int(task_loss("causal-lm", torch.tensor([3, 1]), logits, torch.tensor([0, 1]))[1]) == 0
+    assert float(loss) == pytest.approx(expected, rel=1e-6) and int(correct) == 2  # the third predicts token 1
+    assert int(task_loss("causal-lm", torch.tensor([3, 1]), logits, torch.tensor([0, 1, 1]))[1]) == 1
+    # a classification head's logits are the classes themselves: predictions 4, 3, 1 against labels 4, 1, 1
+    assert int(task_loss("classification", None, logits, torch.tensor([4, 1, 1]))[1]) == 2
     spec = resolve_model(ModelConfig(name="tiny-llama"))
     model = load_model(spec, ModelConfig(name="tiny-llama", task="causal-lm"), num_labels=2, pad_token_id=0)
     _, server_part = split_model(model, spec.family, 1, "causal-lm", [5, 6])
     vocabulary = torch.randn(2, model.config.vocab_size, generator=torch.Generator().manual_seed(0))
-    server_loss, _ = server_part.loss_and_correct(vocabulary, labels)
+    server_loss, _ = server_part.loss_and_correct(vocabulary, labels[:2])
     assert float(server_loss) == pytest.approx(
         float(torch.nn.functional.cross_entropy(vocabulary, torch.tensor([6, 5]))), rel=1e-6)
 

@@ -8,7 +8,15 @@ import heapq
 import numpy as np
 import pytest
 
-from sflam.platform.schedule import Phases, finish_times, latency, makespan
+from sflam.platform.schedule import (
+    Phases,
+    finish_times,
+    latency,
+    lockstep_phases,
+    lockstep_stage_compute,
+    lockstep_stage_payloads,
+    makespan,
+)
 
 
 def random_phases(K: int, E: int, seed: int, sequential: bool = False) -> Phases:
@@ -101,3 +109,23 @@ def test_communication_latency_is_what_the_radio_adds() -> None:
     assert 0 < lat.comm_s < lat.round_s
     silent = latency(phases.without_radio(), "lockstep")
     assert silent.comm_s == 0.0
+
+
+def test_lockstep_stages_carry_each_steps_payloads_and_computation() -> None:
+    """The allocator's view of a lockstep round (E local steps, E + 1 stages), by hand for two devices: stage 0
+    downloads the adapter and uploads step 1's smashed data; stage e downloads step e's gradient and uploads step
+    e + 1's; the last downloads the last gradient and uploads the adapter. Device computation: forward 1, then
+    backward e + forward e + 1, then the last backward. Stage times map back onto the round's phases."""
+    smashed = np.array([[[10.0, 20.0], [11.0, 21.0]], [[30.0, 40.0], [31.0, 41.0]]])  # (K=2, E=2, Q=2 options)
+    up, down = lockstep_stage_payloads(smashed, np.array([[5.0, 6.0], [7.0, 8.0]]), np.array([100.0, 200.0]),
+                                       np.array([300.0, 400.0]))
+    assert up.tolist() == [[[10, 20], [11, 21], [300, 300]], [[30, 40], [31, 41], [400, 400]]]
+    assert down.tolist() == [[100, 5, 6], [200, 7, 8]]
+    forward, backward = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), np.array([[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]])
+    assert lockstep_stage_compute(forward, backward).tolist() == [[1, 12, 23, 30], [4, 45, 56, 60]]
+    uplink_s = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]])
+    downlink_s = np.array([[1.1, 1.2, 1.3, 1.4], [1.5, 1.6, 1.7, 1.8]])
+    phases = lockstep_phases(uplink_s, downlink_s, forward, backward, np.array([0.01, 0.02, 0.03]))
+    assert phases.adapter_down.tolist() == [1.1, 1.5] and phases.adapter_up.tolist() == [0.4, 0.8]
+    assert phases.uplink.tolist() == [[0.1, 0.2, 0.3], [0.5, 0.6, 0.7]]
+    assert phases.downlink.tolist() == [[1.2, 1.3, 1.4], [1.6, 1.7, 1.8]]

@@ -225,3 +225,26 @@ def test_local_folder_vit_without_crop_uses_its_resize(tmp_path) -> None:
     with torch.no_grad():
         expected = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
     assert torch.allclose(server_part(hidden, mask), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("member", ["vit", "deit"])
+@pytest.mark.parametrize("cut", [0, 2])
+def test_another_image_size_interpolates_as_the_model_does(member: str, cut: int) -> None:
+    """Images of 42 pixels into a model made for 28 (model.image_size): the device part interpolates the position
+    embeddings as the unsplit model does with interpolate_pos_encoding=True, so the logits are the same."""
+    torch.manual_seed(0)
+    if member == "vit":
+        spec = resolve_model(ModelConfig(name="tiny-vit"))
+        model = load_model(spec, ModelConfig(name="tiny-vit"), num_labels=3, pad_token_id=0)
+    else:
+        model = DeiTForImageClassification(DeiTConfig(image_size=28, patch_size=7, hidden_size=32,
+                                                      intermediate_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_labels=3))
+    model = model.eval()
+    pixels, _ = _images(42)
+    reference = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
+    device_part, server_part = split_model(model, "vit", cut, "classification")
+    hidden = device_part(pixels, torch.ones(1, 1, dtype=torch.long))
+    mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+    assert hidden.shape[1] == (42 // 7) ** 2 + (1 if member == "vit" else 2)
+    assert torch.allclose(server_part(hidden, mask), reference, atol=1e-5, rtol=1e-5)

@@ -67,14 +67,15 @@ def points(modality: str, bits: int, sigmas: list[float], nopeek: float) -> list
 
 def pinned(overrides: list[str], cut: int, bits: int) -> list[str]:
     """A point's overrides with the cut and the smashed data's bits fixed: `allocation.bits=[q]` leaves the
-    allocator power and bandwidth only, so every message of the run travels at the point's bit width."""
+    allocator power and bandwidth only, so every message of the run travels at the point's bit width (and the
+    distortion budget is that width's, the only one it can meet)."""
     out = list(overrides)
     if not any(o.startswith("split.cut_layer=") for o in out):
         out.insert(0, f"split.cut_layer={cut}")
     q = next((int(o.split("=")[1]) for o in out if o.startswith("quant.activation_bits=")), bits)
     if q == bits:
         out.append(f"quant.activation_bits={bits}")
-    return [*out, f"allocation.bits=[{q}]"]
+    return [*out, f"allocation.bits=[{q}]", f"allocation.distortion_bits={q}"]
 
 
 def run_point(config: str, overrides: list[str], seeds: int, common: list[str]) -> dict:

@@ -176,8 +176,12 @@ def plot_images(report: PrivacyReport, setup: AttackSetup, path: Path) -> Path:
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize=8)
-    return save_figure(fig, path, f"{report.experiment['name']}: cut {report.experiment['cut_layer']}, "
-                                  f"{report.experiment['activation_bits']}-bit")
+    exp = report.experiment
+    defence = exp["defence"]
+    noise = (f", clip {defence['clip_norm']:g} + noise σ={defence['noise_sigma']:g}"
+             if defence["noise_sigma"] else "")
+    nopeek = f", NoPeek {defence['nopeek_weight']:g}" if defence["nopeek_weight"] else ""
+    return save_figure(fig, path, f"{exp['name']}: cut {exp['cut_layer']}, {exp['activation_bits']}-bit{noise}{nopeek}")
 
 
 def write_report(report: PrivacyReport, setup: AttackSetup, folder: Path) -> list[Path]:

@@ -198,14 +198,23 @@ def _checks(module: Any) -> dict[str, list[str]]:
 def config_markdown() -> str:
     from sflam.platform import config as module
 
-    checks = _checks(module)
+    checks: dict[str, list[str]] = {}
+    for key, allowed in _checks(module).items():  # a list item's key names the item ([…]): one row for them all
+        checks.setdefault(key.replace("[…]", "[]"), []).extend(allowed)
     sections: list[tuple[str, str, list[tuple[str, dataclasses.Field[Any]]]]] = [("top level", "", [])]
     hints = typing.get_type_hints(module.ExperimentConfig)
     for f in dataclasses.fields(module.ExperimentConfig):
         cls = hints[f.name]
         if isinstance(cls, type) and dataclasses.is_dataclass(cls):
             doc = _plain((cls.__doc__ or "").strip().splitlines()[0])
-            sections.append((f.name, doc, [(f"{f.name}.{g.name}", g) for g in dataclasses.fields(cls)]))
+            rows: list[tuple[str, dataclasses.Field[Any]]] = []
+            inner = typing.get_type_hints(cls)
+            for g in dataclasses.fields(cls):
+                rows.append((f"{f.name}.{g.name}", g))
+                (item,) = typing.get_args(inner[g.name]) if typing.get_origin(inner[g.name]) is list else (None,)
+                if isinstance(item, type) and dataclasses.is_dataclass(item):  # a list of records: each item's keys
+                    rows += [(f"{f.name}.{g.name}[].{h.name}", h) for h in dataclasses.fields(item)]
+            sections.append((f.name, doc, rows))
         else:
             sections[0][2].append((f.name, f))
     sections[0] = ("top level", "Fields of `ExperimentConfig` itself: one experiment, every section composed.",

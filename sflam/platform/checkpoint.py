@@ -51,10 +51,12 @@ def load_checkpoint(path: Path, config: ExperimentConfig) -> tuple[Resume, str |
         raise ConfigError("--resume", str(path), f"a checkpoint of format {FORMAT} (this one has "
                                                  f"{payload.get('format')}); run without --resume")
     saved, current = flatten(payload["config"]), config.to_flat()
+    defaults = ExperimentConfig().to_flat()  # a key added since the checkpoint was written had its default then
     for key in sorted(set(saved) | set(current)):
-        if key.startswith(RESUMABLE_CHANGES) or saved.get(key) == current.get(key):
+        then = saved.get(key, defaults.get(key))
+        if key.startswith(RESUMABLE_CHANGES) or then == current.get(key):
             continue
-        raise ConfigError(key, current.get(key), f"the interrupted run's value {saved.get(key)!r} to resume it "
+        raise ConfigError(key, current.get(key), f"the interrupted run's value {then!r} to resume it "
                                                  f"exactly (checkpoint {path})")
     resume = Resume(next_round=payload["next_round"], global_adapter=payload["global_adapter"],
                     rounds=payload["rounds"], accuracy=payload["accuracy"], loss=payload["loss"],

@@ -228,6 +228,63 @@ class SystemConfig:
         _check(self.subchannels >= 1, "system.subchannels", self.subchannels, "an integer >= 1")
 
 
+SHARE_TOLERANCE = 1e-9  # the class shares must sum to 1 within this
+
+
+def _is_range(value: list[float] | None) -> bool:
+    return value is None or (len(value) == 2 and 0 < value[0] <= value[1])
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    """One kind of device in the fleet (docs/concepts/system-model.md#device-classes): its share of the population,
+    memory budget, clock range and, optionally, its own channel statistics."""
+
+    name: str = field(default="", metadata={"help": "the class's name in the reports (allocation.csv, summary)"})
+    share: float = field(default=1.0, metadata={"help": "share of the population in this class; shares sum to 1"})
+    memory_mib: float = field(default=0.0, metadata={
+        "help": "memory budget in MiB, compared with the measured device-part peak (summary: devices_over_memory)"})
+    clock_hz: list[float] = field(default_factory=list, metadata={
+        "help": "[low, high]: the class's clocks f_k ~ U[low, high] in Hz"})
+    distance_m: list[float] | None = field(default=None, metadata={
+        "help": "[near, far]: the class's devices placed at U[near, far] metres (null: system.min/max_distance_m)"})
+    shadowing_db: float | None = field(default=None, metadata={
+        "help": "the class's log-normal shadowing std dev in dB (null: system.shadowing_db)"})
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "," not in self.name, f"devices.classes[{self.name}].name", self.name,
+               "a non-empty name without commas")
+        _check(0 < self.share <= 1, f"devices.classes[{self.name}].share", self.share, "a number in (0, 1]")
+        _check(self.memory_mib > 0, f"devices.classes[{self.name}].memory_mib", self.memory_mib, "a number > 0")
+        _check(self.clock_hz is not None and _is_range(self.clock_hz), f"devices.classes[{self.name}].clock_hz",
+               self.clock_hz, "[low, high] in Hz with 0 < low <= high")
+        _check(_is_range(self.distance_m), f"devices.classes[{self.name}].distance_m", self.distance_m,
+               "[near, far] in metres with 0 < near <= far, or null for system.min/max_distance_m")
+        _check(self.shadowing_db is None or self.shadowing_db >= 0, f"devices.classes[{self.name}].shadowing_db",
+               self.shadowing_db, "a number >= 0, or null for system.shadowing_db")
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """The device fleet: classes of devices drawn by their shares with the run's seed (none: one population).
+
+    Without classes every device draws its clock and channel from the system section (docs/concepts/system-model.md).
+    """
+
+    SECTION: ClassVar[str] = "devices"
+    classes: list[DeviceClass] = field(default_factory=list, metadata={
+        "help": "device classes (name, share, memory_mib, clock_hz, distance_m, shadowing_db); empty: every device "
+                "from system.min/max_clock_hz and the system section's channel"})
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.classes]
+        _check(len(set(names)) == len(names), "devices.classes", names, "classes with distinct names")
+        shares = [c.share for c in self.classes]
+        total = math.fsum(shares)
+        _check(not self.classes or abs(total - 1.0) <= SHARE_TOLERANCE, "devices.classes[].share", shares,
+               f"shares that sum to 1 within {SHARE_TOLERANCE:g} (these sum to {total:.12g})")
+
+
 @dataclass(frozen=True)
 class AllocationConfig:
     """How each round chooses bits, transmit power and bandwidth per device (docs/concepts/allocator.md)."""
@@ -575,6 +632,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -658,6 +716,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(key, value, "a list")
         return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):  # an item of a list of records
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, f"a mapping of {annotation.__name__} keys")
+        return _build(annotation, value, key + ".")
     if annotation is bool:
         if isinstance(value, bool):
             return value

@@ -214,7 +214,8 @@ class Engine:
             return RunResult(config=cfg.to_flat(), rounds=rounds, accuracy=accuracy, loss=loss,
                              wall_s=before + time.perf_counter() - started, devices=cfg.data.num_devices,
                              devices_per_round=cfg.train.devices_per_round, device_adapter=global_adapter,
-                             server_state=server_state, privacy=privacy, **fields)
+                             server_state=server_state, privacy=privacy, device_classes=device_classes(self.planner),
+                             **fields)
 
         total = cfg.train.rounds
         round_index = first
@@ -261,6 +262,12 @@ def privacy_fields(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]
     if found is not None:
         fields.update(privacy_epsilon=found.epsilon, privacy_delta=found.delta, privacy_releases=found.releases)
     return fields
+
+
+def device_classes(planner: RoundPlanner) -> dict[str, dict[str, Any]]:
+    """Each device class's number of devices in the population and its memory budget (empty: no classes)."""
+    counts = planner.population.class_counts()
+    return {c.name: {"devices": counts[c.name], "memory_mib": c.memory_mib} for c in planner.population.classes}
 
 
 def apply_plan(metrics: RoundMetrics, plan: RoundPlan) -> RoundMetrics:

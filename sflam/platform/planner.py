@@ -45,6 +45,7 @@ class RoundPlan:
     schedule: str
     gain: np.ndarray
     solo_s: np.ndarray  # each device's own chain of phases at an equal share and full power: its speed
+    classes: tuple[str, ...] = ()  # each device's class (devices.classes; empty: a homogeneous population)
 
     @property
     def compute_s(self) -> np.ndarray:
@@ -81,6 +82,9 @@ class RoundPlan:
         if a.stage_subchannels is not None:  # OFDMA: whole subchannels in each stage
             for i, row in enumerate(rows):
                 row["subchannels"] = " ".join(str(int(n)) for n in a.stage_subchannels[i])
+        if self.classes:  # a fleet of device classes: each device's class beside its id
+            rows = [{"device": row["device"], "class": name, **row} for row, name in zip(rows, self.classes,
+                                                                                         strict=True)]
         return rows
 
 
@@ -115,7 +119,7 @@ class RoundPlanner:
         self.schedule = schedule
         if schedule == "server-sequential" and config.split.head == "device":
             raise ValueError("split.head=device with sfl-v2: the U-shaped split is priced for the lockstep and sl only")
-        self.population = Population.place(config.system, config.data.num_devices, config.seed)
+        self.population = Population.place(config.system, config.data.num_devices, config.seed, config.devices)
         alloc = config.allocation
         self.options = np.array(sorted(set(alloc.bits) | {config.quant.activation_bits}))
         self.budget = float(distortion(alloc.distortion_bits))
@@ -300,7 +304,8 @@ class RoundPlanner:
             solo = lockstep_phases(equal.uplink_s, equal.downlink_s, work.forward_s, work.backward_s,
                                    work.server_s).chains()
         return RoundPlan(devices=devices, allocation=allocation, samples=work.samples, phases=phases,
-                         schedule=self.schedule, gain=work.gain, solo_s=solo)
+                         schedule=self.schedule, gain=work.gain, solo_s=solo,
+                         classes=tuple(self.population.class_names(devices)))
 
     def _sequential(self, round_index: int, devices: np.ndarray, shapes: dict[int, list[BatchShape]],
                     work: RoundInputs) -> RoundPlan:
@@ -326,4 +331,5 @@ class RoundPlanner:
             uplink_energy_j=np.concatenate([a.uplink_energy_j for a in parts]), energy_j=energy,
             round_latency_s=float(finish[-1]), total_energy_j=float(energy.sum()), objective=float("nan"))
         return RoundPlan(devices=devices, allocation=allocation, samples=work.samples, phases=phases,
-                         schedule=self.schedule, gain=work.gain, solo_s=phases.chains())
+                         schedule=self.schedule, gain=work.gain, solo_s=phases.chains(),
+                         classes=tuple(self.population.class_names(devices)))

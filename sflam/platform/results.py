@@ -66,6 +66,19 @@ class RunResult:
     memory: Any = field(default=None, repr=False)  # DeviceMemory breakdown
     kernels: dict[str, str] = field(default_factory=dict)  # the device part's kernels (quantization.kernel_path)
     privacy: dict[str, Any] = field(default_factory=dict)  # labels sent, the DP guarantee of a noise defence
+    device_classes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> devices, memory_mib
+
+    def fleet(self) -> dict[str, Any]:
+        """The summary's fleet keys (only with devices.classes): each class's devices and memory budget, and the
+        devices a fixed cut would exclude because the measured device-part peak exceeds their class's budget."""
+        if not self.device_classes:
+            return {}
+        peak = self.device_memory_bytes
+        classes = {name: {**spec, "over_memory": None if peak is None else
+                          (spec["devices"] if peak > spec["memory_mib"] * 2**20 else 0)}
+                   for name, spec in self.device_classes.items()}
+        over = None if peak is None else sum(spec["over_memory"] for spec in classes.values())
+        return {"device_classes": classes, "devices_over_memory": over}
 
     def summary(self) -> dict[str, Any]:
         """The summary keys of docs/reference/cli.md (cost figures are None until the cost model exists)."""
@@ -97,6 +110,7 @@ class RunResult:
             # the last measured leakage (privacy.evaluate_every): token accuracy or SSIM of the best attack
             "leakage": next((r.leakage for r in reversed(self.rounds) if r.leakage is not None), None),
             **self.privacy,
+            **self.fleet(),
             "kernels": dict(self.kernels),
         }
 

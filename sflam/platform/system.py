@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sflam.platform.config import SystemConfig
+from sflam.platform.config import DeviceClass, DevicesConfig, SystemConfig
 
 LN2 = float(np.log(2.0))
 
@@ -40,22 +40,73 @@ def shannon_rate(bandwidth_hz: np.ndarray | float, power_w: np.ndarray | float, 
     return np.where((b > 0) & (p > 0), rate, 0.0)
 
 
+def class_counts(shares: list[float], num_devices: int) -> np.ndarray:
+    """Devices per class: the exact proportional counts, rounded by largest remainder (ties to the earlier class),
+    so they sum to `num_devices` and each differs from share * N by less than one."""
+    quota = np.asarray(shares, dtype=np.float64) * num_devices
+    counts = np.floor(quota).astype(np.int64)
+    left = num_devices - int(counts.sum())
+    order = np.argsort(-(quota - counts), kind="stable")
+    counts[order[:left]] += 1
+    return counts
+
+
+def draw_classes(shares: list[float], num_devices: int, seed: int) -> np.ndarray:
+    """Each device's class (an index into `shares`): the exact counts of `class_counts` in a seeded random order,
+    fixed by the seed alone (not by rounds, selection or method)."""
+    labels = np.repeat(np.arange(len(shares)), class_counts(shares, num_devices))
+    return np.random.default_rng([seed, 0x5F1A, 3]).permutation(labels)
+
+
 @dataclass(frozen=True)
 class Population:
-    """The static part of every device: distance to the base station, shadowing and CPU clock."""
+    """The static part of every device: its class, distance to the base station, shadowing and CPU clock.
+
+    `device_class` indexes `classes` (all zeros and `classes` empty for a homogeneous population)."""
 
     distance_m: np.ndarray
     shadowing_db: np.ndarray
     clock_hz: np.ndarray
+    device_class: np.ndarray | None = None
+    classes: tuple[DeviceClass, ...] = ()
 
     @classmethod
-    def place(cls, cfg: SystemConfig, num_devices: int, seed: int) -> Population:
+    def place(cls, cfg: SystemConfig, num_devices: int, seed: int, devices: DevicesConfig | None = None
+              ) -> Population:
+        """Draw every device once per seed: its class (`draw_classes`), then distance, shadowing and clock, each
+        from its class's range (or the system section's), in one stream whose draws do not depend on the classes."""
+        classes = tuple(devices.classes) if devices is not None else ()
+        index = draw_classes([c.share for c in classes], num_devices, seed) if classes else \
+            np.zeros(num_devices, dtype=np.int64)
+
+        def per_device(own: list[float | None], default: float) -> np.ndarray:
+            """A class parameter for every device (the system section's value where the class has none)."""
+            values = np.array([default if v is None else v for v in own] or [default], dtype=np.float64)
+            return values[index]
+
+        near = per_device([c.distance_m[0] if c.distance_m else None for c in classes], cfg.min_distance_m)
+        far = per_device([c.distance_m[1] if c.distance_m else None for c in classes], cfg.max_distance_m)
+        spread = per_device([c.shadowing_db for c in classes], cfg.shadowing_db)
+        slow = per_device([c.clock_hz[0] for c in classes], cfg.min_clock_hz)
+        fast = per_device([c.clock_hz[1] for c in classes], cfg.max_clock_hz)
         rng = np.random.default_rng([seed, 0x5F1A, 1])
-        distance = rng.uniform(cfg.min_distance_m, cfg.max_distance_m, size=num_devices)
-        shadowing = rng.normal(0.0, cfg.shadowing_db, size=num_devices) if cfg.shadowing_db > 0 else \
-            np.zeros(num_devices)
-        clock = rng.uniform(cfg.min_clock_hz, cfg.max_clock_hz, size=num_devices)
-        return cls(distance, shadowing, clock)
+        distance = rng.uniform(near, far, size=num_devices)
+        shadowing = rng.normal(0.0, spread, size=num_devices) if np.any(spread > 0) else np.zeros(num_devices)
+        clock = rng.uniform(slow, fast, size=num_devices)
+        return cls(distance, shadowing, clock, index if classes else None, classes)
+
+    def class_names(self, devices: np.ndarray) -> list[str]:
+        """The class of each of `devices` (empty for a homogeneous population)."""
+        if self.device_class is None:
+            return []
+        return [self.classes[int(c)].name for c in self.device_class[np.asarray(devices, dtype=np.int64)]]
+
+    def class_counts(self) -> dict[str, int]:
+        """Devices per class, in the classes' order (empty for a homogeneous population)."""
+        if self.device_class is None:
+            return {}
+        counts = np.bincount(self.device_class, minlength=len(self.classes))
+        return {c.name: int(n) for c, n in zip(self.classes, counts, strict=True)}
 
     def gains(self, devices: np.ndarray, seed: int, round_index: int) -> np.ndarray:
         """Channel power gains of `devices` in a round: path loss, shadowing and Rayleigh fading |h|^2 ~ Exp(1).

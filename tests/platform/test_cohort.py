@@ -266,18 +266,35 @@ def test_chunks_group_devices_by_length_up_to_the_sample_cap(monkeypatch: pytest
 
 def test_a_step_without_activation_gradients_still_applies_fedprox() -> None:
     """No gradient comes back (all None) but the adapters have gradients (a U-shaped split's head): the step is
-    AdamW on the gradient plus FedProx's mu (w - w_global). By hand: gradient 1, w - w_global = -1, mu = 5, so the
-    step's gradient is -4 and AdamW's first step moves w up by lr (|g| / (|g| + 1e-8)); without the proximal term
-    it would move down. Kills cohort.backward 15 (mu dropped on this path)."""
+    AdamW on the gradient plus FedProx's mu (w - w_global). By hand: gradient 0.25, w - w_global = -1, mu = 0.5, so
+    the step's gradient is -0.25 and AdamW's first step moves w up by lr (|g| / (|g| + 1e-8)); without the
+    proximal term it would move down. Kills cohort.backward 15 (mu dropped on this path) and cohort.start 30 (the
+    anchor kept only for mu > 1)."""
     global_adapter = {"w": torch.zeros(3)}
-    group = cohort.start(torch.nn.Identity(), [0, 1], global_adapter, lr=0.1, proximal_mu=5.0, frozen=[])
+    group = cohort.start(torch.nn.Identity(), [0, 1], global_adapter, lr=0.1, proximal_mu=0.5, frozen=[])
     with torch.no_grad():
         group.adapter["w"] -= 1.0
-    group.adapter["w"].grad = torch.ones(2, 3)
+    group.adapter["w"].grad = torch.full((2, 3), 0.25)
     group.pending[0] = []
     cohort.backward(torch.nn.Identity(), group, 0, [None, None])
-    expected = -1.0 + 0.1 * 4.0 / (4.0 + 1e-8)
+    expected = -1.0 + 0.1 * 0.25 / (0.25 + 1e-8)
     assert torch.allclose(group.adapter["w"].detach(), torch.full((2, 3), expected), rtol=0, atol=1e-7)
+
+
+def test_the_cohorts_weighted_sum_and_one_devices_adapter() -> None:
+    """By hand in float64: weights 0.1, 0 and 0.7 over three devices' adapters 1, 2 and 3 (times a row) give
+    0.1 * 1 + 0.7 * 3 = 2.2 times the row, the device of weight 0 left out; adapter_of(2) is device 2's copy.
+    Kills Cohort.weighted_sum 12 (weights in float32: 0.1 is then 0.10000000149) and Cohort.adapter_of 1."""
+    row = torch.tensor([1.0, -2.0, 0.5])
+    group = cohort.start(torch.nn.Identity(), [4, 5, 6], {"w": row}, lr=0.1, proximal_mu=0.0, frozen=[])
+    with torch.no_grad():
+        group.adapter["w"] *= torch.tensor([[1.0], [2.0], [3.0]])
+    summed = group.weighted_sum([0.1, 0.0, 0.7])
+    assert summed["w"].dtype == torch.float64
+    expected = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) * (0.1 * 1 + 0.7 * 3)
+    assert torch.allclose(summed["w"], expected, rtol=1e-15, atol=0)
+    own = group.adapter_of(2)
+    assert own.keys() == {"w"} and torch.equal(own["w"], 3 * row) and not own["w"].requires_grad
 
 
 class _TinyPart(torch.nn.Module):
@@ -298,12 +315,15 @@ class _TinyPart(torch.nn.Module):
         return self.embed(ids)
 
 
-def test_the_defended_backward_is_each_devices_clipped_and_nopeek_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("clip", "nopeek"), [(1.5, 0.7), (0.5, 0.0), (0.0, 0.7)])
+def test_the_defended_backward_is_each_devices_clipped_and_nopeek_loss(clip: float, nopeek: float,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Clipping and NoPeek in the batched backward: each device's adapter gradient is that of its own loss,
     <clip(h), g> + w dCor(inputs, h) over its real tokens, written here with the LoRA layer spelled out (W x +
     s B A x) and the clipping by hand (each sample scaled to norm <= C). Two devices of 2 and 3 right-padded
-    samples with their own adapters. Kills cohort.backward 55 and 58 (the chunk's mask and received gradient) and
-    cohort._defended_backward 28 (the NoPeek term)."""
+    samples with their own adapters; each defence alone too, the clipping below 1. Kills cohort.backward 55 and 58
+    (the chunk's mask and received gradient), 49 and 51 (the defences' thresholds) and cohort._defended_backward 28
+    (the NoPeek term)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     from sflam.privacy.defences import nopeek_loss
@@ -317,7 +337,7 @@ def test_the_defended_backward_is_each_devices_clipped_and_nopeek_loss(monkeypat
     group = cohort.start(part, [0, 1], global_adapter, lr=0.01, proximal_mu=0.0, frozen=[])
     with torch.no_grad():  # the devices' adapters differ
         group.adapter[names["B"]][1] *= -0.5
-    group.clip_norm, group.nopeek_weight = 1.5, 0.7
+    group.clip_norm, group.nopeek_weight = clip, nopeek
     masks = [torch.tensor([[1, 1, 1], [1, 1, 0]]), torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])]
     batches = [Batch(torch.randint(0, 11, m.shape, generator=generator) * m, m, torch.zeros(len(m), dtype=torch.long))
                for m in masks]
@@ -336,8 +356,9 @@ def test_the_defended_backward_is_each_devices_clipped_and_nopeek_loss(monkeypat
         x = part.embed(batch.input_ids)
         h = part.proj.base_layer(x) + (x @ a.T @ b.T) * (4 / 2)
         rows, lengths = h[batch.attention_mask.bool()], batch.attention_mask.sum(1).tolist()
-        clipped = torch.cat([r * 1.5 / torch.clamp(r.norm(), min=1.5) for r in torch.split(rows, lengths)])
-        loss = (clipped * g).sum() + 0.7 * nopeek_loss(x, h, batch.attention_mask)
+        clipped = torch.cat([r * clip / torch.clamp(r.norm(), min=clip) for r in torch.split(rows, lengths)]) \
+            if clip > 0 else rows
+        loss = (clipped * g).sum() + nopeek * nopeek_loss(x, h, batch.attention_mask)
         grad_a, grad_b = torch.autograd.grad(loss, [a, b])
         torch.testing.assert_close(captured[names["A"]][k], grad_a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(captured[names["B"]][k], grad_b, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
 """Mutation score of the modules that decide the reported numbers: mutmut per module, its results in a table.
 
 Run: .venv/bin/python benchmarks/mutation.py [--targets codec schedule ...] [--workers 1] [--fresh | --survivors]
+     [--sample N] [--seed S]
 Each target mutates its module(s) with mutmut 3 (each mutant is one small change of the code: an operator, a
 constant, a dropped argument) and runs, for each mutant, the tests of the target's fast selection that call the
 mutated function; a mutant is killed when one of them fails. The work happens in `.mutation/<target>/` (a
@@ -15,6 +16,7 @@ import argparse
 import ast
 import difflib
 import json
+import math
 import os
 import random
 import shutil
@@ -63,7 +65,7 @@ TARGETS: dict[str, Target] = {
         "tests/platform/test_split.py",
         "tests/platform/test_vision_split.py",
     )),
-    "cohort": Target(("sflam/platform/cohort.py",), ("tests/platform/test_cohort.py",), sample=30),
+    "cohort": Target(("sflam/platform/cohort.py",), ("tests/platform/test_cohort.py",), sample=70),
     # the stage solver and the bits block share their tests; the slowest brute-force cases (a minute or more each)
     # are left to the suite, their smaller cases of the same tests stay
     "allocation": Target((
@@ -74,7 +76,7 @@ TARGETS: dict[str, Target] = {
         "tests/platform/test_allocation.py",
         "tests/platform/test_subchannels.py",
         "-k", "not exhaustive_search_equals_brute_force and not within_one_percent_of_brute_force",
-    ), sample=30),
+    ), sample=70),
 }
 
 
@@ -170,7 +172,7 @@ def run(name: str, target: Target, workers: int, fresh: bool, survivors: bool) -
     names = []
     if survivors and not fresh:
         names = [key for codes in results(name, target).values() for key, code in codes.items()
-                 if code in SURVIVED or code in NO_TESTS]
+                 if (code in SURVIVED or code in NO_TESTS) and (not target.sample or key in sampled(name, target))]
     work = prepare(name, target, fresh)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)  # mutmut puts the mutated package first; nothing else may shadow it
@@ -200,16 +202,30 @@ def results(name: str, target: Target) -> dict[str, dict[str, int | None]]:
     return found
 
 
+SEED = 0  # the sample's seed (--seed): another seed draws another sample, one that no test was written against
+
+
 def sampled(name: str, target: Target) -> set[str]:
-    """The target's seeded sample of mutants (the same names on every run of the same code)."""
+    """The target's seeded sample of mutants (the same names on every run of the same code and seed)."""
     chosen: set[str] = set()
     for codes in results(name, target).values():
         keys = sorted(codes)
-        chosen |= set(random.Random(0).sample(keys, min(target.sample or len(keys), len(keys))))
+        chosen |= set(random.Random(SEED).sample(keys, min(target.sample or len(keys), len(keys))))
     return chosen
 
 
-def row(module: str, codes: dict[str, int | None], equivalent: dict[str, str]) -> tuple[str, list[str]]:
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95 % for z = 1.96) of a proportion measured on a random sample of n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def row(module: str, codes: dict[str, int | None], equivalent: dict[str, str], interval: bool = False
+        ) -> tuple[str, list[str]]:
     counted = {key: code for key, code in codes.items() if key not in equivalent}
     killed = sum(code in KILLED for code in counted.values())
     timeouts = sum(code in TIMEOUT for code in counted.values())
@@ -217,8 +233,11 @@ def row(module: str, codes: dict[str, int | None], equivalent: dict[str, str]) -
     other = len(counted) - killed - timeouts - len(survived)
     excluded = len(codes) - len(counted)
     score = (killed + timeouts) / len(counted) if counted else float("nan")
-    line = (f"| `{module}` | {len(codes)} | {killed} | {len(survived)} | {timeouts} | {excluded} | {other} | "
-            f"{100 * score:.1f} % |")
+    shown = f"{100 * score:.1f} %"
+    if interval:  # a sample's score estimates the module's: with its 95 % (Wilson) interval
+        low, high = wilson(killed + timeouts, len(counted))
+        shown += f" (95 % CI {100 * low:.0f}–{100 * high:.0f} %)"
+    line = f"| `{module}` | {len(codes)} | {killed} | {len(survived)} | {timeouts} | {excluded} | {other} | {shown} |"
     return line, survived
 
 
@@ -230,7 +249,16 @@ def main() -> None:
     parser.add_argument("--survivors", action="store_true",
                         help="test again only the mutants that survived the last run (after adding tests)")
     parser.add_argument("--report-only", action="store_true", help="write the table from the last results")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="mutants per module for the sampled targets (cohort, allocation) instead of their default")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled targets' samples")
     args = parser.parse_args()
+    global SEED
+    SEED = args.seed
+    if args.sample is not None:
+        for key, target in TARGETS.items():
+            if target.sample:
+                TARGETS[key] = Target(target.modules, target.tests, args.sample)
 
     if not args.report_only:
         for name in args.targets:
@@ -239,10 +267,12 @@ def main() -> None:
     equivalent = equivalent_mutants()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
                             ).stdout.strip()
+    sampling = (f" --sample {args.sample}" if args.sample is not None else "") + (
+        f" --seed {args.seed}" if args.seed else "")
     lines = [
         f"Written at commit {commit} from each target's last results (the tests of that time) with mutmut "
         f"{mutmut_version()} by `.venv/bin/python benchmarks/mutation.py "
-        f"--workers {args.workers}` (one mutant at a time on a shared 2-core CPU machine). Score = (killed + "
+        f"--workers {args.workers}{sampling}` (one mutant at a time on a shared 2-core CPU machine). Score = (killed + "
         "timeouts) / (mutants - equivalent); a mutant that no selected test calls counts as survived.",
         "",
         "| module | mutants | killed | survived | timeouts | equivalent (excluded) | other | score |",
@@ -259,8 +289,8 @@ def main() -> None:
         for module, codes in results(name, target).items():
             if target.sample:
                 codes = {key: code for key, code in codes.items() if key in sampled(name, target)}
-                module = f"{module} (sample of {len(codes)})"
-            line, left = row(module, codes, equivalent | messages)
+                module = f"{module} (random sample of {len(codes)}, seed {SEED})"
+            line, left = row(module, codes, equivalent | messages, interval=bool(target.sample))
             lines.append(line)
             left_here += left
         # the survivors with their change, for review: a missing test, or an equivalent mutant to list

@@ -17,7 +17,7 @@ import torch
 from sflam.platform import codec, cohort
 from sflam.platform import server as server_module
 from sflam.platform.assembly import build_runners
-from sflam.platform.data import collate
+from sflam.platform.data import Batch, collate
 from sflam.platform.device import DeviceRunner
 from sflam.platform.messages import Smashed
 from sflam.platform.server import ServerRunner
@@ -232,3 +232,133 @@ def test_the_server_step_in_chunks_equals_one_batch(monkeypatch: pytest.MonkeyPa
         assert float((codec.decode(a) - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
     state = server.state()
     assert max(float((state[n] - whole_state[n]).abs().max()) for n in state) <= 1e-6
+
+
+# --------------------------------------------------------------------------- cases the mutation score found untested
+# (benchmarks/mutation.py; each test names the mutants it was seen to kill)
+
+
+def _batch(samples: int, length: int) -> Batch:
+    return Batch(torch.ones(samples, length, dtype=torch.long), torch.ones(samples, length, dtype=torch.long),
+                 torch.zeros(samples, dtype=torch.long))
+
+
+def test_chunks_group_devices_by_length_up_to_the_sample_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four devices of 3 samples of length 4 and two of 2 and 3 samples of length 5, at most 6 samples a chunk:
+    by hand the chunks are devices (0, 1), (2, 3) and (4, 5); the last one's view pads the 2-sample device to 3
+    rows. Kills cohort.chunks 25 (the running sample count)."""
+    monkeypatch.setattr(cohort, "CHUNK_SAMPLES", 6)
+    batches = [_batch(3, 4), _batch(3, 4), _batch(3, 4), _batch(3, 4), _batch(2, 5), _batch(3, 5)]
+    live = [0, 2, 3, 5, 7, 9]
+    work = cohort.chunks(live, batches)
+    assert [members for members, *_ in work] == [[0, 1], [2, 3], [4, 5]]
+    assert [tuple(ids.shape) for _, ids, _, _ in work] == [(6, 4), (6, 4), (5, 5)]
+    assert [where.live.tolist() for *_, where in work] == [[0, 2], [3, 5], [7, 9]]
+    assert [where.samples for *_, where in work] == [[3, 3], [3, 3], [2, 3]]
+    assert work[0][3].index is None  # equal devices: no padding rows
+    where = work[2][3]
+    assert where.index is not None and where.index.tolist() == [0, 1, 3, 4, 5]  # rows 0-1, then 3-5 of (2 x 3)
+    x = torch.arange(1.0, 6.0).reshape(5, 1)
+    rows = where.to_devices(x)
+    assert rows.shape == (2, 3, 1) and rows[..., 0].tolist() == [[1.0, 2.0, 0.0], [3.0, 4.0, 5.0]]
+    assert torch.equal(where.from_devices(rows * 10, x), x * 10)
+
+
+def test_a_step_without_activation_gradients_still_applies_fedprox() -> None:
+    """No gradient comes back (all None) but the adapters have gradients (a U-shaped split's head): the step is
+    AdamW on the gradient plus FedProx's mu (w - w_global). By hand: gradient 0.25, w - w_global = -1, mu = 0.5, so
+    the step's gradient is -0.25 and AdamW's first step moves w up by lr (|g| / (|g| + 1e-8)); without the
+    proximal term it would move down. Kills cohort.backward 15 (mu dropped on this path) and cohort.start 30 (the
+    anchor kept only for mu > 1)."""
+    global_adapter = {"w": torch.zeros(3)}
+    group = cohort.start(torch.nn.Identity(), [0, 1], global_adapter, lr=0.1, proximal_mu=0.5, frozen=[])
+    with torch.no_grad():
+        group.adapter["w"] -= 1.0
+    group.adapter["w"].grad = torch.full((2, 3), 0.25)
+    group.pending[0] = []
+    cohort.backward(torch.nn.Identity(), group, 0, [None, None])
+    expected = -1.0 + 0.1 * 0.25 / (0.25 + 1e-8)
+    assert torch.allclose(group.adapter["w"].detach(), torch.full((2, 3), expected), rtol=0, atol=1e-7)
+
+
+def test_the_cohorts_weighted_sum_and_one_devices_adapter() -> None:
+    """By hand in float64: weights 0.1, 0 and 0.7 over three devices' adapters 1, 2 and 3 (times a row) give
+    0.1 * 1 + 0.7 * 3 = 2.2 times the row, the device of weight 0 left out; adapter_of(2) is device 2's copy.
+    Kills Cohort.weighted_sum 12 (weights in float32: 0.1 is then 0.10000000149) and Cohort.adapter_of 1."""
+    row = torch.tensor([1.0, -2.0, 0.5])
+    group = cohort.start(torch.nn.Identity(), [4, 5, 6], {"w": row}, lr=0.1, proximal_mu=0.0, frozen=[])
+    with torch.no_grad():
+        group.adapter["w"] *= torch.tensor([[1.0], [2.0], [3.0]])
+    summed = group.weighted_sum([0.1, 0.0, 0.7])
+    assert summed["w"].dtype == torch.float64
+    expected = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) * (0.1 * 1 + 0.7 * 3)
+    assert torch.allclose(summed["w"], expected, rtol=1e-15, atol=0)
+    own = group.adapter_of(2)
+    assert own.keys() == {"w"} and torch.equal(own["w"], 3 * row) and not own["w"].requires_grad
+
+
+class _TinyPart(torch.nn.Module):
+    """A device part small enough to differentiate by hand: a frozen embedding, then one LoRA linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(11, 4)
+        self.proj = torch.nn.Linear(4, 3)
+        self.embed.requires_grad_(False)
+        self.proj.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(ids))
+
+    def input_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+
+@pytest.mark.parametrize(("clip", "nopeek"), [(1.5, 0.7), (0.5, 0.0), (0.0, 0.7)])
+def test_the_defended_backward_is_each_devices_clipped_and_nopeek_loss(clip: float, nopeek: float,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clipping and NoPeek in the batched backward: each device's adapter gradient is that of its own loss,
+    <clip(h), g> + w dCor(inputs, h) over its real tokens, written here with the LoRA layer spelled out (W x +
+    s B A x) and the clipping by hand (each sample scaled to norm <= C). Two devices of 2 and 3 right-padded
+    samples with their own adapters; each defence alone too, the clipping below 1. Kills cohort.backward 55 and 58
+    (the chunk's mask and received gradient), 49 and 51 (the defences' thresholds) and cohort._defended_backward 28
+    (the NoPeek term)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from sflam.privacy.defences import nopeek_loss
+
+    part = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], lora_dropout=0.0),
+                                   _TinyPart())
+    names = {p: f"proj.lora_{p}.{cohort.LORA}.weight" for p in "AB"}
+    generator = torch.Generator().manual_seed(1)
+    global_adapter = {names["A"]: torch.randn(2, 4, generator=generator),
+                      names["B"]: torch.randn(3, 2, generator=generator)}
+    group = cohort.start(part, [0, 1], global_adapter, lr=0.01, proximal_mu=0.0, frozen=[])
+    with torch.no_grad():  # the devices' adapters differ
+        group.adapter[names["B"]][1] *= -0.5
+    group.clip_norm, group.nopeek_weight = clip, nopeek
+    masks = [torch.tensor([[1, 1, 1], [1, 1, 0]]), torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])]
+    batches = [Batch(torch.randint(0, 11, m.shape, generator=generator) * m, m, torch.zeros(len(m), dtype=torch.long))
+               for m in masks]
+    cohort.forward(part, group, [0, 1], batches, 0)
+    received = [torch.randn(int(m.sum()), 3, generator=generator) for m in masks]
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(adapter, optimizer, anchor, mu) -> None:  # type: ignore[no-untyped-def]
+        captured.update({n: t.grad.detach().clone() for n, t in adapter.items()})
+
+    monkeypatch.setattr(cohort, "local_step", capture)
+    cohort.backward(part, group, 0, [codec.encode(g, 32) for g in received])
+    for k, (batch, g) in enumerate(zip(batches, received, strict=True)):
+        a = global_adapter[names["A"]].clone().requires_grad_()
+        b = (global_adapter[names["B"]] * (1.0 if k == 0 else -0.5)).requires_grad_()
+        x = part.embed(batch.input_ids)
+        h = part.proj.base_layer(x) + (x @ a.T @ b.T) * (4 / 2)
+        rows, lengths = h[batch.attention_mask.bool()], batch.attention_mask.sum(1).tolist()
+        clipped = torch.cat([r * clip / torch.clamp(r.norm(), min=clip) for r in torch.split(rows, lengths)]) \
+            if clip > 0 else rows
+        loss = (clipped * g).sum() + nopeek * nopeek_loss(x, h, batch.attention_mask)
+        grad_a, grad_b = torch.autograd.grad(loss, [a, b])
+        torch.testing.assert_close(captured[names["A"]][k], grad_a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(captured[names["B"]][k], grad_b, rtol=1e-5, atol=1e-6)

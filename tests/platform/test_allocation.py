@@ -514,10 +514,10 @@ def _least_stage_length(problem: AllocationProblem, S: np.ndarray, j: int) -> fl
     return hi
 
 
-@pytest.mark.xfail(strict=True, reason="min_latency's Newton creeps up on the root from the infeasible side by one "
-                   "ulp a step (value -4e-15) and returns the bracket's stale feasible end after 100 steps: here "
-                   "0.40401 s for a least stage length of 0.40339 s (+0.15 %); found by the mutation work, not fixed")
 def test_the_least_stage_length_is_the_root_where_the_least_bandwidths_fill_the_band() -> None:
+    """Found by the mutation work: min_latency's Newton crept up on the root from the infeasible side an ulp a step
+    and returned the bracket's stale feasible end, 0.40401 s for 0.40339 s (+0.15 %); bisection now follows any
+    step that does not halve the bracket."""
     from sflam.platform.allocation.links import Links as _Links
     from sflam.platform.allocation.stage import min_latency as _min_latency
 

@@ -149,6 +149,7 @@ def min_latency(links: Links, horizon: float) -> float:
     # start from the last least stage length (nearby bits), else from twice the infinite-bandwidth bound
     x = float(np.log(links.T_min_hint)) if links.T_min_hint is not None and lower < links.T_min_hint < horizon \
         else min(a + float(np.log(2.0)), z)
+    width = z - a
     for _ in range(100):
         value, need, total = fits(x)
         if value >= 0:
@@ -159,8 +160,11 @@ def min_latency(links: Links, horizon: float) -> float:
             break
         slope = -float(np.exp(x)) * float(np.sum(need * links.bmin_rate)) / total if np.isfinite(total) else 0.0
         step = x - value / slope if slope > 0 and np.isfinite(value) else float("nan")
-        if not a < step < z:
+        # safeguarded: a Newton step that did not halve the bracket (it can creep up on the root from the
+        # infeasible side, an ulp at a time, and leave the feasible end stale) is followed by a bisection
+        if not a < step < z or z - a > 0.5 * width:
             step = 0.5 * (a + z)
+        width = z - a
         if z - a <= 1e-12 * max(1.0, abs(z)):
             break
         x = step

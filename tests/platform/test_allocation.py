@@ -424,10 +424,12 @@ def _energy_at_shares(problem: AllocationProblem, S: np.ndarray, Sd: np.ndarray,
     return N0 * b / g * np.expm1(S / (tau * b) * LN2) * tau
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_the_nested_root_split_from_a_cold_start_matches_a_generic_solver(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "factor"), [(0, 3.0), (1, 3.0), (0, 1.3), (2, 1.3)])
+def test_the_nested_root_split_from_a_cold_start_matches_a_generic_solver(seed: int, factor: float) -> None:
     """The fallback split (nested roots, no price remembered from an earlier solve) against SLSQP over the shares
-    with the energy written here. Kills stage.split_bandwidth 104 (the price hint's guard)."""
+    with the energy written here. Kills stage.split_bandwidth 104 (the price hint's guard); the stage 1.3 times its
+    lower bound (least bandwidths of a fifth to a quarter of the band) kills split_bandwidth 231 (a stop test on
+    z + a instead of the bracket's width z - a: one Newton step, 16.0 of 20 MHz handed out at seed 0)."""
     from sflam.platform.allocation.links import Links as _Links
     from sflam.platform.allocation.stage import split_bandwidth as _split_bandwidth
 
@@ -437,7 +439,7 @@ def test_the_nested_root_split_from_a_cold_start_matches_a_generic_solver(seed: 
     j = 0
     S, Sd, c = uplink[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j]
     links = _Links(problem, S, Sd, c, np.full(K, np.inf), (1.0, 1.0))
-    T = links.latency_lower_bound() * 3.0
+    T = links.latency_lower_bound() * factor
     b_min = links.min_bandwidth(T)
     assert links.nu_hint is None
     ours, _ = _split_bandwidth(links, T, b_min, newton=False)
@@ -528,3 +530,57 @@ def test_the_least_stage_length_is_the_root_where_the_least_bandwidths_fill_the_
                    (1.0, 0.0))
     least = _least_stage_length(problem, S, j)
     assert _min_latency(links, 0.6183280856700047) == pytest.approx(least, rel=1e-6)
+
+
+def test_a_stage_length_below_the_least_is_infeasible_and_one_above_it_is_not() -> None:
+    """Against the independent least stage length (_least_stage_length): a stage 0.01 % shorter cannot carry its
+    traffic (infinite energies and objective), one 0.01 % longer can (finite ones). Kills stage.solve_at 19 (the
+    infeasible answer built without its objective: a TypeError)."""
+    from sflam.platform.allocation.links import Links as _Links
+    from sflam.platform.allocation.stage import solve_at as _solve_at
+
+    problem = make_problem(3, 1, lam=1.0, bits=(8,), steps=1)
+    S = problem.stage_uplink(np.zeros(3, dtype=int))
+    j = 1
+    links = _Links(problem, S[:, j], problem.downlink_bits[:, j], problem.compute_s[:, j], np.full(3, np.inf),
+                   (1.0, 0.0))
+    least = _least_stage_length(problem, S, j)
+    short = _solve_at(links, least * (1 - 1e-4))
+    assert short.objective == np.inf and np.all(short.uplink_energy == np.inf)
+    long = _solve_at(links, least * (1 + 1e-4))
+    assert np.isfinite(long.objective) and np.all(np.isfinite(long.uplink_energy))
+    assert float(np.sum(long.bandwidth)) <= B * (1 + 1e-9)
+
+
+def test_the_greedy_takes_a_move_that_uses_exactly_the_budget() -> None:
+    """By hand, budget 0.5, one device at weight 0 with options of weight 0.25 (saving 1, 4 a unit) and 0.5
+    (saving 9, 18 a unit): the move to 0.5 uses exactly the budget and is the best, so it is taken (the budget's
+    1e-12 slack admits ties). Kills bits.spend_budget 3 (a budget 1e-12 short, which refuses the tie)."""
+    from types import SimpleNamespace
+
+    from sflam.platform.allocation.bits import spend_budget as _spend_budget
+
+    problem = SimpleNamespace(distortion_budget=0.5)
+    cost = np.array([[10.0, 9.0, 1.0]])
+    weight = np.array([[0.0, 0.25, 0.5]])
+    start = np.zeros(1, dtype=np.int64)
+    assert _spend_budget(problem, cost, weight, start.copy()).tolist() == [2]  # type: ignore[arg-type]
+    assert _plain_greedy(problem, cost, weight, start).tolist() == [2]  # type: ignore[arg-type]
+
+
+def test_exhaustive_search_passes_over_a_combination_that_misses_the_deadline() -> None:
+    """Bit options 8 then 4 bits and a budget every combination meets; the deadline lies between the least round of
+    both devices at 8 bits (the first combination enumerated) and that of every other combination (each from the
+    independent least stage lengths, _least_stage_length): the first combination's block fails, and the enumeration
+    goes on to a feasible one. Kills bits.exhaustive 31 (break instead of continue after a failed block)."""
+    loose = make_problem(2, seed=3, lam=0.5, bits=(8, 4), steps=1, budget_bits=4)
+    least = {}
+    for combo in itertools.product(range(2), repeat=2):
+        S = loose.stage_uplink(np.array(combo))
+        least[combo] = sum(_least_stage_length(loose, S, j) for j in range(loose.stages)) + loose.server_s
+    others = max(value for combo, value in least.items() if combo != (0, 0))
+    assert others < least[(0, 0)]
+    problem = dataclasses.replace(loose, deadline_s=0.5 * (others + least[(0, 0)]))
+    ours = allocate(problem, search="exhaustive")
+    assert_feasible(problem, ours)
+    assert 4 in ours.bits.tolist()

@@ -584,3 +584,42 @@ def test_exhaustive_search_passes_over_a_combination_that_misses_the_deadline() 
     ours = allocate(problem, search="exhaustive")
     assert_feasible(problem, ours)
     assert 4 in ours.bits.tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_bits_block_offers_no_option_that_needs_more_than_full_power(seed: int) -> None:
+    """At lambda = 1 from 4-bit payloads the stages are as short as those payloads allow, so a larger option would
+    need more than the full uplink power: the bits block keeps every device at 4 bits though the budget asks for
+    less distortion, and what it returns fits each stage at full power (rate x time >= bits, written here from the
+    system model). Kills bits.bits_block 36 (a fit test that passes every option: 8 bits, half the rate needed)."""
+    from sflam.platform.allocation.bits import bits_block as _bits_block
+
+    problem = make_problem(3, seed, lam=1.0, bits=(4, 8, 32), budget_bits=8, steps=1)
+    current = solve_power_bandwidth(problem, np.zeros(3, dtype=int), reference_costs(problem))
+    idx = _bits_block(problem, current)
+    assert idx.tolist() == [0, 0, 0]
+    g, b = problem.gain[:, None], current.stage_bandwidth_hz
+    tau = current.stage_s[None, :] - problem.compute_s - problem.downlink_bits / rate(b, P_S, g)
+    assert np.all(rate(b, P_MAX, g) * tau >= problem.stage_uplink(idx) * (1 - 1e-9))
+
+
+@pytest.mark.parametrize("scale", [1.5, 0.5])
+def test_a_device_with_nothing_to_send_bounds_the_least_stage_length_by_its_computation(scale: float) -> None:
+    """One device of three sends and receives nothing in the stage but computes for `scale` times the other two's
+    least stage length (_least_stage_length over those two, independent): the stage's least length is the larger
+    of its computation and the others' least length. Kills stage.min_latency 37 and 40 (the quiet device's
+    shortcut reading None: a TypeError)."""
+    from sflam.platform.allocation.links import Links as _Links
+    from sflam.platform.allocation.stage import min_latency as _min_latency
+
+    problem = make_problem(3, 1, lam=1.0, bits=(8,), steps=1)
+    S = problem.stage_uplink(np.zeros(3, dtype=int))
+    j = 1
+    others = dataclasses.replace(problem, gain=problem.gain[1:], uplink_bits=problem.uplink_bits[1:],
+                                 downlink_bits=problem.downlink_bits[1:], compute_s=problem.compute_s[1:])
+    least_others = _least_stage_length(others, S[1:], j)
+    up, down, c = S[:, j].copy(), problem.downlink_bits[:, j].copy(), problem.compute_s[:, j].copy()
+    up[0], down[0], c[0] = 0.0, 0.0, scale * least_others
+    links = _Links(problem, up, down, c, np.full(3, np.inf), (1.0, 0.0))
+    expected = max(c[0], least_others)
+    assert _min_latency(links, 10 * expected) == pytest.approx(expected, rel=1e-6)

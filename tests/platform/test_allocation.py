@@ -190,28 +190,8 @@ def test_lambda_one_attains_the_minimum_makespan() -> None:
     problem = make_problem(8, seed=3, lam=1.0, bits=(8,), budget_bits=8)
     alloc = allocate(problem)
     assert_feasible(problem, alloc)
-    S, Sd, g, c = problem.stage_uplink(np.zeros(8, dtype=int)), problem.downlink_bits, problem.gain, problem.compute_s
-
-    def least_stage(j: int) -> float:
-        def time_at(b, k):
-            return S[k, j] / rate(b, P_MAX, g[k]) + Sd[k, j] / rate(b, P_S, g[k])
-
-        def needed(T):
-            total = 0.0
-            for k in range(problem.size):
-                if time_at(B, k) > T - c[k, j]:
-                    return np.inf
-                total += brentq(lambda b, k=k: time_at(b, k) - (T - c[k, j]), 1e-6, B, xtol=1e-9, rtol=1e-14)
-            return total
-
-        lo, hi = float(np.max(c[:, j])), float(np.max(c[:, j] + [time_at(B / problem.size, k)
-                                                                   for k in range(problem.size)]))
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if needed(mid) > B else (lo, mid)
-        return hi
-
-    least = sum(least_stage(j) for j in range(problem.stages)) + problem.server_s
+    S = problem.stage_uplink(np.zeros(8, dtype=int))
+    least = sum(_least_stage_length(problem, S, j) for j in range(problem.stages)) + problem.server_s
     assert alloc.round_latency_s == pytest.approx(least, rel=1e-6)
     assert alloc.round_latency_s < equal_allocation(problem, 8).round_latency_s
 

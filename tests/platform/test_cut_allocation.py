@@ -52,14 +52,14 @@ def cut_options(K: int, seed: int, cuts: tuple[int, ...] = (1, 3, 6), bits: tupl
 def at_cuts(options: CutOptions, cut_index: tuple[int, ...]) -> AllocationProblem:
     """The round at these cuts, built here from the option arrays (not by the module's problem_at)."""
     b = options.base
-    up = np.stack([options.uplink_bits[k, c] for k, c in enumerate(cut_index)])
+
+    def each(name: str) -> np.ndarray:
+        return np.stack([getattr(options, name)[k, c] for k, c in enumerate(cut_index)])
+
     return AllocationProblem(
-        gain=b.gain, uplink_bits=up, downlink_bits=np.stack([options.downlink_bits[k, c] for k, c in enumerate(cut_index)]),
-        compute_s=np.stack([options.compute_s[k, c] for k, c in enumerate(cut_index)]),
-        server_s=sum(float(options.server_s[k, c]) for k, c in enumerate(cut_index)),
-        compute_energy_j=np.array([options.compute_energy_j[k, c] for k, c in enumerate(cut_index)]),
-        bits_options=b.bits_options, raw_uplink_bits=np.stack([options.raw_uplink_bits[k, c]
-                                                               for k, c in enumerate(cut_index)]),
+        gain=b.gain, uplink_bits=each("uplink_bits"), downlink_bits=each("downlink_bits"),
+        compute_s=each("compute_s"), server_s=float(sum(each("server_s"))),
+        compute_energy_j=each("compute_energy_j"), bits_options=b.bits_options, raw_uplink_bits=each("raw_uplink_bits"),
         distortion_weight=b.distortion_weight, distortion_budget=b.distortion_budget, bandwidth_hz=b.bandwidth_hz,
         max_power_w=b.max_power_w, server_power_w=b.server_power_w, n0=b.n0, lam=b.lam, deadline_s=b.deadline_s,
         max_latency_factor=b.max_latency_factor, energy_cap_j=b.energy_cap_j)
@@ -95,7 +95,7 @@ def brute_force(options: CutOptions, ref: tuple[float, float]) -> tuple[float, t
 
 
 EXACT_GAP = 1e-4  # the power/bandwidth block's tolerance against SLSQP (test_allocation.BLOCK_GAP)
-GREEDY_GAP = 0.01  # the descent with cut moves; it equalled exhaustive search on all 60 instances tried
+GREEDY_GAP = 1e-4  # the descent with cut moves against SLSQP (it equals exhaustive search on these)
 BRUTE_CASES = [  # (K, seed, lam, cuts, bits, average bits of the distortion budget, server s per device at cut 0)
     # their optima mix cuts and bits: (2, 109) [cut 4, cut 1] at [4, 8] bits, (3, 73) [6, 3, 3] at [4, 8, 8],
     # (3, 132) [4, 6, 4] at [4, 4, 2]; (2, 15) mixes cuts at 8 bits; (2, 2) keeps both at the shallowest cut
@@ -124,28 +124,49 @@ def test_exhaustive_joint_search_equals_brute_force_over_cuts_and_bits(K: int, s
     assert greedy.allocation.objective <= best * (1 + GREEDY_GAP)
 
 
+def random_round(seed: int) -> CutOptions:
+    """2-4 devices, 2-3 candidate cuts among layers 1-6, 2-3 bit widths, λ in {0.2, 0.5, 0.8}, a fast or slow server."""
+    rng = np.random.default_rng(seed + 77)
+    K, C = int(rng.integers(2, 5)), int(rng.integers(2, 4))
+    cuts = tuple(sorted(rng.choice([1, 2, 3, 4, 5, 6], C, replace=False).tolist()))
+    bits, budget = [((2, 4, 8), 3), ((4, 8), 5), ((4, 8, 32), 5), ((2, 8), 4)][seed % 4]
+    lam, server = float(rng.choice([0.2, 0.5, 0.8])), float(rng.choice([0.3, 1.0]))
+    options = cut_options(K, seed, cuts=cuts, bits=bits, lam=lam, budget_bits=budget, server_s=server)
+    return options if exhaustive_cuts_fit(options) else options.select(np.arange(3))
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_descent_finds_the_exhaustive_optimum_on_random_rounds(seed: int) -> None:
+    """Measured: equal on all 60 (largest gap 6e-11). Seen failing without the cut moves (4 rounds, up to 2.5 %),
+    with the (cut, bits) block inert (18, 1.6 %), from the memory policy's start alone (1, 3.2 %) and without the
+    greedy spending of the distortion budget (12, 0.4 %)."""
+    options = random_round(seed)
+    exact = allocate_cuts(options, search="exhaustive")
+    greedy = allocate_cuts(options)
+    assert greedy.allocation.objective == pytest.approx(exact.allocation.objective, rel=1e-6)
+    assert_feasible(greedy.problem, greedy.allocation)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_no_cut_over_a_devices_memory_budget_is_chosen(seed: int) -> None:
-    """Random budgets, so that the cheapest cut of some devices does not fit: both searches keep to the budgets."""
+    """Random budgets; then each device whose unconstrained best cut is deeper than its shallowest gets a budget
+    one MiB under that cut's peak, so the budget binds: both searches keep to the budgets."""
     rng = np.random.default_rng(seed)
     K = int(rng.integers(2, 4))
-    options = cut_options(K, seed, cuts=(1, 3, 6), bits=(4, 8), lam=float(rng.uniform(0.1, 0.9)),
-                          slack_mib=(0.0, 600.0), server_s=float(rng.choice([0.0, 0.05, 0.5])))
-    fit = options.memory_mib <= options.budget_mib[:, None]
-    for search in ("greedy", "exhaustive"):
-        chosen = allocate_cuts(options, search=search)
-        assert np.all(fit[np.arange(K), chosen.cut_index]), (search, chosen.cut_index, fit)
-        assert_feasible(chosen.problem, chosen.allocation)
-    # a budget one MiB under a cut's peak rules that cut out even where it would be the cheapest
-    best = allocate_cuts(options, search="exhaustive")
-    k, c = 0, int(best.cut_index[0])
-    if fit[k].sum() > 1:
-        tight = dataclasses.replace(options, budget_mib=options.budget_mib.copy())
-        tight.budget_mib[k] = options.memory_mib[k, c] - 1.0
-        fit_tight = tight.memory_mib <= tight.budget_mib[:, None]
-        if fit_tight[k].any():
-            again = allocate_cuts(tight, search="exhaustive")
-            assert fit_tight[k, again.cut_index[k]]
+    options = cut_options(K, seed, cuts=(1, 3, 6), bits=(4, 8), lam=float(rng.uniform(0.4, 0.9)), budget_bits=5,
+                          slack_mib=(0.0, 600.0), server_s=float(rng.choice([0.3, 1.0, 3.0])))
+    unconstrained = allocate_cuts(dataclasses.replace(options, budget_mib=np.full(K, np.inf)), search="exhaustive")
+    tight = options.budget_mib.copy()
+    for k, c in enumerate(unconstrained.cut_index):
+        if c > 0:
+            tight[k] = options.memory_mib[k, c] - 1.0
+    for budget in (options.budget_mib, tight):
+        case = dataclasses.replace(options, budget_mib=budget)
+        fit = case.memory_mib <= budget[:, None]
+        for search in ("greedy", "exhaustive"):
+            chosen = allocate_cuts(case, search=search)
+            assert np.all(fit[np.arange(K), chosen.cut_index]), (search, chosen.cut_index, fit)
+            assert_feasible(chosen.problem, chosen.allocation)
 
 
 def test_the_memory_policy_takes_the_deepest_cut_that_fits_and_reports_the_rest() -> None:
@@ -193,6 +214,7 @@ def test_no_feasible_option_is_a_clear_error() -> None:
             unreachable.base, bits_options=np.array([4, 8]))), search="greedy")
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # at λ = 1 an infeasible pair is inf, not 0 * inf = nan
 def test_lambda_zero_takes_the_least_energy_cut_and_lambda_one_the_fastest() -> None:
     """λ = 0 (energy only, under a loose deadline): the cut with the least device energy, here the shallowest
     (compute energy grows with depth, payloads equal across cuts); λ = 1 with a slow server: the deepest

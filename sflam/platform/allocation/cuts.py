@@ -1,4 +1,4 @@
-"""Each device's cut layer chosen with its bits, power and bandwidth under its memory budget (docs/concepts/allocator.md).
+"""Each device's cut layer, chosen with its bits, power and bandwidth under its memory (docs/concepts/allocator.md).
 
 A device's cut moves work between it and the server: a deeper cut puts more layers on the device (more device
 time and energy, more device memory, less server time above the cut, and, docs/benchmarks/privacy.md, less that the

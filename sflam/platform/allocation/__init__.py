@@ -36,7 +36,8 @@ block is kept when the objective falls.
 
 Modules: `problem` (the problem and its solution), `links` (one stage's link physics), `stage` (one stage solved
 exactly), `kernels` (its compiled per-device loops), `block` (all stages for fixed bits, under a deadline; the
-equal allocation), `ofdma` (whole subchannels by matching), `bits` (the bits block and the joint allocation).
+equal allocation), `ofdma` (whole subchannels by matching), `bits` (the bits block and the joint allocation),
+`cuts` (each device's cut chosen with its bits under its memory budget; the `memory` cut policy).
 """
 
 from sflam.platform.allocation.bits import allocate, exhaustive_fits

@@ -238,16 +238,18 @@ def allocate_cuts(options: CutOptions, search: str = "greedy", max_iters: int = 
     fit = options.fits()
     shallowest = np.argmax(fit, axis=1)
     best: CutAllocation | None = None
+    failure: AllocationError | None = None
     for start in _unique([chosen.cut_index, shallowest]):
         try:
             found = _descend(options, start, ref, max_iters)
-        except AllocationError:
+        except AllocationError as error:
+            failure = error
             continue
         if best is None or found.allocation.objective < best.allocation.objective:
             best = found
     if best is None:
-        raise AllocationError("no choice of cuts from either start meets the distortion budget, the deadline and "
-                              "the caps; try search=exhaustive on a small round or raise allocation.deadline_s")
+        raise AllocationError(f"neither the memory policy's cuts nor the shallowest that fit admit an allocation: "
+                              f"{failure}") from failure
     return _move_cuts(options, best, ref, max_iters)
 
 

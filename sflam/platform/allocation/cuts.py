@@ -187,7 +187,6 @@ def pair_block(options: CutOptions, current_cut: np.ndarray, current: Allocation
     cost = pair_costs(options, current, ref)
     weight = np.tile(base.distortion_weight[:, None] * distortion(base.bits_options)[None, :], (1, len(options.cuts)))
     rows, budget = np.arange(K), base.distortion_budget * (1 + 1e-12)
-    here = np.asarray(current_cut) * Q + _bit_indices(base, current.bits)
 
     def pick(eta: float) -> np.ndarray:
         return np.argmin(cost + eta * weight, axis=1)
@@ -197,9 +196,9 @@ def pair_block(options: CutOptions, current_cut: np.ndarray, current: Allocation
 
     finite = cost[np.isfinite(cost)]
     scale = float(finite.max()) if finite.size else 1.0
-    hi = max(scale, 1e-300) / max(float(np.min(weight[weight > 0], initial=1e-300)), 1e-300)
+    hi = min(max(scale, 1e-300) / max(float(np.min(weight[weight > 0], initial=1e-300)), 1e-300), 1e300)
     if not feasible(pick(hi)):
-        return np.asarray(current_cut), here % Q
+        return np.asarray(current_cut), _bit_indices(base, current.bits)
     eta = 0.0
     if not feasible(pick(0.0)):  # the least feasible distortion price, by bisection on its logarithm
         log_lo, log_hi = math.log(hi) - 1400.0, math.log(hi)

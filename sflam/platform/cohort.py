@@ -9,7 +9,8 @@ multi-tensor AdamW step over the stacked adapters, elementwise the same update a
 With many samples the backward recomputes each chunk's forward instead of keeping its graph (bounded memory). What
 each device sends and receives is encoded with its own seeded stream, so every message, adapter and loss
 equals each device run alone through peft's own LoRA layers (the reference in tests/reference.py) within float
-rounding.
+rounding. Devices of different LoRA ranks (lora.rank_policy=by-class) share the computation at the global rank:
+each device's factors are exact zeros beyond its own rank and its delta is scaled by alpha / its rank (`start`).
 """
 
 from __future__ import annotations

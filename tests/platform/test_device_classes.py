@@ -4,6 +4,7 @@ population without classes that is the one drawn before classes existed, number 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -220,6 +221,10 @@ def test_the_fleet_example_config_has_three_classes() -> None:
     config = load_config(ROOT / "configs" / "fleet-3class.yaml")
     assert [c.name for c in config.devices.classes] == ["phone-2GB", "phone-6GB", "tablet-12GB"]
     assert sum(c.share for c in config.devices.classes) == pytest.approx(1.0, abs=1e-12)
+    ranked = load_config(ROOT / "configs" / "fleet-3class-ranks.yaml")
+    assert ranked.lora.rank_policy == "by-class" and ranked.lora.rank == 8
+    assert [c.lora_rank for c in ranked.devices.classes] == [2, 4, 8]
+    assert [dataclasses.replace(c, lora_rank=None) for c in ranked.devices.classes] == config.devices.classes
 
 
 # --------------------------------------------------------------------------- config errors
@@ -389,3 +394,16 @@ def test_the_engine_hands_each_class_rank_and_peak_to_the_result() -> None:
         "phone-2GB": {"devices": 5, "memory_mib": 2048.0, "lora_rank": 2, "memory_bytes": 100},
         "phone-6GB": {"devices": 3, "memory_mib": 6144.0, "lora_rank": 4, "memory_bytes": 200},
         "tablet-12GB": {"devices": 2, "memory_mib": 12288.0, "lora_rank": 8, "memory_bytes": 300}}
+
+
+@pytest.mark.parametrize("method", ["fl", "sl"])
+def test_fl_and_sl_refuse_ranks_per_class(method: str) -> None:
+    """fl trains whole models and sl hands one adapter down a chain: by-class is refused there, the split federated
+    methods take it. Seen failing with the refusal removed."""
+    from sflam.pipelines.baselines import method_config
+
+    config = load_config(None, list(RANKED))
+    with pytest.raises(ConfigError, match=f"lora.rank_policy='by-class' is invalid: fixed with method {method}"):
+        method_config(config, method)
+    for other in ("sfl", "sfl-v2", "sfl-q", "sflam"):
+        assert method_config(config, other).lora.rank_policy == "by-class"

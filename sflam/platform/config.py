@@ -257,8 +257,8 @@ class DeviceClass:
     shadowing_db: float | None = field(default=None, metadata={
         "help": "the class's log-normal shadowing std dev in dB (null: system.shadowing_db)"})
     lora_rank: int | None = field(default=None, metadata={
-        "help": "the LoRA rank of the class's devices, 1..lora.rank (lora.rank_policy=by-class only; null: "
-                "lora.rank)"})
+        "help": "the LoRA rank of the class's devices, 1..lora.rank: required with lora.rank_policy=by-class, null "
+                "with fixed"})
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "," not in self.name, f"devices.classes[{self.name}].name", self.name,
@@ -686,22 +686,16 @@ class ExperimentConfig:
                f"at most train.rounds={self.train.rounds} (a trial is a shortened run), or 0")
         _check(self.split.head == "server" or self.runtime == "local", "split.head", self.split.head,
                "server with runtime=ray (the U-shaped split runs in the reference runtime, runtime=local)")
-        self._check_ranks()
-
-    def _check_ranks(self) -> None:
-        """lora.rank_policy=by-class: every class names its rank, at most lora.rank (the global adapter's)."""
+        # LoRA ranks per class: every class names its rank under by-class, at most lora.rank (the global adapter's)
         lora, classes = self.lora, self.devices.classes
-        if lora.rank_policy == "fixed":
-            named = [c.name for c in classes if c.lora_rank is not None]
-            _check(not named, f"devices.classes[{named[0] if named else ''}].lora_rank",
-                   next((c.lora_rank for c in classes if c.lora_rank is not None), None),
-                   "null with lora.rank_policy=fixed (set lora.rank_policy=by-class for ranks per class)")
-            return
-        _check(bool(classes), "lora.rank_policy", lora.rank_policy,
+        _check(lora.rank_policy == "fixed" or bool(classes), "lora.rank_policy", lora.rank_policy,
                "fixed without devices.classes (by-class takes each class's lora_rank)")
         for c in classes:
-            _check(c.lora_rank is not None and c.lora_rank <= lora.rank, f"devices.classes[{c.name}].lora_rank",
-                   c.lora_rank, f"an integer in 1..lora.rank={lora.rank} with lora.rank_policy=by-class")
+            _check(lora.rank_policy == "by-class" or c.lora_rank is None, f"devices.classes[{c.name}].lora_rank",
+                   c.lora_rank, "null with lora.rank_policy=fixed (set lora.rank_policy=by-class for ranks per class)")
+            _check(lora.rank_policy == "fixed" or (c.lora_rank is not None and c.lora_rank <= lora.rank),
+                   f"devices.classes[{c.name}].lora_rank", c.lora_rank,
+                   f"an integer in 1..lora.rank={lora.rank} with lora.rank_policy=by-class")
 
     def to_flat(self) -> dict[str, Any]:
         """Flat dict of dotted keys (the same keys as the overrides and the MLflow params)."""

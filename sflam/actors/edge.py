@@ -79,11 +79,12 @@ class EdgeWorker:
     @trimmed
     def start(self, round_index: int, devices: list[int], bits: list[int], steps: list[int], weights: list[float],
               indices: dict[int, list[np.ndarray]], global_adapter: Adapter, lr_factor: float,
-              fit: FitInstructions) -> None:
-        """Every device of the chunk starts from the global adapter with a fresh optimizer, on the driver's batches."""
+              fit: FitInstructions, ranks: list[int] | None = None) -> None:
+        """Every device of the chunk starts from the global adapter with a fresh optimizer, on the driver's batches,
+        at its own LoRA rank (`ranks`; None or empty: the global adapter's)."""
         self.round_index = round_index
         self.devices = list(devices)
-        self.cohort = self.device.start(self.devices, global_adapter, lr_factor, fit)
+        self.cohort = self.device.start(self.devices, global_adapter, lr_factor, fit, ranks)
         self.batches = {k: [collate(self.data.train, idx, self.data.pad_token_id) for idx in indices[k]]
                         for k in devices}
         self.bits = dict(zip(devices, bits, strict=True))

@@ -138,7 +138,8 @@ class RayDevices:
         self.start_args = {i: (r, [devices[j] for j in self.spans[i]], [task.bits[j] for j in self.spans[i]],
                                [task.steps[j] for j in self.spans[i]], [task.weights[j] for j in self.spans[i]],
                                {devices[j]: task.indices[devices[j]] for j in self.spans[i]}, global_ref,
-                               task.lr_factor, task.fit) for i in self.active}
+                               task.lr_factor, task.fit, [task.ranks[j] for j in self.spans[i]] if task.ranks else None)
+                           for i in self.active}
         # each worker's slice (offset, count) of every step's gradients: its devices still taking part
         self.slices: list[list[tuple[int, int]]] = []
         for step in range(task.local_steps):

@@ -35,6 +35,7 @@ from sflam.platform.cache import CostCache, cost_fields
 from sflam.platform.config import ExperimentConfig, config_from_dict
 from sflam.platform.data import Batch
 from sflam.platform.engine import Backend, Engine, RoundOutcome, RoundTask
+from sflam.platform.errors import ConfigError
 from sflam.platform.flops import FlopTable
 from sflam.platform.local import CohortDevices, InProcessServer, LocalBackend, collated, run_steps
 from sflam.platform.memory import cached_device_memory
@@ -53,6 +54,11 @@ Checkpoint = Callable[[Resume], None]
 
 def method_config(config: ExperimentConfig, method: str) -> ExperimentConfig:
     """The configuration each method runs with; everything else (data, devices, channels, seeds) is shared."""
+    if method in ("fl", "sl") and config.lora.rank_policy != "fixed":
+        # fl trains whole models and sl hands one adapter down a chain: ranks per class are the split federated
+        # methods' (sfl, sfl-v2, sfl-q, sflam)
+        raise ConfigError("lora.rank_policy", config.lora.rank_policy, f"fixed with method {method} (LoRA ranks per "
+                          "class run with sfl, sfl-v2, sfl-q and sflam)")
     tree = config.to_dict()
     tree["name"] = f"{config.name}-{method}"
     if method in ("fl", "sl", "sfl", "sfl-v2"):
@@ -236,7 +242,7 @@ class ServerSequentialBackend(LocalBackend):
         figures = StepFigures()
         weighted: Adapter = {}
         for i, k in enumerate(devices):
-            group = exp.device.start([k], global_adapter, task.lr_factor, task.fit)
+            group = exp.device.start([k], global_adapter, task.lr_factor, task.fit, task.ranks[i:i + 1])
             side = CohortDevices(exp.device, group, task, [i], batches)
             figures.extend(run_steps(exp, task.steps[i], [1] * task.steps[i], side,
                                      InProcessServer(exp.server, task.round_index, exp.config.quant.activation_bits)))

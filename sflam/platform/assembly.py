@@ -22,7 +22,7 @@ from sflam.platform.participation import round_indices, round_shapes, select_dev
 from sflam.platform.planner import RoundPlanner
 from sflam.platform.server import ServerRunner
 from sflam.platform.split import DevicePart, HeadPart, ServerPart
-from sflam.platform.strategies import Adapter
+from sflam.platform.strategies import Adapter, truncated
 
 EVAL_DEVICE = -2  # the device id that seeds the evaluation's codec streams
 
@@ -91,13 +91,25 @@ def plan_costs(config: ExperimentConfig, data: DataBundle, device: DeviceRunner,
                       cache=CostCache("flops", fields), head_part=device.head)
     adapter_bits = 32 * sum(t.numel() for t in adapter.values())
     width = device.head.width if device.head is not None else 0
+    ranks = class_ranks(config)  # lora.rank_policy=by-class: each class's devices pay their own rank's adapter
+    rank_bits = {r: 32 * sum(t.numel() for t in truncated(adapter, r).values()) for r in ranks}
     planner = RoundPlanner(config, flops, adapter_bits, trains_device=device.trains, schedule=schedule,
-                           head_width=width)
+                           head_width=width, rank_bits=rank_bits)
     if config.allocation.deadline_s is not None:  # a deadline no allocation can meet fails before any training
         selected = select_devices(config.seed, 0, config.data.num_devices, config.train.devices_per_round)
         planner.plan(0, selected, round_shapes(data, round_indices(config, data, 0, selected)))
-    memory = cached_device_memory(config, device.part, adapter, longest_batch(config, data), fields, device.head)
+    longest = longest_batch(config, data)
+    memory = cached_device_memory(config, device.part, adapter, longest, fields, device.head)
+    planner.memory_by_rank = {r: (memory if r == config.lora.rank else cached_device_memory(
+        config, device.part, truncated(adapter, r), longest, fields, device.head)).total for r in ranks}
     return planner, memory
+
+
+def class_ranks(config: ExperimentConfig) -> list[int]:
+    """The distinct LoRA ranks of the device classes under lora.rank_policy=by-class (empty under fixed)."""
+    if config.lora.rank_policy != "by-class":
+        return []
+    return sorted({c.lora_rank or config.lora.rank for c in config.devices.classes})
 
 
 def longest_batch(config: ExperimentConfig, data: DataBundle) -> Batch:

@@ -9,7 +9,8 @@ multi-tensor AdamW step over the stacked adapters, elementwise the same update a
 With many samples the backward recomputes each chunk's forward instead of keeping its graph (bounded memory). What
 each device sends and receives is encoded with its own seeded stream, so every message, adapter and loss
 equals each device run alone through peft's own LoRA layers (the reference in tests/reference.py) within float
-rounding.
+rounding. Devices of different LoRA ranks (lora.rank_policy=by-class) share the computation at the global rank:
+each device's factors are exact zeros beyond its own rank and its delta is scaled by alpha / its rank (`start`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 from sflam.platform import codec
 from sflam.platform.codec import Encoded
 from sflam.platform.data import Batch
-from sflam.platform.strategies import Adapter, local_step
+from sflam.platform.strategies import Adapter, local_step, rank_dim
 from sflam.privacy.defences import clip_packed, nopeek_loss
 
 LORA = "default"  # the adapter name peft's inject_adapter_in_model gives
@@ -76,16 +77,22 @@ class Cohort:
     pending: dict[int, list[tuple[Chunk, torch.Tensor | None]]] = field(default_factory=dict)  # graph if kept
     clip_norm: float = 0.0               # defence: each sample's message clipped to this L2 norm (0: off)
     nopeek_weight: float = 0.0           # defence: NoPeek's distance correlation in every device's loss (0: off)
+    ranks: torch.Tensor | None = None    # each device's LoRA rank (None: every device at the global adapter's)
+    per_device: set[str] = field(default_factory=set)  # frozen tensors held per device (cut to each one's rank)
 
     @property
     def adapter_device(self) -> torch.device:
         """Where the device part and the adapters run (the CPU, or an edge worker's GPU)."""
         return next(iter(self.adapter.values())).device if self.adapter else torch.device("cpu")
 
+    def is_stacked(self, name: str) -> bool:
+        """Whether each device holds its own copy of a tensor (trained, or frozen and cut to each device's rank)."""
+        return self.adapter[name].requires_grad or name in self.per_device
+
     def stacked(self, name: str) -> torch.Tensor:
-        """Every device's copy of a tensor (a frozen one is the same for all)."""
+        """Every device's copy of a tensor (a frozen one is the same for all, unless cut to the devices' ranks)."""
         tensor = self.adapter[name]
-        return tensor if tensor.requires_grad else tensor.expand(len(self.devices), *tensor.shape)
+        return tensor if self.is_stacked(name) else tensor.expand(len(self.devices), *tensor.shape)
 
     def adapter_of(self, position: int) -> Adapter:
         return {name: self.stacked(name)[position].detach().cpu().clone() for name in self.adapter}
@@ -104,12 +111,38 @@ class Cohort:
         return out
 
 
+def at_ranks(name: str, tensor: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Each device's copy of a global tensor at its own rank, kept at the global shape: a LoRA A's rows and a LoRA
+    B's columns beyond the device's rank are exact zeros (HetLoRA's truncation, zero-padded back)."""
+    stacked = tensor.detach().unsqueeze(0).repeat(len(ranks), *[1] * tensor.dim())
+    dim = rank_dim(name)
+    if dim is not None:
+        beyond = torch.arange(tensor.shape[dim], device=tensor.device) >= ranks.to(tensor.device)[:, None]
+        stacked.masked_fill_(beyond[:, :, None] if dim == 0 else beyond[:, None, :], 0.0)
+    return stacked
+
+
 def start(part: nn.Module, devices: list[int], global_adapter: Adapter, lr: float, proximal_mu: float,
-          frozen: list[str]) -> Cohort:
-    """Every device starts from the global adapter with a fresh AdamW state over its trained tensors."""
+          frozen: list[str], ranks: list[int] | None = None) -> Cohort:
+    """Every device starts from the global adapter with a fresh AdamW state over its trained tensors.
+
+    `ranks` (one per device, each at most the global adapter's): each device trains its own rank's part of every
+    LoRA factor. Its copy keeps the global shape with the rest exact zeros; a zero row of A and the zero column of
+    B beside it get exactly zero gradients, so AdamW (weight decay 0) leaves them zero, the product B A is the
+    device's own rank's, and the LoRA forward scales each device by alpha / its rank as peft does: the batched step
+    equals each device run alone through peft at its own rank, and the weighted sum is the zero-padded average.
+    FedProx's anchor and FFA-LoRA's frozen A are cut the same way, per device."""
     adapter: Adapter = {}
+    stacked_ranks = torch.tensor(ranks, dtype=torch.int64) if ranks is not None else None
+    per_device: set[str] = set()
     for name, tensor in global_adapter.items():
-        if name in frozen:
+        if stacked_ranks is not None and rank_dim(name) is not None:
+            adapter[name] = at_ranks(name, tensor, stacked_ranks)
+            if name in frozen:
+                per_device.add(name)
+            else:
+                adapter[name].requires_grad_()
+        elif name in frozen:
             adapter[name] = tensor.detach()
         else:
             adapter[name] = tensor.detach().unsqueeze(0).repeat(len(devices), *[1] * tensor.dim()).requires_grad_()
@@ -117,7 +150,12 @@ def start(part: nn.Module, devices: list[int], global_adapter: Adapter, lr: floa
     # foreach: one multi-tensor update whose elementwise maths are torch's per-device AdamW (weight_decay=0)
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0, foreach=True) if trained else None
     anchor = global_adapter if proximal_mu > 0 else None
-    return Cohort(list(devices), adapter, optimizer, anchor, proximal_mu)
+    if anchor is not None and stacked_ranks is not None:  # each device's own rank's part of the global adapter
+        anchor = {name: at_ranks(name, t, stacked_ranks) if rank_dim(name) is not None else t
+                  for name, t in anchor.items()}
+    where = next(iter(global_adapter.values())).device if global_adapter else torch.device("cpu")
+    return Cohort(list(devices), adapter, optimizer, anchor, proximal_mu, per_device=per_device,
+                  ranks=None if stacked_ranks is None else stacked_ranks.to(where))
 
 
 def stack_batches(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,15 +179,23 @@ def _lora_forward(module: Any, name: str, cohort: Cohort, where: Layout, x: torc
     """peft's LoRA forward (base layer + B A x * scaling, dtypes as peft casts them) with each device's A and B."""
     result = module.base_layer(x, *args, **kwargs)
     result_dtype = result.dtype
-    a, b = (cohort.adapter[f"{name}.lora_{part}.{LORA}.weight"] for part in "AB")
-    if a.requires_grad and len(where.samples) < len(cohort.devices):
+    names = [f"{name}.lora_{part}.{LORA}.weight" for part in "AB"]
+    a, b = (cohort.adapter[n] for n in names)
+    some = len(where.samples) < len(cohort.devices)
+    if cohort.is_stacked(names[0]) and some:
         a = a.index_select(0, where.live)
-    if b.requires_grad and len(where.samples) < len(cohort.devices):
+    if cohort.is_stacked(names[1]) and some:
         b = b.index_select(0, where.live)
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != a.dtype:
         x = x.to(a.dtype)
     rows = where.to_devices(x)
-    delta = torch.matmul(torch.matmul(rows, a.transpose(-1, -2)), b.transpose(-1, -2)) * module.scaling[LORA]
+    delta = torch.matmul(torch.matmul(rows, a.transpose(-1, -2)), b.transpose(-1, -2))
+    if cohort.ranks is None:
+        delta = delta * module.scaling[LORA]
+    else:  # peft's scaling at each device's own rank: alpha / r (alpha / sqrt(r) with rsLoRA)
+        ranks = (cohort.ranks.index_select(0, where.live) if some else cohort.ranks).double()
+        per_device = module.lora_alpha[LORA] / (ranks.sqrt() if module.use_rslora.get(LORA, False) else ranks)
+        delta = delta * per_device.to(delta.dtype).reshape(-1, 1, 1)
     result = result + where.from_devices(delta, x).to(result.dtype)
     return result.to(result_dtype)
 

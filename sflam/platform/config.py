@@ -33,6 +33,7 @@ AGGREGATION_WEIGHTS = ("trained", "shard")
 EVALUATION_SETS = ("test", "validation")
 TUNE_KNOBS = ("device_lr", "server_lr")
 TUNE_SAMPLERS = ("tpe", "random")
+RANK_POLICIES = ("fixed", "by-class")
 
 
 def _allowed_bits(value: int) -> bool:
@@ -114,10 +115,15 @@ class LoraConfig:
     alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)"})
     target_modules: list[str] = field(default_factory=list, metadata={"help": "empty: family default"})
     server: bool = field(default=True, metadata={"help": "LoRA on the server part's blocks too"})
+    rank_policy: str = field(default="fixed", metadata={
+        "help": "fixed (every device at lora.rank) | by-class (each device at its class's lora_rank <= lora.rank, "
+                "adapters zero-padded to lora.rank for the average; docs/concepts/system-model.md#lora-ranks)"})
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "a number > 0")
+        _check(self.rank_policy in RANK_POLICIES, "lora.rank_policy", self.rank_policy,
+               f"one of {', '.join(RANK_POLICIES)}")
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,9 @@ class DeviceClass:
         "help": "[near, far]: the class's devices placed at U[near, far] metres (null: system.min/max_distance_m)"})
     shadowing_db: float | None = field(default=None, metadata={
         "help": "the class's log-normal shadowing std dev in dB (null: system.shadowing_db)"})
+    lora_rank: int | None = field(default=None, metadata={
+        "help": "the LoRA rank of the class's devices, 1..lora.rank: required with lora.rank_policy=by-class, null "
+                "with fixed"})
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "," not in self.name, f"devices.classes[{self.name}].name", self.name,
@@ -262,6 +271,8 @@ class DeviceClass:
                "[near, far] in metres with 0 < near <= far, or null for system.min/max_distance_m")
         _check(self.shadowing_db is None or self.shadowing_db >= 0, f"devices.classes[{self.name}].shadowing_db",
                self.shadowing_db, "a number >= 0, or null for system.shadowing_db")
+        _check(self.lora_rank is None or (isinstance(self.lora_rank, int) and self.lora_rank >= 1),
+               f"devices.classes[{self.name}].lora_rank", self.lora_rank, "an integer >= 1, or null")
 
 
 @dataclass(frozen=True)
@@ -675,6 +686,16 @@ class ExperimentConfig:
                f"at most train.rounds={self.train.rounds} (a trial is a shortened run), or 0")
         _check(self.split.head == "server" or self.runtime == "local", "split.head", self.split.head,
                "server with runtime=ray (the U-shaped split runs in the reference runtime, runtime=local)")
+        # LoRA ranks per class: every class names its rank under by-class, at most lora.rank (the global adapter's)
+        lora, classes = self.lora, self.devices.classes
+        _check(lora.rank_policy == "fixed" or bool(classes), "lora.rank_policy", lora.rank_policy,
+               "fixed without devices.classes (by-class takes each class's lora_rank)")
+        for c in classes:
+            _check(lora.rank_policy == "by-class" or c.lora_rank is None, f"devices.classes[{c.name}].lora_rank",
+                   c.lora_rank, "null with lora.rank_policy=fixed (set lora.rank_policy=by-class for ranks per class)")
+            _check(lora.rank_policy == "fixed" or (c.lora_rank is not None and c.lora_rank <= lora.rank),
+                   f"devices.classes[{c.name}].lora_rank", c.lora_rank,
+                   f"an integer in 1..lora.rank={lora.rank} with lora.rank_policy=by-class")
 
     def to_flat(self) -> dict[str, Any]:
         """Flat dict of dotted keys (the same keys as the overrides and the MLflow params)."""

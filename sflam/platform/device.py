@@ -63,13 +63,14 @@ class DeviceRunner:
         return adapter
 
     def start(self, devices: list[int], global_adapter: Adapter, lr_factor: float = 1.0,
-              fit: FitInstructions | None = None) -> Cohort:
+              fit: FitInstructions | None = None, ranks: list[int] | None = None) -> Cohort:
         """Every listed device starts from the global adapter with a fresh optimizer over its trained tensors
-        (the adapters stacked, one optimizer over them)."""
+        (the adapters stacked, one optimizer over them); `ranks`, one per device (None or empty: all at the global
+        adapter's rank), cuts each device's LoRA factors to its own rank (`cohort.start`)."""
         fit = fit or FitInstructions()
         frozen = [name for name in global_adapter if fit.is_frozen(name)]
         group = cohort.start(self.part, devices, self.here(global_adapter), self.lr * lr_factor, fit.proximal_mu,
-                             frozen)
+                             frozen, list(ranks) if ranks else None)
         group.clip_norm, group.nopeek_weight = self.clip_norm, self.nopeek_weight
         return group
 

@@ -55,6 +55,7 @@ class RoundTask:
     indices: dict[int, list[np.ndarray]]  # each device's mini-batches as sample indices, step by step
     lr_factor: float
     fit: FitInstructions
+    ranks: list[int] = field(default_factory=list)  # each device's LoRA rank (empty: all at the global adapter's)
 
     def live(self, step: int) -> list[int]:
         """Positions (in `devices`) of the devices still taking part at a local step."""
@@ -155,7 +156,7 @@ class Engine:
         bits = [int(q) for q in plan.allocation.bits] if plan is not None else []  # in the order of `devices`
         task = RoundTask(round_index=round_index, devices=np.asarray(devices), bits=bits, steps=steps,
                          weights=weights, indices=indices, lr_factor=cfg.train.lr_factor(round_index),
-                         fit=self.strategy.configure_fit(round_index))
+                         fit=self.strategy.configure_fit(round_index), ranks=self.planner.ranks(devices))
         dropped = sum(s < cfg.train.local_steps for s in steps)
         counts = {"selected": len(candidates), "late": len(candidates) - len(devices), "dropped": dropped,
                   "finished": len(devices) - dropped}
@@ -265,9 +266,16 @@ def privacy_fields(config: ExperimentConfig, data: DataBundle) -> dict[str, Any]
 
 
 def device_classes(planner: RoundPlanner) -> dict[str, dict[str, Any]]:
-    """Each device class's number of devices in the population and its memory budget (empty: no classes)."""
+    """Each device class's number of devices in the population and its memory budget (empty: no classes); with
+    lora.rank_policy=by-class its LoRA rank and the measured device-part peak at that rank too."""
     counts = planner.population.class_counts()
-    return {c.name: {"devices": counts[c.name], "memory_mib": c.memory_mib} for c in planner.population.classes}
+    out: dict[str, dict[str, Any]] = {c.name: {"devices": counts[c.name], "memory_mib": c.memory_mib}
+                                      for c in planner.population.classes}
+    if planner.config.lora.rank_policy == "by-class":
+        for c in planner.population.classes:
+            rank = c.lora_rank or planner.config.lora.rank
+            out[c.name].update(lora_rank=rank, memory_bytes=planner.memory_by_rank.get(rank))
+    return out
 
 
 def apply_plan(metrics: RoundMetrics, plan: RoundPlan) -> RoundMetrics:

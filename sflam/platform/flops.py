@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sflam.platform.cache import CostCache
 from sflam.platform.data import BatchShape
 from sflam.platform.quantization import bnb
+from sflam.platform.strategies import truncated
 
 QUANTIZED_LINEARS = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
@@ -97,12 +98,17 @@ class FlopTable:
                 entry["head"] = {str(key): list(fb) for key, fb in self._head.items()}
             self.cache.save(entry)
 
-    def device_batch(self, shape: BatchShape) -> tuple[int, int]:
-        """(forward, backward) FLOPs of one sample of a mini-batch (at its padded shape) through the device part."""
+    def device_batch(self, shape: BatchShape, rank: int | None = None) -> tuple[int, int]:
+        """(forward, backward) FLOPs of one sample of a mini-batch (at its padded shape) through the device part,
+        with the adapter at LoRA `rank` (None: the global adapter's; counted on the part with its LoRA factors cut
+        to that rank)."""
         key = shape.input_shape + shape.mask_shape
+        if rank is not None:
+            key = (*key, -rank)  # a negative marker: shapes are positive, so a ranked key never equals another
         if key not in self._device:
             inputs, mask = _sample(shape)
-            adapter = {n: t.detach().clone().requires_grad_(True) for n, t in self.adapter.items()}
+            adapter = {n: t.detach().clone().requires_grad_(True)
+                       for n, t in (self.adapter if rank is None else truncated(self.adapter, rank)).items()}
             out: list[torch.Tensor] = []
 
             def forward() -> None:

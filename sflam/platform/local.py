@@ -120,7 +120,7 @@ class LocalBackend(Backend):
         exp.server.set_lr_factor(task.lr_factor)
         devices = [int(k) for k in task.devices]
         batches = collated(task, exp.data.train, exp.data.pad_token_id, devices)
-        group = exp.device.start(devices, global_adapter, task.lr_factor, task.fit)
+        group = exp.device.start(devices, global_adapter, task.lr_factor, task.fit, task.ranks)
         side = CohortDevices(exp.device, group, task, list(range(len(devices))), batches)
         live = [len(task.live(e)) for e in range(task.local_steps)]
         figures = run_steps(exp, task.local_steps, live, side, InProcessServer(exp.server, task.round_index,

@@ -46,6 +46,7 @@ class RoundPlan:
     gain: np.ndarray
     solo_s: np.ndarray  # each device's own chain of phases at an equal share and full power: its speed
     classes: tuple[str, ...] = ()  # each device's class (devices.classes; empty: a homogeneous population)
+    ranks: tuple[int, ...] = ()  # each device's LoRA rank (lora.rank_policy=by-class; empty: all at lora.rank)
 
     @property
     def compute_s(self) -> np.ndarray:
@@ -85,6 +86,9 @@ class RoundPlan:
         if self.classes:  # a fleet of device classes: each device's class beside its id
             rows = [{"device": row["device"], "class": name, **row} for row, name in zip(rows, self.classes,
                                                                                          strict=True)]
+        if self.ranks:  # LoRA ranks per class: each device's rank beside its class
+            rows = [{"device": row.pop("device"), **({"class": row.pop("class")} if "class" in row else {}),
+                     "rank": rank, **row} for row, rank in zip(rows, self.ranks, strict=True)]
         return rows
 
 
@@ -110,11 +114,15 @@ class RoundPlanner:
     """
 
     def __init__(self, config: ExperimentConfig, flops: FlopTable, adapter_bits: int, trains_device: bool,
-                 schedule: str = "lockstep", head_width: int = 0) -> None:
+                 schedule: str = "lockstep", head_width: int = 0, rank_bits: dict[int, int] | None = None) -> None:
+        """`adapter_bits`: the global adapter's payload; `rank_bits`: a device's at each class's LoRA rank
+        (lora.rank_policy=by-class; a rank not listed pays the global adapter's)."""
         self.config = config
         self.head_width = head_width  # a U-shaped split: the features the server sends per sample
         self.flops = flops
         self.adapter_bits = adapter_bits
+        self.rank_bits = dict(rank_bits or {})
+        self.memory_by_rank: dict[int, int] = {}  # the measured device-part peak at each class rank (plan_costs)
         self.trains_device = trains_device
         self.schedule = schedule
         if schedule == "server-sequential" and config.split.head == "device":
@@ -125,15 +133,25 @@ class RoundPlanner:
         self.budget = float(distortion(alloc.distortion_bits))
 
     # -- the work of a round -----------------------------------------------------------------
+    def ranks(self, devices: np.ndarray) -> list[int]:
+        """Each device's LoRA rank: its class's under lora.rank_policy=by-class; empty under fixed (all at
+        lora.rank)."""
+        population, lora = self.population, self.config.lora
+        if lora.rank_policy != "by-class" or population.device_class is None:
+            return []
+        return [population.classes[int(c)].lora_rank or lora.rank
+                for c in population.device_class[np.asarray(devices, dtype=np.int64)]]
+
     def inputs(self, round_index: int, devices: np.ndarray, shapes: dict[int, list[BatchShape]]) -> RoundInputs:
         cfg, sysc = self.config, self.config.system
         K, E = len(devices), cfg.train.local_steps
         fwd_flops, bwd_flops = np.zeros((K, E)), np.zeros((K, E))
         samples = np.zeros(K, dtype=np.int64)
         per_device_server = np.zeros((K, E))
+        ranks: list[int | None] = [*self.ranks(devices)] or [None] * K
         for i, k in enumerate(devices):
             for e, shape in enumerate(shapes[int(k)]):
-                fwd, bwd = self.flops.device_batch(shape)
+                fwd, bwd = self.flops.device_batch(shape, ranks[i])
                 rows = shape.samples
                 fwd_flops[i, e], bwd_flops[i, e] = rows * fwd, rows * bwd
                 samples[i] += rows
@@ -243,7 +261,9 @@ class RoundPlanner:
         sysc, alloc = self.config.system, self.config.allocation
         work = inputs or self.inputs(round_index, devices, shapes)
         K = len(devices)
-        adapter = np.full(K, float(self.adapter_bits if self.trains_device else 0))
+        ranks = self.ranks(devices)
+        bits = [self.rank_bits.get(r, self.adapter_bits) for r in ranks] if ranks else [self.adapter_bits] * K
+        adapter = np.array(bits, dtype=float) if self.trains_device else np.zeros(K)
         # a device that drops out mid-round (fewer batches than local steps) sends no adapter back
         finished = np.array([len(shapes[int(k)]) == self.config.train.local_steps for k in devices])
         adapter_up = np.where(finished, adapter, 0.0)
@@ -305,7 +325,7 @@ class RoundPlanner:
                                    work.server_s).chains()
         return RoundPlan(devices=devices, allocation=allocation, samples=work.samples, phases=phases,
                          schedule=self.schedule, gain=work.gain, solo_s=solo,
-                         classes=tuple(self.population.class_names(devices)))
+                         classes=tuple(self.population.class_names(devices)), ranks=tuple(self.ranks(devices)))
 
     def _sequential(self, round_index: int, devices: np.ndarray, shapes: dict[int, list[BatchShape]],
                     work: RoundInputs) -> RoundPlan:
@@ -332,4 +352,4 @@ class RoundPlanner:
             round_latency_s=float(finish[-1]), total_energy_j=float(energy.sum()), objective=float("nan"))
         return RoundPlan(devices=devices, allocation=allocation, samples=work.samples, phases=phases,
                          schedule=self.schedule, gain=work.gain, solo_s=phases.chains(),
-                         classes=tuple(self.population.class_names(devices)))
+                         classes=tuple(self.population.class_names(devices)), ranks=tuple(self.ranks(devices)))

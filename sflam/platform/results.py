@@ -69,16 +69,19 @@ class RunResult:
     device_classes: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> devices, memory_mib
 
     def fleet(self) -> dict[str, Any]:
-        """The summary's fleet keys (only with devices.classes): each class's devices and memory budget, and the
-        devices a fixed cut would exclude because the measured device-part peak exceeds their class's budget."""
+        """The summary's fleet keys (only with devices.classes): each class's devices and memory budget (with LoRA
+        ranks per class its rank and the device-part peak measured at that rank), and the devices a fixed cut would
+        exclude because the measured device-part peak (at their class's rank) exceeds their class's budget."""
         if not self.device_classes:
             return {}
-        peak = self.device_memory_bytes
-        classes = {name: {**spec, "over_memory": None if peak is None else
-                          (spec["devices"] if peak > spec["memory_mib"] * 2**20 else 0)}
-                   for name, spec in self.device_classes.items()}
-        over = None if peak is None else sum(spec["over_memory"] for spec in classes.values())
-        return {"device_classes": classes, "devices_over_memory": over}
+
+        def over_memory(spec: dict[str, Any]) -> int | None:
+            peak = spec.get("memory_bytes") or self.device_memory_bytes
+            return None if peak is None else (spec["devices"] if peak > spec["memory_mib"] * 2**20 else 0)
+
+        classes = {name: {**spec, "over_memory": over_memory(spec)} for name, spec in self.device_classes.items()}
+        counts = [spec["over_memory"] for spec in classes.values()]
+        return {"device_classes": classes, "devices_over_memory": None if None in counts else sum(counts)}
 
     def summary(self) -> dict[str, Any]:
         """The summary keys of docs/reference/cli.md (cost figures are None until the cost model exists)."""

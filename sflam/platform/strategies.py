@@ -59,6 +59,41 @@ def weighted_average(adapters: list[Adapter], weights: list[float]) -> Adapter:
     return {name: (t / total).to(adapters[0][name].dtype) for name, t in weighted_sum(adapters, weights).items()}
 
 
+def rank_dim(name: str) -> int | None:
+    """The dimension of a LoRA tensor that its rank indexes: A's rows (r, in), B's columns (out, r); None for any
+    other tensor (a U-shaped split's head)."""
+    if ".lora_A." in name:
+        return 0
+    if ".lora_B." in name:
+        return 1
+    return None
+
+
+def truncated(adapter: Adapter, rank: int) -> Adapter:
+    """A device's adapter at `rank` from the global one (HetLoRA's download): the first `rank` rows of every LoRA A,
+    the first `rank` columns of every LoRA B; other tensors as they are."""
+    out = {}
+    for name, tensor in adapter.items():
+        dim = rank_dim(name)
+        out[name] = tensor if dim is None else tensor.narrow(dim, 0, min(rank, tensor.shape[dim]))
+    return out
+
+
+def zero_padded(adapter: Adapter, rank: int) -> Adapter:
+    """A device's adapter back at the global `rank` (HetLoRA's upload): every LoRA A padded with zero rows, every
+    LoRA B with zero columns. The weighted average of zero-padded adapters is the rank-heterogeneous FedAvg."""
+    out = {}
+    for name, tensor in adapter.items():
+        dim = rank_dim(name)
+        if dim is None or tensor.shape[dim] == rank:
+            out[name] = tensor
+            continue
+        shape = list(tensor.shape)
+        shape[dim] = rank - tensor.shape[dim]
+        out[name] = torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+    return out
+
+
 def adam_update(global_adapter: Adapter, average: Adapter, m: Adapter, v: Adapter, lr: float, beta1: float,
                 beta2: float, tau: float) -> tuple[Adapter, Adapter, Adapter]:
     """FedAdam: delta = average - global; m, v moments of delta; x += lr * m / (sqrt(v) + tau)."""

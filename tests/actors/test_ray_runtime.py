@@ -21,6 +21,7 @@ from sflam.platform.local import engine, run_local
 from sflam.platform.results import Resume, RunResult
 from tests.conftest import tiny_config
 from tests.equality import LOSSLESS, TIGHT, adamw_reach, assert_adamw_close, assert_runs_agree
+from tests.platform.test_costs import RANKED
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +57,25 @@ def test_ray_torch_engine_gives_the_reference_runtimes_run(messages: tuple[str, 
     for a, b in zip(local.rounds, remote.rounds, strict=True):
         assert a.round_latency_s == pytest.approx(b.round_latency_s)  # the same plan, priced on the driver
     assert abs(local.accuracy - remote.accuracy) <= 1 / 64  # a logit within rounding of a tie may tip one sample
+
+
+@pytest.mark.equality
+def test_ray_equals_the_reference_runtime_with_three_classes_of_different_ranks() -> None:
+    """Three device classes at LoRA ranks 2, 4 and 8 (lossless messages): the edge workers' cohorts, two spans of
+    mixed ranks, give the reference runtime's run, each device priced at its class's rank on the driver; the ranks
+    act (the run is not the one at the fixed rank 8). Seen failing with the edge workers started without the
+    ranks (every device at rank 8)."""
+    config = tiny_config(*BASE, *LOSSLESS, *RANKED)
+    local = engine(Experiment.build(config)).run()
+    remote = run_ray(tiny_config(*BASE, *LOSSLESS, *RANKED, "runtime=ray", "ray.workers=2"))
+    assert_runs_agree(remote, local, config)
+    for a, b in zip(local.rounds, remote.rounds, strict=True):
+        assert [row["rank"] for row in a.plan.table()] == [row["rank"] for row in b.plan.table()]
+        assert len({row["rank"] for row in a.plan.table()}) >= 2
+        assert a.round_latency_s == pytest.approx(b.round_latency_s)
+    assert remote.summary()["device_classes"] == local.summary()["device_classes"]
+    fixed = engine(Experiment.build(tiny_config(*BASE, *LOSSLESS))).run()
+    assert max_difference(local.device_adapter, fixed.device_adapter) > 1e-4
 
 
 @pytest.mark.equality

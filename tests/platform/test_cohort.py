@@ -21,7 +21,7 @@ from sflam.platform.data import Batch, collate
 from sflam.platform.device import DeviceRunner
 from sflam.platform.messages import Smashed
 from sflam.platform.server import ServerRunner
-from sflam.platform.strategies import FitInstructions, local_step, weighted_sum
+from sflam.platform.strategies import FitInstructions, local_step, truncated, weighted_sum, zero_padded
 from tests import reference
 from tests.conftest import tiny_config
 from tests.equality import adamw_reach, assert_adamw_close, assert_determined, assert_same_message, rounding_noise
@@ -33,6 +33,7 @@ MODES = ("fp32", "bf16", "int8", "nf4", "fp4")
 # four devices: mini-batches of 5, 3 (fewer than the batch size), 5 and 2 samples; the second drops out after one
 # of the two local steps (weight 0), the last has its own bits
 SIZES, STEPS, BITS = (5, 3, 5, 2), (2, 1, 2, 2), (6, 6, 6, 4)
+RANKS = (2, 8, 4, 8)  # with lora.rank_policy=by-class: the devices' LoRA ranks, the global adapter's 8
 
 
 def parts(model: str, weights: str, *overrides: str) -> tuple[DeviceRunner, ServerRunner, list]:
@@ -58,14 +59,21 @@ class Trace:
 
 
 def one_round(device: DeviceRunner, server: ServerRunner, batches: list, fit: FitInstructions, batched: bool,
-              replay: Trace | None = None, monkeypatch: pytest.MonkeyPatch | None = None) -> Trace:
+              replay: Trace | None = None, monkeypatch: pytest.MonkeyPatch | None = None,
+              ranks: dict[int, DeviceRunner] | None = None) -> Trace:
     """A round of two local steps. The reference (device by device) runs against the server part; the batched
     path receives the reference's gradients (`replay`), so both paths' inputs agree up to rounding at every
-    step and a flip of the codec's rounding in one step cannot carry over into the next (tests/equality.py)."""
+    step and a flip of the codec's rounding in one step cannot carry over into the next (tests/equality.py).
+
+    `ranks`: the devices' LoRA ranks (RANKS), each with a runner whose part peft built at that rank; the reference
+    runs each device alone through its rank's part from the global adapter cut to its rank, and reports its
+    gradients and adapter zero-padded to the global rank."""
     assert monkeypatch is not None
     trace = Trace()
     start = server.checkpoint()
     global_adapter = device.initial_adapter()
+    runners = [ranks[r] for r in RANKS] if ranks else [device] * len(SIZES)
+    top = max(RANKS)
     devices = [3, 8, 11, 14]
     weights = [float(n) if s == 2 else 0.0 for n, s in zip(SIZES, STEPS, strict=True)]
     recorded: list[dict[str, torch.Tensor]] = []
@@ -87,9 +95,10 @@ def one_round(device: DeviceRunner, server: ServerRunner, batches: list, fit: Fi
     monkeypatch.setattr(cohort, "local_step", record)
     monkeypatch.setattr(reference, "local_step", record)
     if batched:
-        group = device.start(devices, global_adapter, 0.5, fit)
+        group = device.start(devices, global_adapter, 0.5, fit, list(RANKS) if ranks else None)
     else:
-        states = [reference.start(device, k, global_adapter, 0.5, fit) for k in devices]
+        states = [reference.start(runner, k, truncated(global_adapter, r) if ranks else global_adapter, 0.5, fit)
+                  for runner, k, r in zip(runners, devices, RANKS, strict=True)]
     for step in range(2):
         live = [i for i, s in enumerate(STEPS) if s > step]
         recorded.clear()
@@ -97,7 +106,7 @@ def one_round(device: DeviceRunner, server: ServerRunner, batches: list, fit: Fi
             messages = device.forward(group, live, [batches[i][step] for i in live], 0, step,
                                              [BITS[i] for i in live])
         else:
-            messages = [reference.forward(device, states[i], batches[i][step], 0, step, BITS[i]) for i in live]
+            messages = [reference.forward(runners[i], states[i], batches[i][step], 0, step, BITS[i]) for i in live]
         gradients = replay.received[step] if replay is not None else server.step(messages, 0, step).gradients
         if batched:
             device.backward(group, step, gradients)
@@ -106,25 +115,29 @@ def one_round(device: DeviceRunner, server: ServerRunner, batches: list, fit: Fi
             for i, gradient in zip(live, gradients, strict=True):
                 reference.backward(states[i], step, gradient)
             by_position = dict(zip(live, recorded, strict=True)) if recorded else {}
+            if ranks:
+                by_position = {i: zero_padded(g, top) for i, g in by_position.items()}
         trace.messages.append(messages)
         trace.received.append(list(gradients))
         trace.gradients.append(by_position)
     server.restore(start)
     kept = [i for i, w in enumerate(weights) if w > 0]
+    finals = [reference.final_adapter(states[i]) for i in kept] if not batched else []
     trace.summed = (group.weighted_sum(weights) if batched else
-                    weighted_sum([reference.final_adapter(states[i]) for i in kept], [weights[i] for i in kept]))
+                    weighted_sum([zero_padded(a, top) for a in finals] if ranks else finals,
+                                 [weights[i] for i in kept]))
     return trace
 
 
 def assert_same(device: DeviceRunner, server: ServerRunner, batches: list, monkeypatch: pytest.MonkeyPatch,
-                fit: FitInstructions | None = None, host: Callable[[], ContextManager] = contextlib.nullcontext
-                ) -> dict[str, torch.Tensor]:
+                fit: FitInstructions | None = None, host: Callable[[], ContextManager] = contextlib.nullcontext,
+                ranks: dict[int, DeviceRunner] | None = None) -> dict[str, torch.Tensor]:
     """The batched path (run within `host`) against the device-by-device reference, with the tolerances of
     tests/equality.py."""
     fit = fit or FitInstructions()
-    reference = one_round(device, server, batches, fit, False, monkeypatch=monkeypatch)
+    reference = one_round(device, server, batches, fit, False, monkeypatch=monkeypatch, ranks=ranks)
     with host():
-        ours = one_round(device, server, batches, fit, True, replay=reference, monkeypatch=monkeypatch)
+        ours = one_round(device, server, batches, fit, True, replay=reference, monkeypatch=monkeypatch, ranks=ranks)
     assert [len(m) for m in ours.messages] == [len(m) for m in reference.messages] == [4, 3]
     for step, (mine, theirs) in enumerate(zip(ours.messages, reference.messages, strict=True)):
         for a, b in zip(mine, theirs, strict=True):
@@ -362,3 +375,103 @@ def test_the_defended_backward_is_each_devices_clipped_and_nopeek_loss(clip: flo
         grad_a, grad_b = torch.autograd.grad(loss, [a, b])
         torch.testing.assert_close(captured[names["A"]][k], grad_a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(captured[names["B"]][k], grad_b, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- LoRA ranks per device (lora.rank_policy)
+
+
+def rank_runners(model: str, weights: str, device: DeviceRunner) -> dict[int, DeviceRunner]:
+    """A device runner whose part peft built at each of RANKS (the global adapter's rank is `device`'s own), on
+    the same base weights as `device`'s."""
+    runners = {}
+    for rank in sorted(set(RANKS)):
+        runner, _, _ = parts(model, weights, f"lora.rank={rank}")
+        mine = {n: t.data for n, t in runner.part.named_parameters() if "lora_" not in n}
+        theirs = {n: t.data for n, t in device.part.named_parameters() if "lora_" not in n}
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
+        runners[rank] = runner
+    return runners
+
+
+@pytest.mark.parametrize(("model", "weights"), [("tiny-llama", "nf4"), ("tiny-bert", "fp32")])
+@pytest.mark.parametrize("fit", [FitInstructions(), FitInstructions(proximal_mu=5.0),
+                                 FitInstructions(frozen=("lora_A",))], ids=["fedavg", "fedprox", "ffa-lora"])
+def test_devices_at_their_own_ranks_equal_each_device_alone_through_peft_at_its_rank(
+        model: str, weights: str, fit: FitInstructions, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks 2, 8, 4 and 8 in one cohort at the global rank 8: every message, gradient (zero-padded) and the
+    zero-padded weighted sum equal each device run alone through a part peft built at its own rank (scaling
+    alpha / its rank) from the global adapter cut to its rank, FedProx's anchor and FFA-LoRA's frozen A cut too.
+    Seen failing with every device scaled by alpha / 8 (the global rank's scaling), and with FedProx's anchor
+    left uncut (the zero rows then move)."""
+    device, server, batches = parts(model, weights)
+    assert max(RANKS) == tiny_config().lora.rank
+    summed = assert_same(device, server, batches, monkeypatch, fit, ranks=rank_runners(model, weights, device))
+    initial = device.initial_adapter()
+    trained = sum(SIZES[i] for i, s in enumerate(STEPS) if s == 2)
+    # devices 0 (rank 2), 2 (rank 4) and 3 (rank 8) finished: rows 4..7 of every A come from device 3 alone
+    for name, tensor in summed.items():
+        if "lora_A" in name and not fit.frozen:
+            assert float((tensor[4:] / SIZES[3] - initial[name][4:]).abs().max()) > 1e-4  # device 3 trained them
+    assert max(float((summed[n] / trained - initial[n]).abs().max()) for n in initial) > 1e-4
+
+
+def test_the_zero_tail_beyond_each_devices_rank_stays_exactly_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After two local steps with FedProx (its anchor cut to each rank), the rows of A and columns of B beyond
+    each device's rank are exact zeros, and each device's own part moved. Seen failing with the anchor left uncut."""
+    device, server, batches = parts("tiny-llama", "fp32")
+    group = device.start([3, 8, 11, 14], device.initial_adapter(), 1.0, FitInstructions(proximal_mu=5.0),
+                         list(RANKS))
+    for step in range(2):
+        live = [i for i, s in enumerate(STEPS) if s > step]
+        messages = device.forward(group, live, [batches[i][step] for i in live], 0, step, [BITS[i] for i in live])
+        device.backward(group, step, server.step(messages, 0, step).gradients)
+    checked = 0
+    for name, tensor in group.adapter.items():
+        for i, r in enumerate(RANKS):
+            own = tensor[i].detach()
+            tail, head = (own[r:], own[:r]) if "lora_A" in name else (own[:, r:], own[:, :r])
+            assert torch.count_nonzero(tail) == 0, (name, i)
+            assert torch.count_nonzero(head) > 0 if "lora_A" in name else True
+            checked += tail.numel()
+    assert checked > 0
+
+
+def test_equal_ranks_reduce_to_fedavg_exactly() -> None:
+    """Every device at the global rank through the rank path (masks, per-device scaling vector) gives bitwise the
+    same messages and weighted sum (the zero-padded average's numerator) as the plain FedAvg path: padding to
+    the same rank is the identity and alpha / r as a float32 vector is peft's scalar. Tolerance: 0 (torch.equal).
+    Seen failing with the mask cutting one row too many (beyond r - 1)."""
+    device, server, batches = parts("tiny-llama", "fp32", "quant.gradient_bits=32", "quant.activation_bits=32")
+    weights = [5.0, 3.0, 5.0, 2.0]
+    sums = []
+    for ranks in (None, [8, 8, 8, 8]):
+        start = server.checkpoint()
+        group = device.start([3, 8, 11, 14], device.initial_adapter(), 1.0, FitInstructions(), ranks)
+        sent = []
+        for step in range(2):
+            messages = device.forward(group, [0, 1, 2, 3], [b[step] for b in batches], 0, step, [32] * 4)
+            sent.append([codec.decode(m.activations) for m in messages])
+            device.backward(group, step, server.step(messages, 0, step).gradients)
+        server.restore(start)
+        sums.append((sent, group.weighted_sum(weights)))
+    (plain_sent, plain), (ranked_sent, ranked) = sums
+    assert all(torch.equal(a, b) for x, y in zip(plain_sent, ranked_sent, strict=True)
+               for a, b in zip(x, y, strict=True))
+    assert plain.keys() == ranked.keys() and all(torch.equal(plain[n], ranked[n]) for n in plain)
+
+
+def test_truncated_and_zero_padded_by_hand() -> None:
+    """HetLoRA's download and upload: A (3, 2) cut to rank 2 keeps its first two rows, B (2, 3) its first two
+    columns, a head tensor stays; padding back to 3 restores the shapes with zeros, and equal ranks are the
+    identity (the same tensors)."""
+    adapter = {"l.lora_A.default.weight": torch.arange(6.0).reshape(3, 2),
+               "l.lora_B.default.weight": torch.arange(6.0).reshape(2, 3), "top.w": torch.ones(4)}
+    cut = truncated(adapter, 2)
+    assert cut["l.lora_A.default.weight"].tolist() == [[0.0, 1.0], [2.0, 3.0]]
+    assert cut["l.lora_B.default.weight"].tolist() == [[0.0, 1.0], [3.0, 4.0]]
+    assert cut["top.w"] is adapter["top.w"]
+    back = zero_padded(cut, 3)
+    assert back["l.lora_A.default.weight"].tolist() == [[0.0, 1.0], [2.0, 3.0], [0.0, 0.0]]
+    assert back["l.lora_B.default.weight"].tolist() == [[0.0, 1.0, 0.0], [3.0, 4.0, 0.0]]
+    same = zero_padded(adapter, 3)
+    assert all(same[n] is adapter[n] for n in adapter)

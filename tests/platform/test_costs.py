@@ -275,3 +275,33 @@ def test_a_u_shaped_round_charges_its_four_transmissions_and_two_barriers() -> N
     finish = simulate_u_shaped(plan.phases, E)
     assert metrics.round_latency_s == pytest.approx(float(finish.max()), rel=1e-12)
     assert metrics.round_latency_s == pytest.approx(plan.allocation.round_latency_s, rel=1e-9)
+
+
+RANKED = ("lora.rank_policy=by-class", "devices.classes=["
+          "{name: small, share: 0.5, memory_mib: 64, clock_hz: [1e9, 1e9], lora_rank: 2},"
+          "{name: mid, share: 0.3, memory_mib: 128, clock_hz: [1e9, 1e9], lora_rank: 4},"
+          "{name: large, share: 0.2, memory_mib: 256, clock_hz: [1e9, 1e9], lora_rank: 8}]")
+
+
+def test_flops_payload_and_memory_are_measured_at_each_class_rank() -> None:
+    """The real device part with LoRA factors cut to rank r: every LoRA layer's two matmuls cost 2 T (in + out) r
+    FLOPs forward for T tokens, so the forward at rank 8 is (8 - 4) x that sum above rank 4's, and rank 8's is the
+    global adapter's; the payload at rank r is 32 bits x (r x sum of (in + out)); a peak is measured per rank,
+    rank 8's the global adapter's. Seen failing with the FLOPs counted on the uncut adapter."""
+    exp = Experiment.build(tiny_config(*RANKED))
+    table, planner = exp.planner.flops, exp.planner
+    adapter = exp.device.initial_adapter()
+    widths = sum(t.shape[1] if ".lora_A." in n else t.shape[0] for n, t in adapter.items())  # sum of (in + out)
+    assert widths > 0 and all(".lora_" in n for n in adapter)
+    assert planner.rank_bits == {r: 32 * r * widths for r in (2, 4, 8)}
+    assert planner.adapter_bits == planner.rank_bits[8]
+    shape = batch_shape(exp.data.train, np.arange(1))
+    tokens = int(shape.padded)
+    forward = {r: table.device_batch(shape, r)[0] for r in (2, 4, 8)}
+    backward = {r: table.device_batch(shape, r)[1] for r in (2, 4, 8)}
+    assert forward[8] == table.device_batch(shape)[0] and backward[8] == table.device_batch(shape)[1]
+    assert forward[8] - forward[4] == 2 * tokens * widths * 4
+    assert forward[4] - forward[2] == 2 * tokens * widths * 2
+    assert backward[2] < backward[4] < backward[8]
+    assert backward[8] - backward[4] == 2 * (backward[4] - backward[2])  # linear in the rank
+    assert sorted(planner.memory_by_rank) == [2, 4, 8] and planner.memory_by_rank[8] == exp.memory.total

@@ -4,6 +4,7 @@ population without classes that is the one drawn before classes existed, number 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -34,8 +35,10 @@ class StubFlops:
 
     hidden_size = 32
 
-    def device_batch(self, shape: BatchShape) -> tuple[int, int]:
-        return 10**6 * shape.padded, 2 * 10**6 * shape.padded
+    def device_batch(self, shape: BatchShape, rank: int | None = None) -> tuple[int, int]:
+        """With a LoRA rank: 1e4 more forward and 2e4 more backward FLOPs per padded token per rank."""
+        extra = 0 if rank is None else 10**4 * rank * shape.padded
+        return 10**6 * shape.padded + extra, 2 * 10**6 * shape.padded + 2 * extra
 
     def server(self, length: int) -> tuple[int, int]:
         return 3 * 10**6 * length, 6 * 10**6 * length
@@ -209,7 +212,7 @@ def test_the_classes_are_mlflow_params_and_survive_the_saved_config(tmp_path) ->
     param = json.loads(_param(config.to_flat()["devices.classes"]))
     assert [c["name"] for c in param] == ["phone-2GB", "phone-6GB", "tablet-12GB"]
     assert param[1] == {"name": "phone-6GB", "share": 0.3, "memory_mib": 6144.0, "clock_hz": [1.5e9, 2.0e9],
-                        "distance_m": [20.0, 200.0], "shadowing_db": None}
+                        "distance_m": [20.0, 200.0], "shadowing_db": None, "lora_rank": None}
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
 
@@ -218,6 +221,10 @@ def test_the_fleet_example_config_has_three_classes() -> None:
     config = load_config(ROOT / "configs" / "fleet-3class.yaml")
     assert [c.name for c in config.devices.classes] == ["phone-2GB", "phone-6GB", "tablet-12GB"]
     assert sum(c.share for c in config.devices.classes) == pytest.approx(1.0, abs=1e-12)
+    ranked = load_config(ROOT / "configs" / "fleet-3class-ranks.yaml")
+    assert ranked.lora.rank_policy == "by-class" and ranked.lora.rank == 8
+    assert [c.lora_rank for c in ranked.devices.classes] == [2, 4, 8]
+    assert [dataclasses.replace(c, lora_rank=None) for c in ranked.devices.classes] == config.devices.classes
 
 
 # --------------------------------------------------------------------------- config errors
@@ -243,6 +250,12 @@ BAD = [
     ("devices.classes=[{name: a, share: 1, memory_mib: 9, clock_hz: [1e9, 2e9], cut_layer: 2}]",
      "devices.classes[0].cut_layer"),
     ("devices.classes=[phone]", "devices.classes[0]='phone'"),
+    ("lora.rank_policy=by-class", "lora.rank_policy='by-class' is invalid: fixed without devices.classes"),
+    ("lora.rank_policy=per-device", "lora.rank_policy='per-device' is invalid: one of fixed, by-class"),
+    ("devices.classes=[{name: a, share: 1, memory_mib: 9, clock_hz: [1e9, 2e9], lora_rank: 4}]",
+     "devices.classes[a].lora_rank=4 is invalid: null with lora.rank_policy=fixed"),
+    ("devices.classes=[{name: a, share: 1, memory_mib: 9, clock_hz: [1e9, 2e9], lora_rank: 0}]",
+     "devices.classes[a].lora_rank=0 is invalid: an integer >= 1"),
     ("devices.classes=phone", "devices.classes='phone'"),
 ]
 
@@ -308,3 +321,89 @@ def test_a_checkpoint_written_before_classes_resumes_without_them(tmp_path) -> N
     assert load_checkpoint(path, load_config(None))[0].next_round == 1  # it had no classes: the default
     with pytest.raises(ConfigError, match=r"devices\.classes=.*the interrupted run's value \[\]"):
         load_checkpoint(path, load_config(None, [FLEET]))
+
+
+# --------------------------------------------------------------------------- LoRA ranks per class
+
+
+RANKED = ("lora.rank_policy=by-class", "devices.classes=["
+          "{name: phone-2GB, share: 0.5, memory_mib: 2048, clock_hz: [1e9, 1e9], lora_rank: 2},"
+          "{name: phone-6GB, share: 0.3, memory_mib: 6144, clock_hz: [1e9, 1e9], lora_rank: 4},"
+          "{name: tablet-12GB, share: 0.2, memory_mib: 12288, clock_hz: [1e9, 1e9], lora_rank: 8}]")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("lora.rank=4",), "devices.classes[tablet-12GB].lora_rank=8 is invalid: an integer in 1..lora.rank=4"),
+    ((RANKED[1].replace(", lora_rank: 4", ""),), "devices.classes[phone-6GB].lora_rank=None is invalid: an integer"),
+], ids=["above-the-global-rank", "missing"])
+def test_by_class_needs_every_class_rank_within_the_global_rank(overrides: tuple[str, ...], message: str,
+                                                                 capsys, monkeypatch) -> None:
+    """One line, before any model loads. Seen failing with the check of the rank's bound removed."""
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    status = cli.main(["run", "-c", str(ROOT / "configs" / "smoke.yaml"), *RANKED, *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_each_device_is_priced_at_its_class_rank() -> None:
+    """Ranks 2, 4 and 8 by class, all clocks 1 GHz: by the stub, a device's forward is (1e6 + 1e4 r) FLOPs per
+    token and its adapter payload its rank's (given per rank to the planner); the allocation rows and the plan
+    carry each device's rank. Seen failing with every device priced at the global rank (FLOPs and payload)."""
+    config = load_config(None, ["data.num_devices=50", "train.devices_per_round=6", *RANKED])
+    bits = {2: 20_000, 4: 40_000, 8: 80_000}
+    plan_maker = RoundPlanner(config, StubFlops(), adapter_bits=80_000, trains_device=True,  # type: ignore[arg-type]
+                              rank_bits=bits)
+    devices = select_devices(config.seed, 0, 50, 6)
+    names = plan_maker.population.class_names(devices)
+    ranks = plan_maker.ranks(devices)
+    assert ranks == [{"phone-2GB": 2, "phone-6GB": 4, "tablet-12GB": 8}[n] for n in names]
+    assert len(set(ranks)) >= 2
+    E = config.train.local_steps
+    work = plan_maker.inputs(0, devices, batches(devices, E))
+    expected = np.array([8 * 16 * (1e6 + 1e4 * r) / (16 * 1e9) for r in ranks])
+    np.testing.assert_allclose(work.forward_s[:, 0], expected, rtol=1e-12)
+    np.testing.assert_allclose(work.backward_s[:, 0], 2 * expected, rtol=1e-12)
+    problem = plan_maker.problem(0, devices, batches(devices, E), inputs=work)
+    np.testing.assert_array_equal(problem.downlink_bits[:, 0], [bits[r] for r in ranks])  # the adapter down first
+    plan = plan_maker.plan(0, devices, batches(devices, E))
+    assert plan.ranks == tuple(ranks)
+    rows = plan.table()
+    assert [list(row)[:3] for row in rows] == [["device", "class", "rank"]] * 6
+    assert [row["rank"] for row in rows] == ranks
+    fixed = planner(load_config(None, ["data.num_devices=50", "train.devices_per_round=6", FLEET]))
+    assert fixed.ranks(devices) == [] and "rank" not in fixed.plan(0, devices, batches(devices, E)).table()[0]
+
+
+def test_the_summary_compares_each_class_budget_with_its_own_rank_peak() -> None:
+    """A class whose own-rank peak fits its budget is not over it, even when the global rank's peak is."""
+    classes = {"phone-2GB": {"devices": 500, "memory_mib": 2048.0, "lora_rank": 2, "memory_bytes": 2000 * 2**20},
+               "tablet-12GB": {"devices": 200, "memory_mib": 1024.0, "lora_rank": 8, "memory_bytes": 3 * 2**30}}
+    summary = run_result(3 * 2**30, classes).summary()
+    assert [c["over_memory"] for c in summary["device_classes"].values()] == [0, 200]
+    assert summary["devices_over_memory"] == 200
+    assert summary["device_classes"]["phone-2GB"]["lora_rank"] == 2
+
+
+def test_the_engine_hands_each_class_rank_and_peak_to_the_result() -> None:
+    from sflam.platform.engine import device_classes
+
+    config = load_config(None, ["data.num_devices=10", "train.devices_per_round=2", *RANKED])
+    plan_maker = planner(config)
+    plan_maker.memory_by_rank = {2: 100, 4: 200, 8: 300}
+    assert device_classes(plan_maker) == {
+        "phone-2GB": {"devices": 5, "memory_mib": 2048.0, "lora_rank": 2, "memory_bytes": 100},
+        "phone-6GB": {"devices": 3, "memory_mib": 6144.0, "lora_rank": 4, "memory_bytes": 200},
+        "tablet-12GB": {"devices": 2, "memory_mib": 12288.0, "lora_rank": 8, "memory_bytes": 300}}
+
+
+@pytest.mark.parametrize("method", ["fl", "sl"])
+def test_fl_and_sl_refuse_ranks_per_class(method: str) -> None:
+    """fl trains whole models and sl hands one adapter down a chain: by-class is refused there, the split federated
+    methods take it. Seen failing with the refusal removed."""
+    from sflam.pipelines.baselines import method_config
+
+    config = load_config(None, list(RANKED))
+    with pytest.raises(ConfigError, match=f"lora.rank_policy='by-class' is invalid: fixed with method {method}"):
+        method_config(config, method)
+    for other in ("sfl", "sfl-v2", "sfl-q", "sflam"):
+        assert method_config(config, other).lora.rank_policy == "by-class"

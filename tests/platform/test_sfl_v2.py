@@ -119,3 +119,28 @@ def test_a_two_device_round_equals_a_hand_computation() -> None:
     state = exp.server.state()
     expected = {n: p.detach() for n, p in server.named_parameters() if p.requires_grad}
     assert_adamw_close(state, expected, adamw_reach(config.train.server_lr, 4), what="server part")
+
+
+def test_each_device_trains_at_its_class_rank() -> None:
+    """lora.rank_policy=by-class: each device's cohort of one starts at its class's rank (its RoundTask entry).
+    Seen failing with the cohorts started without the ranks."""
+    from sflam.pipelines.baselines import ServerSequentialBackend
+    from sflam.platform.assembly import Experiment
+    from sflam.platform.local import engine
+    from tests.conftest import tiny_config
+    from tests.platform.test_costs import RANKED
+
+    config = tiny_config(*RANKED, "train.devices_per_round=4", "allocation.policy=equal")
+    exp = Experiment.build(config, schedule="server-sequential")
+    started: list[tuple[list[int], list[int] | None]] = []
+    start = exp.device.start
+
+    def recording(devices, adapter, lr_factor=1.0, fit=None, ranks=None):  # type: ignore[no-untyped-def]
+        started.append((list(devices), ranks))
+        return start(devices, adapter, lr_factor, fit, ranks)
+
+    exp.device.start = recording  # type: ignore[method-assign]
+    engine(exp, ServerSequentialBackend(exp)).run_round(0, exp.device.initial_adapter())
+    assert len(started) == 4
+    assert [ranks for _, ranks in started] == [exp.planner.ranks(np.array(devices)) for devices, _ in started]
+    assert len({ranks[0] for _, ranks in started if ranks}) >= 2  # this seed's four devices have mixed ranks

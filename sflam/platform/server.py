@@ -29,14 +29,14 @@ def server_chunks(lengths: np.ndarray) -> list[np.ndarray]:
     return [order[a:a + SERVER_CHUNK_SAMPLES] for a in range(0, n, SERVER_CHUNK_SAMPLES)]
 
 
-def cut_groups(cuts: Sequence[int]) -> dict[int, np.ndarray]:
+def cut_groups(cuts: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
     """The positions of the samples (or messages) at each cut, shallowest cut first: a group at cut c runs the
     server blocks [c, L) (docs/concepts/split-and-codec.md#devices-at-different-cuts)."""
-    cuts = np.asarray(cuts, dtype=np.int64)
-    return {int(c): np.flatnonzero(cuts == c) for c in np.unique(cuts)}
+    at = np.asarray(cuts, dtype=np.int64)
+    return {int(c): np.flatnonzero(at == c) for c in np.unique(at)}
 
 
-def cut_chunks(cuts: Sequence[int], lengths: np.ndarray) -> list[tuple[int, np.ndarray]]:
+def cut_chunks(cuts: Sequence[int] | np.ndarray, lengths: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """Each forward/backward of a server step over samples at several cuts: (cut, positions in message order),
     every cut group in its own `server_chunks` (a chunk never mixes cuts), shallowest cut first. All samples at
     one cut: exactly `server_chunks(lengths)`. The cost model charges each chunk the server blocks [cut, L)."""

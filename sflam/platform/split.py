@@ -164,9 +164,9 @@ class DevicePart(nn.Module):
 class ServerPart(nn.Module):
     """Blocks [c, L), final norm and head: smashed data and mask in, task logits out.
 
-    Devices may sit at deeper cuts than the part's own `c` (docs/concepts/split-and-codec.md#devices-at-different-
-    cuts): `start` (`start_of(cut)`, the device's cut less `c`) runs a device's samples from its own cut upward, so
-    one server part built at the shallowest cut serves every device.
+    Devices may sit at deeper cuts than the part's own `c`: `start` (`start_of(cut)`, the device's cut less `c`)
+    runs a device's samples from its own cut upward, so one server part built at the shallowest cut serves every
+    device (docs/concepts/split-and-codec.md#devices-at-different-cuts).
     """
 
     def __init__(self, model: PreTrainedModel, family: str, cut_layer: int, task: str,

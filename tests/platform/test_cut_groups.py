@@ -1,6 +1,6 @@
 """Devices at different cuts in one server step: the server part, built at the shallowest cut, runs each device's
-samples from its own cut upward, batched by cut group; the split stays exact (docs/concepts/split-and-codec.md#
-devices-at-different-cuts)."""
+samples from its own cut upward, batched by cut group; the split stays exact
+(docs/concepts/split-and-codec.md#devices-at-different-cuts)."""
 
 from __future__ import annotations
 

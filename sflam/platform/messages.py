@@ -28,12 +28,14 @@ def codec_generator(seed: int, round_index: int, step: int, device: int, directi
 
 @dataclass
 class Smashed:
-    """One device's uplink message of a local step: encoded activations of its real tokens."""
+    """One device's uplink message of a local step: encoded activations of its real tokens, the hidden states at the
+    device's cut layer (None: the server part's own cut)."""
 
     device: int
     activations: Encoded
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    cut: int | None = None
 
     @property
     def payload_bits(self) -> int:
@@ -55,19 +57,21 @@ class Messages(list):  # type: ignore[type-arg]
         mask_flat = torch.cat([t.reshape(-1) for t in masks]).numpy() if masks else np.zeros(0, np.int64)
         label_flat = torch.cat([t.reshape(-1) for t in labels]).numpy() if labels else np.zeros(0, np.int64)
         shapes = [(tuple(a.shape), tuple(b.shape)) for a, b in zip(masks, labels, strict=True)]
-        return (_messages, ([m.device for m in self], encoded, mask_flat, label_flat, shapes))
+        return (_messages, ([m.device for m in self], encoded, mask_flat, label_flat, shapes, [m.cut for m in self]))
 
 
 def _messages(devices: list[int], encoded: tuple[Any, ...], mask_flat: np.ndarray, label_flat: np.ndarray,
-              shapes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> Messages:
+              shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], cuts: list[int | None] | None = None
+              ) -> Messages:
     masks, labels = torch.from_numpy(mask_flat.copy()), torch.from_numpy(label_flat.copy())
     out = Messages()
     a = b = 0
-    for device, activations, (mask_shape, label_shape) in zip(devices, codec.unpack_many(encoded), shapes,
-                                                              strict=True):
+    cuts = cuts if cuts is not None else [None] * len(devices)
+    for device, activations, (mask_shape, label_shape), cut in zip(devices, codec.unpack_many(encoded), shapes, cuts,
+                                                                   strict=True):
         m, n = int(np.prod(mask_shape)), int(np.prod(label_shape))
         out.append(Smashed(device, activations, masks[a:a + m].view(mask_shape),  # type: ignore[arg-type]
-                           labels[b:b + n].view(label_shape)))
+                           labels[b:b + n].view(label_shape), cut))
         a, b = a + m, b + n
     return out
 

@@ -3,6 +3,7 @@ loss in bounded chunks, one optimizer step, each device's activation gradient en
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,20 @@ def server_chunks(lengths: np.ndarray) -> list[np.ndarray]:
         return [np.arange(n)]
     order = np.argsort(lengths, kind="stable")
     return [order[a:a + SERVER_CHUNK_SAMPLES] for a in range(0, n, SERVER_CHUNK_SAMPLES)]
+
+
+def cut_groups(cuts: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
+    """The positions of the samples (or messages) at each cut, shallowest cut first: a group at cut c runs the
+    server blocks [c, L) (docs/concepts/split-and-codec.md#devices-at-different-cuts)."""
+    at = np.asarray(cuts, dtype=np.int64)
+    return {int(c): np.flatnonzero(at == c) for c in np.unique(at)}
+
+
+def cut_chunks(cuts: Sequence[int] | np.ndarray, lengths: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Each forward/backward of a server step over samples at several cuts: (cut, positions in message order),
+    every cut group in its own `server_chunks` (a chunk never mixes cuts), shallowest cut first. All samples at
+    one cut: exactly `server_chunks(lengths)`. The cost model charges each chunk the server blocks [cut, L)."""
+    return [(cut, group[chunk]) for cut, group in cut_groups(cuts).items() for chunk in server_chunks(lengths[group])]
 
 
 @dataclass(kw_only=True)
@@ -83,28 +98,38 @@ class ServerRunner:
         hidden = scatter_rows(codec.decode_many([m.activations for m in messages]), mask)
         return hidden, mask, torch.cat([m.labels for m in messages])
 
+    def chunks(self, messages: list[Smashed], lengths: torch.Tensor) -> list[tuple[int, np.ndarray]]:
+        """The step's forward/backward runs: (start in the server part's blocks, positions in message order) of
+        each of `cut_chunks` over the messages' cuts (a message without one is at the server part's own cut)."""
+        cuts = [self.part.cut_layer if m.cut is None else m.cut for m in messages]
+        for cut in set(cuts):
+            self.part.start_of(cut)  # a cut the server part cannot serve fails loudly, before any work
+        per_sample = np.repeat(np.asarray(cuts, dtype=np.int64), [int(m.attention_mask.shape[0]) for m in messages])
+        return [(cut - self.part.cut_layer, positions) for cut, positions in cut_chunks(per_sample, lengths.numpy())]
+
     def step(self, messages: list[Smashed], round_index: int, step: int) -> ServerStepResult:
         """Forward/backward of the mean loss over every message's samples, one optimizer step, encoded gradients.
 
-        The samples run in the chunks of `server_chunks` (the gradients of the mean accumulate chunk by chunk), so
-        the server's activation memory stays bounded at any number of devices. Padding never changes a real
-        token's result (right padding, masked): the chunking changes the sums only at float rounding.
+        The samples run in the chunks of `cut_chunks` (the gradients of the mean accumulate chunk by chunk), so
+        the server's activation memory stays bounded at any number of devices, each device's samples from its own
+        cut upward. Padding never changes a real token's result (right padding, masked): the chunking changes the
+        sums only at float rounding.
         """
         masks = [m.attention_mask for m in messages]
         lengths = torch.cat([mask.sum(1) for mask in masks]).long()  # every sample's real tokens
         labels = torch.cat([m.labels for m in messages])
         total = int(labels.shape[0])
+        chunks = self.chunks(messages, lengths)
         rows = codec.decode_many([m.activations for m in messages])  # sample by sample, real tokens in order
-        chunks = server_chunks(lengths.numpy())
         starts = torch.cumsum(lengths, 0) - lengths  # each sample's first row
         grad_rows = torch.empty_like(rows) if self.send_gradients else None
         loss_sum, correct = 0.0, 0
-        for positions in chunks:
+        for start, positions in chunks:
             chunk = torch.from_numpy(positions)
             index, mask, hidden = _chunk_batch(rows, lengths, starts, chunk, masks[0].dtype)
             hidden.requires_grad_(self.send_gradients)
             with torch.enable_grad():
-                logits = self.part(hidden, mask)
+                logits = self.part(hidden, mask, start)
                 loss, chunk_correct = self.part.loss_and_correct(logits, labels[chunk])
                 if len(chunks) > 1:
                     loss = loss * (len(positions) / total)
@@ -128,20 +153,20 @@ class ServerRunner:
     # ------------------------------------------------------------------ a U-shaped split (the head on the devices)
     def forward_features(self, messages: list[Smashed], round_index: int, step: int, feature_bits: int
                          ) -> list[Encoded]:
-        """The server part's features (what the head reads) of every message's samples, each device's encoded
-        with its own stream; the graphs are kept for `backward_features`."""
+        """The server part's features (what the head reads) of every message's samples, each device's samples from
+        its own cut upward, each device's encoded with its own stream; the graphs are kept for `backward_features`."""
         masks = [m.attention_mask for m in messages]
         lengths = torch.cat([mask.sum(1) for mask in masks]).long()
         rows = codec.decode_many([m.activations for m in messages])
         starts = torch.cumsum(lengths, 0) - lengths
         self._u_pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         features: torch.Tensor | None = None
-        for positions in server_chunks(lengths.numpy()):
+        for start, positions in self.chunks(messages, lengths):
             chunk = torch.from_numpy(positions)
             index, mask, hidden = _chunk_batch(rows, lengths, starts, chunk, masks[0].dtype)
             hidden.requires_grad_(self.send_gradients)
             with torch.enable_grad():
-                out = self.part.features(hidden, mask)
+                out = self.part.features(hidden, mask, start)
             self._u_pending.append((chunk, index, mask, hidden, out))
             if features is None:
                 features = out.new_empty((int(lengths.shape[0]), out.shape[-1]))

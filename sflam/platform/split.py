@@ -162,7 +162,12 @@ class DevicePart(nn.Module):
 
 
 class ServerPart(nn.Module):
-    """Blocks [c, L), final norm and head: smashed data and mask in, task logits out."""
+    """Blocks [c, L), final norm and head: smashed data and mask in, task logits out.
+
+    Devices may sit at deeper cuts than the part's own `c`: `start` (`start_of(cut)`, the device's cut less `c`)
+    runs a device's samples from its own cut upward, so one server part built at the shallowest cut serves every
+    device (docs/concepts/split-and-codec.md#devices-at-different-cuts).
+    """
 
     def __init__(self, model: PreTrainedModel, family: str, cut_layer: int, task: str,
                  label_token_ids: list[int] | None = None) -> None:
@@ -170,6 +175,7 @@ class ServerPart(nn.Module):
         self.family = family
         self.task = task
         self.config = model.config
+        self.cut_layer = cut_layer
         if task == "causal-lm":
             if not label_token_ids:
                 raise ValueError("causal-lm needs the label words' token ids")
@@ -202,28 +208,43 @@ class ServerPart(nn.Module):
             return []
         return [self.pooler, self.head] if self.family == "bert" else [self.head]
 
-    def body(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Blocks [c, L) and the final norm: the final hidden states of every position."""
+    @property
+    def num_layers(self) -> int:
+        """L, the model's blocks: the deepest cut a device may sit at."""
+        return self.cut_layer + len(self.layers)
+
+    def start_of(self, cut: int | None) -> int:
+        """Where a device at `cut` enters the part's blocks: `cut - c` (None: the part's own cut, 0)."""
+        if cut is None:
+            return 0
+        if not self.cut_layer <= cut <= self.num_layers:
+            raise ValueError(f"a device at cut {cut} outside the server part's {self.cut_layer}..{self.num_layers}")
+        return cut - self.cut_layer
+
+    def body(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Blocks [c + start, L) and the final norm: the final hidden states of every position (`start`: see
+        `start_of`)."""
+        layers = self.layers if start == 0 else self.layers[start:]
         if self.family == "llama":
-            hidden = _run_llama(self.config, self.layers, self.rotary_emb, hidden, attention_mask)
+            hidden = _run_llama(self.config, layers, self.rotary_emb, hidden, attention_mask)
         elif self.family == "gpt2":
-            hidden = _run_gpt2(self.config, self.layers, hidden, attention_mask)
+            hidden = _run_gpt2(self.config, layers, hidden, attention_mask)
         else:  # bert and vit: bidirectional attention
-            hidden = _run_bert(self.config, self.layers, hidden, attention_mask)
+            hidden = _run_bert(self.config, layers, hidden, attention_mask)
         return self.norm(hidden)
 
-    def features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
         """What the head reads of the final hidden states, (B, F): what a U-shaped split's server sends down."""
-        final = self.body(hidden, attention_mask)
+        final = self.body(hidden, attention_mask, start)
         if self.family == "bert":
             return final[:, 0]  # the pooler reads the CLS row
         if self.family == "vit":
             return _vit_pool(self.config, final)
         return final[torch.arange(final.shape[0], device=final.device), last_token_index(attention_mask)]
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Task logits: (B, classes) for classification, (B, vocab) at the last token for causal LM."""
-        final = self.body(hidden, attention_mask)
+        final = self.body(hidden, attention_mask, start)
         if self.family == "bert":
             return self.head(self.dropout(self.pooler(final)))
         if self.family == "vit":

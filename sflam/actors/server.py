@@ -179,6 +179,10 @@ class ServerRank:
     def _sharded_step(self, shard: list[Smashed], total: int, round_index: int, step: int
                       ) -> tuple[StepStats, list[Encoded | None]]:
         """A DeepSpeed rank's step on its shard, or the torch engine's step on its GPU (one shard of all)."""
+        starts = {self.server.part.start_of(m.cut) for m in shard}
+        if starts - {0}:  # devices at their own cuts run on the CPU server rank (ServerRunner.step) only, for now
+            raise ValueError("a DeepSpeed or GPU server rank runs every device from the server part's own cut; "
+                             f"this shard has devices at cuts {sorted({m.cut for m in shard if m.cut is not None})}")
         hidden, mask, labels = ServerRunner.assemble(shard)
         device = next(self.model.parameters()).device
         hidden, mask, labels = hidden.to(device), mask.to(device), labels.to(device)

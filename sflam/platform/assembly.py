@@ -22,7 +22,7 @@ from sflam.platform.messages import FEATURES_DOWN, UPLINK, codec_generator
 from sflam.platform.participation import round_indices, round_shapes, select_devices
 from sflam.platform.planner import RoundPlanner
 from sflam.platform.server import ServerRunner
-from sflam.platform.split import DevicePart, HeadPart, ServerPart, block_of, overlap_names
+from sflam.platform.split import DevicePart, HeadPart, ServerPart, block_of
 from sflam.platform.strategies import Adapter, truncated
 
 EVAL_DEVICE = -2  # the device id that seeds the evaluation's codec streams
@@ -53,12 +53,10 @@ class Experiment:
             return summed([evaluate_batch(self.config, self.device, self.server.part, adapter, number, batch)
                            for number, batch in evaluation_batches(self.config, self.data)])
         shares = deployed_cuts(self.planner)
-        figures = {cut: summed([evaluate_batch(self.config, self.device, self.server.part, adapter, number, batch,
-                                               cut) for number, batch in evaluation_batches(self.config, self.data)])
-                   for cut in shares}
-        total = sum(shares.values())
-        return (sum(shares[c] * figures[c][0] for c in shares) / total,
-                sum(shares[c] * figures[c][1] for c in shares) / total)
+        return weighted_by_cut({cut: summed([evaluate_batch(self.config, self.device, self.server.part, adapter,
+                                                            number, batch, cut)
+                                             for number, batch in evaluation_batches(self.config, self.data)])
+                                for cut in shares}, shares)
 
 
 def build_runners(config: ExperimentConfig) -> tuple[DataBundle, DeviceRunner, ServerRunner]:
@@ -119,29 +117,38 @@ def plan_costs(config: ExperimentConfig, data: DataBundle, device: DeviceRunner,
 
 
 @torch.no_grad()
-def merge_server_copies(device_part: DevicePart, server_part: ServerPart, adapter: Adapter, cuts: list[int],
+def merge_server_copies(pairs: list[tuple[str, str]], server_part: ServerPart, adapter: Adapter, cuts: list[int],
                         weights: list[float]) -> Adapter:
     """Devices at several cuts: the blocks between the shallowest and the deepest cut have a device copy (trained
     by the devices cut below them, averaged over those) and a server copy (trained by the server on the samples of
     the devices cut at or above them). The new global copy of such a block is the two averaged, weighted by the
     finished devices each stands for; it replaces both (the server part's tensors are set in place), so every layer
     has one global copy and each device downloads the blocks below its cut
-    (docs/concepts/split-and-codec.md#devices-at-different-cuts)."""
-    out = dict(adapter)
+    (docs/concepts/split-and-codec.md#devices-at-different-cuts). `pairs`: `split.overlap_names` of the parts;
+    returns the merged tensors under the device part's names (`adapter` holds at least those)."""
+    out = {}
     server = dict(server_part.named_parameters())
-    for device_name, server_name in overlap_names(device_part, server_part):
+    for device_name, server_name in pairs:
         block = block_of(device_name)
         assert block is not None
         on_devices = sum(w for w, c in zip(weights, cuts, strict=True) if w > 0 and c > block)
         on_server = sum(w for w, c in zip(weights, cuts, strict=True) if w > 0 and c <= block)
         if on_devices + on_server <= 0:
+            out[device_name] = adapter[device_name]
             continue
         copy = server[server_name]
         merged = ((on_devices * adapter[device_name].double() + on_server * copy.detach().double())
                   / (on_devices + on_server))
         copy.copy_(merged.to(copy.dtype))
-        out[device_name] = merged.to(adapter[device_name].dtype)
+        out[device_name] = merged.to(adapter[device_name].dtype).cpu()
     return out
+
+
+def weighted_by_cut(figures: dict[int, tuple[float, float]], shares: dict[int, int]) -> tuple[float, float]:
+    """Accuracy and loss over the deployed cuts, each cut's weighted by the devices at it (`deployed_cuts`)."""
+    total = sum(shares.values())
+    return (sum(shares[c] * figures[c][0] for c in shares) / total,
+            sum(shares[c] * figures[c][1] for c in shares) / total)
 
 
 def deployed_cuts(planner: RoundPlanner) -> dict[int, int]:

@@ -730,8 +730,8 @@ class ExperimentConfig:
             _check(self.lora.server, "lora.server", self.lora.server,
                    f"true with split.policy={split.policy} (the server trains the layers between the cuts for the "
                    "devices below them)")
-            _check(self.runtime == "local", "runtime", self.runtime,
-                   f"local with split.policy={split.policy} (devices at different cuts run in the reference runtime)")
+            _check(self.server.engine == "torch", "server.engine", self.server.engine,
+                   f"torch with split.policy={split.policy} (a DeepSpeed group runs every sample from one cut)")
 
     def to_flat(self) -> dict[str, Any]:
         """Flat dict of dotted keys (the same keys as the overrides and the MLflow params)."""

@@ -20,6 +20,7 @@ from sflam.platform.protocol import Downlink, HeadAnswer, StepFigures, Uplink, l
 from sflam.platform.quantization import kernel_path, stored_weight_bytes
 from sflam.platform.results import Resume, RoundMetrics, RunResult
 from sflam.platform.server import ServerRunner
+from sflam.platform.split import overlap_names
 from sflam.platform.strategies import Adapter
 
 
@@ -133,7 +134,9 @@ class LocalBackend(Backend):
         return self.exp.evaluate(adapter)
 
     def merge_server_copies(self, adapter: Adapter, task: RoundTask) -> Adapter:
-        return merge_server_copies(self.exp.device.part, self.exp.server.part, adapter, task.cuts, task.weights)
+        pairs = overlap_names(self.exp.device.part, self.exp.server.part)
+        merged = merge_server_copies(pairs, self.exp.server.part, adapter, task.cuts, task.weights)
+        return {**adapter, **merged}
 
     def server_state(self) -> Adapter:
         return self.exp.server.state()

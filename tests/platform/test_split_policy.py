@@ -27,13 +27,24 @@ TWO = ("devices.classes=[{name: small, share: 0.5, memory_mib: %s, clock_hz: [1.
 
 
 def mixed(policy: str = "memory", small_mib: float = 100000, *overrides: str) -> Experiment:
-    """tiny-llama (4 blocks) with two classes and candidate cuts 1 and 2."""
+    """tiny-llama (4 blocks) with two classes and candidate cuts 1 and 2 (unless overridden)."""
     return Experiment.build(tiny_config(TWO % small_mib, f"split.policy={policy}", "split.candidates=[1,2]",
                                         *overrides))
 
 
-def peaks() -> dict[int, int]:
-    return mixed().planner.memory_by_cut
+def peaks(candidates: str = "[1,2]") -> dict[int, int]:
+    return mixed("memory", 100000, f"split.candidates={candidates}").planner.memory_by_cut
+
+
+def three_classes(*base: str) -> tuple[str, ...]:
+    """Three classes whose budgets hold cuts 1, 2 and 3 of tiny-llama at most, at LoRA ranks 2, 4 and 8, memory
+    policy: every device at its class's cut and rank (the peaks measured with the `base` overrides)."""
+    peak = {c: p / 2**20 for c, p in mixed("memory", 100000, "split.candidates=[1,2,3]", *base)
+            .planner.memory_by_cut.items()}
+    return ("split.policy=memory", "split.candidates=[1,2,3]", "lora.rank_policy=by-class", "devices.classes=["
+            f"{{name: small, share: 0.4, memory_mib: {peak[2] - 0.01}, clock_hz: [1e9, 1e9], lora_rank: 2}},"
+            f"{{name: mid, share: 0.3, memory_mib: {peak[3] - 0.01}, clock_hz: [1e9, 1e9], lora_rank: 4}},"
+            f"{{name: large, share: 0.3, memory_mib: {peak[3] + 1}, clock_hz: [2e9, 2e9], lora_rank: 8}}]")
 
 
 # --------------------------------------------------------------------------- the config
@@ -50,8 +61,8 @@ BAD = [
      "lora.server=False is invalid: true with split.policy=joint"),
     ([TWO % 9, "split.policy=joint", "split.candidates=[1,2]", "split.head=device"],
      "split.head='device' is invalid: server with split.policy=joint"),
-    ([TWO % 9, "split.policy=memory", "split.candidates=[1,2]", "runtime=ray"],
-     "runtime='ray' is invalid: local with split.policy=memory"),
+    ([TWO % 9, "split.policy=memory", "split.candidates=[1,2]", "runtime=ray", "server.engine=deepspeed"],
+     "server.engine='deepspeed' is invalid: torch with split.policy=memory"),
 ]
 
 
@@ -223,12 +234,11 @@ def test_the_merge_weighs_each_copy_by_the_devices_it_stands_for() -> None:
     with torch.no_grad():
         for _, s in pairs:
             sparams[s].fill_(4.0)
-    merged = merge_server_copies(device, server, adapter, cuts=[2, 1, 1, 2], weights=[1.0, 2.0, 0.0, 3.0])
+    merged = merge_server_copies(pairs, server, adapter, cuts=[2, 1, 1, 2], weights=[1.0, 2.0, 0.0, 3.0])
     for d, s in pairs:  # devices at cut 2 (weights 1 + 3) hold block 1, the server stood for the cut-1 one (2)
         assert torch.allclose(merged[d], torch.full_like(merged[d], (4 * 1.0 + 2 * 4.0) / 6))
         assert torch.equal(sparams[s], merged[d])
-    untouched = [n for n in adapter if block_of(n) == 0]
-    assert untouched and all(torch.equal(merged[n], adapter[n]) for n in untouched)
+    assert set(merged) == {d for d, _ in pairs}  # the other blocks are the caller's (the devices' average)
 
 
 # --------------------------------------------------------------------------- priced per cut

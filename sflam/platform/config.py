@@ -88,16 +88,14 @@ class SplitConfig:
                 "budget holds) | joint (the allocator picks each device's cut with its bits, power and bandwidth; "
                 "docs/concepts/split-and-codec.md#devices-at-different-cuts)"})
     candidates: list[int] = field(default_factory=list, metadata={
-        "help": "the cuts a device may take under policy memory or joint, ascending (empty with fixed)"})
+        "help": "the cuts a device may take under policy memory or joint, ascending (not used under fixed)"})
 
     def __post_init__(self) -> None:
         _check(self.cut_layer >= 0, "split.cut_layer", self.cut_layer, "an integer in 0..L (L = model layers)")
         _check(self.head in HEADS, "split.head", self.head, f"one of {', '.join(HEADS)}")
         _check(self.policy in SPLIT_POLICIES, "split.policy", self.policy, f"one of {', '.join(SPLIT_POLICIES)}")
         cuts = list(self.candidates)
-        if self.policy == "fixed":
-            _check(not cuts, "split.candidates", cuts, "empty with split.policy=fixed (every device at cut_layer)")
-        else:
+        if self.policy != "fixed":  # (under fixed the candidates are not used: a config can switch policy by override)
             _check(len(cuts) >= 2 and all(isinstance(c, int) and c >= 0 for c in cuts) and cuts == sorted(set(cuts)),
                    "split.candidates", cuts, f"two or more distinct cuts in 0..L, ascending, with split.policy="
                    f"{self.policy}")

@@ -52,7 +52,6 @@ def three_classes(*base: str) -> tuple[str, ...]:
 
 BAD = [
     (["split.policy=deepest"], "split.policy='deepest' is invalid: one of fixed, memory, joint"),
-    (["split.candidates=[1,2]"], "split.candidates=[1, 2] is invalid: empty with split.policy=fixed"),
     (["split.policy=memory", "split.candidates=[2]"], "split.candidates=[2] is invalid: two or more distinct cuts"),
     (["split.policy=memory", "split.candidates=[2,1]"], "split.candidates=[2, 1] is invalid: two or more distinct"),
     (["split.policy=memory", "split.candidates=[1,2]"], "split.policy='memory' is invalid: fixed without "
@@ -78,6 +77,13 @@ def test_a_bad_split_policy_is_one_line_before_any_model_loads(overrides: list[s
     assert status == 2
     assert len(err) == 1, err
     assert message in err[0]
+
+
+def test_fixed_ignores_the_candidates() -> None:
+    """A config with candidates switches to the fixed policy by override: every device at cut_layer."""
+    exp = Experiment.build(tiny_config(TWO % 9, "split.candidates=[1,2]", "split.cut_layer=2"))
+    assert exp.device.part.cut_layer == exp.server.part.cut_layer == 2 and not exp.planner.flops_by_cut
+    assert engine(exp).configure(0)[0].cuts == []
 
 
 def test_a_candidate_beyond_the_model_is_refused_before_any_weights_load(monkeypatch) -> None:

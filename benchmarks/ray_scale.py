@@ -23,9 +23,9 @@ proportional set sizes (PSS: shared pages split between the processes that map t
 every process below it (the Ray cluster it starts), sampled during the Ray run every half second, or less often
 when one sample costs more than a twentieth of that time in CPU (reading PSS walks every page of every process).
 
-`--fleet`: the Ray round of a three-class fleet (memory policy: classes at cuts 1, 2 and 3 of tiny-llama's four
-blocks and LoRA ranks 2, 4 and 8, shares 0.4/0.3/0.3) beside homogeneous rounds with every device at cut 1 and at
-cut 3 (rank 8), the same devices, data and plan otherwise, measured one after another in one run.
+`--fleet`: the round (local and Ray runtimes) of a three-class fleet (memory policy: classes at cuts 1, 2 and 3 of
+tiny-llama's four blocks and LoRA ranks 2, 4 and 8, shares 0.4/0.3/0.3) beside homogeneous rounds with every device
+at cut 1 and at cut 3 (rank 8), the same devices, data and plan otherwise, measured one after another in one run.
 """
 
 from __future__ import annotations
@@ -203,17 +203,36 @@ def fleet(K: int) -> list[str]:
             f"{{name: large, share: 0.3, memory_mib: {peak[3] + 1}, clock_hz: [2e9, 2e9], lora_rank: 8}}]"]
 
 
+def local_round(K: int, rounds: int, extra: list[str]) -> float:
+    """The local runtime's seconds per round (planning included, no evaluation), the median after the first."""
+    from sflam.platform.assembly import Experiment
+    from sflam.platform.local import engine
+
+    exp = Experiment.build(load_config(None, scenario(K, rounds, "local") + extra))
+    run = engine(exp)
+    adapter, times = exp.device.initial_adapter(), []
+    for r in range(rounds):
+        adapter, metrics = run.run_round(r, adapter)
+        times.append(metrics.wall_s)
+    return float(np.median(times[1:]))
+
+
 def fleet_table(sizes: list[int], rounds: int, out: Path) -> None:
-    """--fleet: homogeneous rounds at cuts 1 and 3 and the three-class fleet's, side by side."""
-    lines = ["| devices per round | cut 1, all devices (s/round) | cut 3, all devices (s/round) | three classes, cuts "
-             "1/2/3, ranks 2/4/8 (s/round) | fleet / cut 3 | fleet / cut 1 |", "|---:|---:|---:|---:|---:|---:|"]
+    """--fleet: homogeneous rounds at cuts 1 and 3 and the three-class fleet's, side by side, on both runtimes."""
+    lines = ["| runtime | devices per round | cut 1, all devices (s/round) | cut 3, all devices (s/round) | three "
+             "classes, cuts 1/2/3, ranks 2/4/8 (s/round) | fleet / cut 3 | fleet / cut 1 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     for K in sizes:
-        cut1 = ray_round(K, rounds, ["split.cut_layer=1"])[0]
-        cut3 = ray_round(K, rounds, ["split.cut_layer=3"])[0]
-        mixed = ray_round(K, rounds, fleet(K))[0]
-        lines.append(f"| {K} | {cut1:.2f} | {cut3:.2f} | {mixed:.2f} | {mixed / cut3:.2f} | {mixed / cut1:.2f} |")
-        print(lines[-1], flush=True)
+        for runtime, timer in (("local", local_round), ("ray", lambda *a: ray_round(*a)[0])):
+            cut1 = timer(K, rounds, ["split.cut_layer=1"])
+            cut3 = timer(K, rounds, ["split.cut_layer=3"])
+            mixed = timer(K, rounds, fleet(K))
+            lines.append(f"| {runtime} | {K} | {cut1:.2f} | {cut3:.2f} | {mixed:.2f} | {mixed / cut3:.2f} | "
+                         f"{mixed / cut1:.2f} |")
+            print(lines[-1], flush=True)
+            gc.collect()
+            release_freed_memory()
     command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python benchmarks/ray_scale.py "
                f"--fleet --sizes {' '.join(map(str, sizes))} --ray-rounds {rounds} --out {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +253,8 @@ def ray_round(K: int, rounds: int, extra: list[str] | None = None) -> tuple[floa
         try:
             engine = runtime.engine()
             adapter = runtime.initial_adapter()
-            times, phases = [], []
+            times: list[float] = []
+            phases: list[dict[str, float]] = []
             waits = [(engine, "configure"), (runtime, "_gather"), (runtime, "_await"), (runtime, "_server_call")]
             for r in range(rounds):
                 phases.append({})

@@ -2,6 +2,7 @@
 pass, and the Ray runtime's wall time per round and peak host memory.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ray_scale.py [--sizes 10 100 1000 10000] [--ray-only] [--out PATH]
+     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ray_scale.py --fleet --sizes 1000 [--out PATH]
 Work: tiny-llama on the synthetic task, every device selected every round (K devices per round), 12 samples
 each, 2 local steps of mini-batch 4, nf4 device weights, 8-bit smashed data, torch server part, one torch
 thread. For each K, in this process on the same round's plan (server part restored before each path):
@@ -21,6 +22,10 @@ server part. Peak host memory: the largest sum of
 proportional set sizes (PSS: shared pages split between the processes that map them) over this process and
 every process below it (the Ray cluster it starts), sampled during the Ray run every half second, or less often
 when one sample costs more than a twentieth of that time in CPU (reading PSS walks every page of every process).
+
+`--fleet`: the round (local and Ray runtimes) of a three-class fleet (memory policy: classes at cuts 1, 2 and 3 of
+tiny-llama's four blocks and LoRA ranks 2, 4 and 8, shares 0.4/0.3/0.3) beside homogeneous rounds with every device
+at cut 1 and at cut 3 (rank 8), the same devices, data and plan otherwise, measured one after another in one run.
 """
 
 from __future__ import annotations
@@ -183,19 +188,73 @@ def timed(owner: object, name: str, into: dict[str, float]) -> None:
     setattr(owner, name, run)
 
 
-def ray_round(K: int, rounds: int) -> tuple[float, int, dict[str, float]]:
+def fleet(K: int) -> list[str]:
+    """The three-class fleet's overrides: each class's budget between the measured device-part peaks, so the memory
+    policy puts it at cut 1, 2 or 3 (the peaks measured on a local build of the same scenario)."""
+    from sflam.platform.assembly import Experiment
+
+    probe = ["split.policy=memory", "split.candidates=[1,2,3]",
+             "devices.classes=[{name: all, share: 1, memory_mib: 100000, clock_hz: [1e9, 2e9]}]"]
+    peak = {c: b / 2**20 for c, b in Experiment.build(load_config(None, scenario(min(K, 50), 1, "local") + probe))
+            .planner.memory_by_cut.items()}
+    return ["split.policy=memory", "split.candidates=[1,2,3]", "lora.rank_policy=by-class", "devices.classes=["
+            f"{{name: small, share: 0.4, memory_mib: {peak[2] - 0.01}, clock_hz: [1e9, 1e9], lora_rank: 2}},"
+            f"{{name: mid, share: 0.3, memory_mib: {peak[3] - 0.01}, clock_hz: [1.5e9, 1.5e9], lora_rank: 4}},"
+            f"{{name: large, share: 0.3, memory_mib: {peak[3] + 1}, clock_hz: [2e9, 2e9], lora_rank: 8}}]"]
+
+
+def local_round(K: int, rounds: int, extra: list[str]) -> float:
+    """The local runtime's seconds per round (planning included, no evaluation), the median after the first."""
+    from sflam.platform.assembly import Experiment
+    from sflam.platform.local import engine
+
+    exp = Experiment.build(load_config(None, scenario(K, rounds, "local") + extra))
+    run = engine(exp)
+    adapter, times = exp.device.initial_adapter(), []
+    for r in range(rounds):
+        adapter, metrics = run.run_round(r, adapter)
+        times.append(metrics.wall_s)
+    return float(np.median(times[1:]))
+
+
+def fleet_table(sizes: list[int], rounds: int, out: Path) -> None:
+    """--fleet: homogeneous rounds at cuts 1 and 3 and the three-class fleet's, side by side, on both runtimes."""
+    lines = ["| runtime | devices per round | cut 1, all devices (s/round) | cut 3, all devices (s/round) | three "
+             "classes, cuts 1/2/3, ranks 2/4/8 (s/round) | fleet / cut 3 | fleet / cut 1 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    for K in sizes:
+        for runtime, timer in (("local", local_round), ("ray", lambda *a: ray_round(*a)[0])):
+            cut1 = timer(K, rounds, ["split.cut_layer=1"])
+            cut3 = timer(K, rounds, ["split.cut_layer=3"])
+            mixed = timer(K, rounds, fleet(K))
+            lines.append(f"| {runtime} | {K} | {cut1:.2f} | {cut3:.2f} | {mixed:.2f} | {mixed / cut3:.2f} | "
+                         f"{mixed / cut1:.2f} |")
+            print(lines[-1], flush=True)
+            gc.collect()
+            release_freed_memory()
+    command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} .venv/bin/python benchmarks/ray_scale.py "
+               f"--fleet --sizes {' '.join(map(str, sizes))} --ray-rounds {rounds} --out {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".md.tmp")
+    partial.write_text(f"Command: {command}\n\n" + "\n".join(lines) + "\n")
+    partial.replace(out)  # atomic
+
+
+def ray_round(K: int, rounds: int, extra: list[str] | None = None) -> tuple[float, int, dict[str, float]]:
     """The Ray runtime's seconds per round (planning included, no evaluation), the peak host memory, and where
     the median round's time went (the driver's planning, its waits for the edge workers' forward, backward and
     adapter sums, and for the server part's steps)."""
     from sflam.actors.runtime import RayBackend
 
-    config = load_config(None, scenario(K, rounds, "ray"))
+    config = load_config(None, scenario(K, rounds, "ray") + list(extra or []))
     with PeakMemory() as memory:
         runtime = RayBackend(config)
         try:
             engine = runtime.engine()
             adapter = runtime.initial_adapter()
-            times, phases = [], []
+            times: list[float] = []
+            phases: list[dict[str, float]] = []
             waits = [(engine, "configure"), (runtime, "_gather"), (runtime, "_await"), (runtime, "_server_call")]
             for r in range(rounds):
                 phases.append({})
@@ -220,9 +279,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of the batched and single-adapter paths")
     parser.add_argument("--ray-only", action="store_true",
                         help="only the Ray columns (the local paths' cells read '-'): minutes less at 10,000")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ray_scale.md"))
+    parser.add_argument("--fleet", action="store_true",
+                        help="a three-class fleet at cuts 1/2/3 beside every device at cut 1 and at cut 3 (Ray only)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/ray_scale.md (ray_scale_fleet.md with --fleet)")
     args = parser.parse_args()
     quiet_libraries()
+    if args.fleet:
+        fleet_table(args.sizes, max(args.ray_rounds, 3), args.out or Path("benchmarks/results/ray_scale_fleet.md"))
+        return
+    args.out = args.out or Path("benchmarks/results/ray_scale.md")
     lines = ["| devices per round | planning s | batched s | device by device s | device by device / batched | "
              "single adapter s | batched / single adapter | ray s/round | peak host memory, ray (GiB) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -79,12 +79,13 @@ class EdgeWorker:
     @trimmed
     def start(self, round_index: int, devices: list[int], bits: list[int], steps: list[int], weights: list[float],
               indices: dict[int, list[np.ndarray]], global_adapter: Adapter, lr_factor: float,
-              fit: FitInstructions, ranks: list[int] | None = None) -> None:
+              fit: FitInstructions, ranks: list[int] | None = None, cuts: list[int] | None = None) -> None:
         """Every device of the chunk starts from the global adapter with a fresh optimizer, on the driver's batches,
-        at its own LoRA rank (`ranks`; None or empty: the global adapter's)."""
+        at its own LoRA rank (`ranks`; None or empty: the global adapter's) and cut (`cuts`; None or empty: the
+        device part's)."""
         self.round_index = round_index
         self.devices = list(devices)
-        self.cohort = self.device.start(self.devices, global_adapter, lr_factor, fit, ranks)
+        self.cohort = self.device.start(self.devices, global_adapter, lr_factor, fit, ranks, cuts)
         self.batches = {k: [collate(self.data.train, idx, self.data.pad_token_id) for idx in indices[k]]
                         for k in devices}
         self.bits = dict(zip(devices, bits, strict=True))
@@ -119,13 +120,15 @@ class EdgeWorker:
 
     @logged
     @trimmed
-    def finish(self) -> tuple[Adapter, float, int]:
-        """The chunk's weighted adapter sum over the devices that finished, its total weight, samples trained."""
+    def finish(self) -> tuple[Adapter, float, int, dict[str, float] | None]:
+        """The chunk's weighted adapter sum over the devices that finished, its total weight, samples trained, and
+        (devices at several cuts) each tensor's total weight over the devices that hold it."""
         assert self.cohort is not None, "start the round first"
         partial = self.cohort.weighted_sum(self.weights)
         samples = self.cohort.samples_trained
+        per_tensor = self.cohort.tensor_weights(self.weights) if self.cohort.cuts else None
         self.cohort = None
-        return partial, float(sum(w for w in self.weights if w > 0)), samples
+        return partial, float(sum(w for w in self.weights if w > 0)), samples, per_tensor
 
     @logged
     @trimmed
@@ -142,10 +145,12 @@ class EdgeWorker:
     # ------------------------------------------------------------------ evaluation
     @logged
     @trimmed
-    def evaluate(self, adapter: Adapter, server_state: Adapter, numbers: list[int]) -> list[tuple[float, int, int]]:
+    def evaluate(self, adapter: Adapter, server_state: Adapter, numbers: list[int], cut: int | None = None
+                 ) -> list[tuple[float, int, int]]:
         """Evaluation batches `numbers` (as the reference runtime numbers them) through the whole deployed
         pipeline here: this worker's own test data, the device part, the codec and the server part with the
-        server's current trained tensors. Only the batches' figures travel back."""
+        server's current trained tensors (`cut`: the pipeline of a device at that cut). Only the batches' figures
+        travel back."""
         if self.server_part is None:
             import ray
 
@@ -157,5 +162,5 @@ class EdgeWorker:
                     param.copy_(server_state[name])
         wanted = set(numbers)
         adapter = self.device.here(adapter)  # once for every batch (to an edge worker's GPU)
-        return [evaluate_batch(self.config, self.device, part, adapter, number, batch)
+        return [evaluate_batch(self.config, self.device, part, adapter, number, batch, cut)
                 for number, batch in evaluation_batches(self.config, self.data) if number in wanted]

@@ -22,7 +22,7 @@ import numpy as np
 import ray
 
 from sflam.actors.pool import ActorPool, Hook, connect, start_watchdog
-from sflam.platform.assembly import Experiment, evaluation_batches, summed
+from sflam.platform.assembly import Experiment, deployed_cuts, evaluation_batches, summed, weighted_by_cut
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.engine import Backend, Engine, ProgressFn, RoundOutcome, RoundTask
 from sflam.platform.errors import RunFailed
@@ -30,6 +30,7 @@ from sflam.platform.local import leakage_of
 from sflam.platform.protocol import Downlink, Uplink, local_steps
 from sflam.platform.quantization import stored_weight_bytes
 from sflam.platform.results import Resume, RoundMetrics, RunResult
+from sflam.platform.split import overlap_names
 from sflam.platform.strategies import Adapter
 
 __all__ = ["RayBackend", "RunFailed", "connect", "run_ray", "start_watchdog"]
@@ -44,8 +45,16 @@ class RayBackend(ActorPool, Backend):
         devices = RayDevices(self, task, global_adapter)
         figures = local_steps(task.local_steps, [len(task.live(e)) for e in range(task.local_steps)], devices,
                               RayServer(self, task))
-        weighted_sum, total = devices.finish()
-        return RoundOutcome(weighted_sum=weighted_sum, total_weight=total, figures=figures)
+        weighted_sum, total, per_tensor = devices.finish()
+        return RoundOutcome(weighted_sum=weighted_sum, total_weight=total, figures=figures, tensor_weights=per_tensor)
+
+    def merge_server_copies(self, adapter: Adapter, task: RoundTask) -> Adapter:
+        """The blocks between the cuts merged on the server rank (it holds the server's copies)."""
+        pairs = overlap_names(self.exp.device.part, self.exp.server.part)
+        overlap = {d: adapter[d] for d, _ in pairs}
+        merged = self._server_call(task.round_index, "merging the server's copies",
+                                   [self.ranks[0].merge_copies.remote(pairs, overlap, task.cuts, task.weights)])[0]
+        return {**adapter, **merged}
 
     def engine(self) -> Engine:
         """The round engine over this pool (the driver's planner and data)."""
@@ -65,17 +74,23 @@ class RayBackend(ActorPool, Backend):
         server_state_ref = ray.put(self.server_state())
         groups = np.array_split(np.array(numbers), len(self.workers))
 
-        def submit(worker: Any, i: int) -> Any:
-            return worker.evaluate.remote(adapter_ref, server_state_ref, [int(n) for n in groups[i]])
+        def at(cut: int | None) -> tuple[float, float]:
+            def submit(worker: Any, i: int) -> Any:
+                return worker.evaluate.remote(adapter_ref, server_state_ref, [int(n) for n in groups[i]], cut)
 
-        def recover(i: int) -> Any:
-            self.workers[i] = self._new_worker(i)
-            self.replaced += 1
-            return submit(self.workers[i], i)
+            def recover(i: int) -> Any:
+                self.workers[i] = self._new_worker(i)
+                self.replaced += 1
+                return submit(self.workers[i], i)
 
-        refs = {i: submit(self.workers[i], i) for i, g in enumerate(groups) if len(g)}
-        results = self._gather(refs, recover, lambda i: f"edge worker {i} (evaluation)")
-        return summed([figures for i in sorted(results) for figures in results[i]])
+            refs = {i: submit(self.workers[i], i) for i, g in enumerate(groups) if len(g)}
+            results = self._gather(refs, recover, lambda i: f"edge worker {i} (evaluation)")
+            return summed([figures for i in sorted(results) for figures in results[i]])
+
+        if not self.config.split.mixed:
+            return at(None)
+        shares = deployed_cuts(self.exp.planner)
+        return weighted_by_cut({cut: at(cut) for cut in shares}, shares)
 
     def initial_adapter(self) -> Adapter:
         return self.exp.device.initial_adapter()
@@ -138,7 +153,8 @@ class RayDevices:
         self.start_args = {i: (r, [devices[j] for j in self.spans[i]], [task.bits[j] for j in self.spans[i]],
                                [task.steps[j] for j in self.spans[i]], [task.weights[j] for j in self.spans[i]],
                                {devices[j]: task.indices[devices[j]] for j in self.spans[i]}, global_ref,
-                               task.lr_factor, task.fit, [task.ranks[j] for j in self.spans[i]] if task.ranks else None)
+                               task.lr_factor, task.fit, [task.ranks[j] for j in self.spans[i]] if task.ranks else None,
+                               [task.cuts[j] for j in self.spans[i]] if task.cuts else None)
                            for i in self.active}
         # each worker's slice (offset, count) of every step's gradients: its devices still taking part
         self.slices: list[list[tuple[int, int]]] = []
@@ -187,8 +203,9 @@ class RayDevices:
                         for i in self.active}
         self.previous = partial(self.where, step=step, call="backward")
 
-    def finish(self) -> tuple[Adapter, float]:
-        """The weighted partial sums of every worker, added up, and their total weight."""
+    def finish(self) -> tuple[Adapter, float, dict[str, float] | None]:
+        """The weighted partial sums of every worker, added up, their total weight and (devices at several cuts)
+        each tensor's."""
         backend, steps = self.backend, len(self.history)
         finished = backend._gather({i: backend.workers[i].finish.remote() for i in self.active},
                                    self.recover_with(steps, lambda w, i: w.finish.remote()),
@@ -196,7 +213,17 @@ class RayDevices:
         backend._await(self.pending, self.previous)
         total = sum(finished[i][1] for i in self.active)
         sums = [finished[i][0] for i in self.active if finished[i][1] > 0]
-        return ({n: sum((s[n] for s in sums[1:]), sums[0][n]) for n in sums[0]} if sums else {}), float(total)
+        added: Adapter = {}
+        for s in sums:  # in worker order; a worker whose devices hold none of a block's tensors sends none of it
+            for n, t in s.items():
+                added[n] = added[n] + t if n in added else t
+        per_tensor: dict[str, float] | None = None
+        if self.task.cuts:
+            per_tensor = {}
+            for i in self.active:
+                for n, w in (finished[i][3] or {}).items():
+                    per_tensor[n] = per_tensor.get(n, 0.0) + w
+        return added, float(total), per_tensor
 
 
 class RayServer:

@@ -29,7 +29,7 @@ import torch
 from sflam.actors.failures import logged
 from sflam.actors.memory import trimmed
 from sflam.platform import codec
-from sflam.platform.assembly import server_runner
+from sflam.platform.assembly import merge_server_copies, server_runner
 from sflam.platform.build import quiet_libraries
 from sflam.platform.codec import Encoded, EncodedList
 from sflam.platform.config import config_from_dict
@@ -241,6 +241,14 @@ class ServerRank:
                                                     load_lr_scheduler_states=False)
         if loaded is None:
             raise ValueError("DeepSpeed found no checkpoint of this group's ranks in the run's checkpoint")
+
+    @logged
+    @trimmed
+    def merge_copies(self, pairs: list[tuple[str, str]], adapter: Adapter, cuts: list[int], weights: list[float]
+                     ) -> Adapter:
+        """Devices at several cuts: the blocks between the cuts merged with this rank's copies
+        (`assembly.merge_server_copies`; the torch engine's one rank)."""
+        return merge_server_copies(pairs, self.server.part, adapter, cuts, weights)
 
     @logged
     @trimmed

@@ -59,6 +59,10 @@ def method_config(config: ExperimentConfig, method: str) -> ExperimentConfig:
         # methods' (sfl, sfl-v2, sfl-q, sflam)
         raise ConfigError("lora.rank_policy", config.lora.rank_policy, f"fixed with method {method} (LoRA ranks per "
                           "class run with sfl, sfl-v2, sfl-q and sflam)")
+    if method in ("fl", "sl", "sfl-v2") and config.split.mixed:
+        # fl has no cut; sl and sfl-v2 serve one device at a time, priced at one cut
+        raise ConfigError("split.policy", config.split.policy, f"fixed with method {method} (devices at several "
+                          "cuts run with sfl, sfl-q and sflam)")
     tree = config.to_dict()
     tree["name"] = f"{config.name}-{method}"
     if method in ("fl", "sl", "sfl", "sfl-v2"):

@@ -6,6 +6,7 @@ initialisations are seeded), so the reference runtime and the Ray actors start f
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
@@ -36,7 +37,7 @@ from sflam.platform.models import (
     vision_tokens,
 )
 from sflam.platform.quantization import quantize_weights
-from sflam.platform.split import DevicePart, ServerPart, split_model
+from sflam.platform.split import DevicePart, ServerPart, overlap_names, split_model
 
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -62,6 +63,8 @@ def validate(cfg: ExperimentConfig) -> ModelSpec:
     """Every check that needs more than one field, before any weights load; returns the model spec."""
     spec = resolve_model(cfg.model)
     check_model_task(spec, cfg.model.task, cfg.split.cut_layer)
+    if cfg.split.mixed and max(cfg.split.candidates) > spec.num_layers:
+        raise ConfigError("split.candidates", cfg.split.candidates, f"cuts in 0..{spec.num_layers} for {spec.name}")
     check_lora_targets(spec, cfg.lora.target_modules)
     images = cfg.data.dataset in IMAGE_DATASETS
     if images != spec.is_vision:
@@ -154,17 +157,32 @@ def _add_lora(part: nn.Module, cfg: ExperimentConfig, family: str, seed: int) ->
 
 
 def build_parts(cfg: ExperimentConfig, spec: ModelSpec, bundle: DataBundle) -> tuple[DevicePart, ServerPart]:
-    """Load the model, cut it, quantize the device part's base weights, add LoRA to both parts."""
+    """Load the model, cut it, quantize the device part's base weights, add LoRA to both parts.
+
+    Devices at several cuts (split.policy memory or joint): the device part is cut at the deepest candidate from a
+    copy of the model (its base weights quantized), the server part at the shallowest from the model itself (full
+    precision), so the blocks between the cuts are in both; their LoRA tensors start equal (the device part's).
+    """
     model = load_model(spec, cfg.model, bundle.num_labels, bundle.pad_token_id, seed=cfg.seed)
-    device_part, server_part = split_model(model, spec.family, cfg.split.cut_layer, cfg.model.task,
-                                           bundle.label_token_ids)
     for param in model.parameters():
         param.requires_grad_(False)
+    cuts = cfg.split.cuts
+    if cfg.split.mixed:
+        device_part = DevicePart(copy.deepcopy(model), spec.family, max(cuts))
+        server_part = ServerPart(model, spec.family, min(cuts), cfg.model.task, bundle.label_token_ids)
+    else:
+        device_part, server_part = split_model(model, spec.family, cfg.split.cut_layer, cfg.model.task,
+                                               bundle.label_token_ids)
     quantize_weights(device_part, cfg.quant.weights)
     _add_lora(device_part, cfg, spec.family, seed=cfg.seed + 1)
     if cfg.lora.server:
         _add_lora(server_part, cfg, spec.family, seed=cfg.seed + 2)
+    with torch.no_grad():
+        own = dict(server_part.named_parameters())
+        for device_name, server_name in overlap_names(device_part, server_part):
+            own[server_name].copy_(dict(device_part.named_parameters())[device_name])
     for module in server_part.head_modules():
         for param in module.parameters():
             param.requires_grad_(True)
     return device_part, server_part
+

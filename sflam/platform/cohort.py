@@ -29,6 +29,7 @@ from torch import nn
 from sflam.platform import codec
 from sflam.platform.codec import Encoded
 from sflam.platform.data import Batch
+from sflam.platform.split import block_of
 from sflam.platform.strategies import Adapter, local_step, rank_dim
 from sflam.privacy.defences import clip_packed, nopeek_loss
 
@@ -44,6 +45,7 @@ class Layout:
     live: torch.Tensor            # positions in the cohort of the devices in this step, in order
     samples: list[int]            # samples per live device
     index: torch.Tensor | None    # row of each stacked sample in the (devices * most samples) view; None: uniform
+    cut: int | None = None        # the devices' cut (all of a chunk's devices sit at one; None: the part's own)
 
     @property
     def most(self) -> int:
@@ -79,6 +81,7 @@ class Cohort:
     nopeek_weight: float = 0.0           # defence: NoPeek's distance correlation in every device's loss (0: off)
     ranks: torch.Tensor | None = None    # each device's LoRA rank (None: every device at the global adapter's)
     per_device: set[str] = field(default_factory=set)  # frozen tensors held per device (cut to each one's rank)
+    cuts: list[int] | None = None        # each device's cut layer (None: every device at the device part's own)
 
     @property
     def adapter_device(self) -> torch.device:
@@ -98,17 +101,35 @@ class Cohort:
         return {name: self.stacked(name)[position].detach().cpu().clone() for name in self.adapter}
 
     def weighted_sum(self, weights: list[float]) -> Adapter:
-        """What `strategies.weighted_sum` gives over the devices' adapters (float64, devices with weight > 0)."""
+        """What `strategies.weighted_sum` gives over the devices' adapters (float64, devices with weight > 0); with
+        devices at several cuts each block's tensors sum over the devices that hold that block only
+        (`tensor_weights` gives each tensor's total weight)."""
         kept = [i for i, w in enumerate(weights) if w > 0]
         if not kept or not self.adapter:
             return {}
-        index = torch.tensor(kept)
-        w = torch.tensor([weights[i] for i in kept], dtype=torch.float64)
         out = {}
         for name in self.adapter:  # on the CPU: the sum leaves the process (an edge worker's GPU) anyway
+            held = [i for i in kept if self.holds(i, name)]
+            if not held:
+                continue
+            index = torch.tensor(held)
+            w = torch.tensor([weights[i] for i in held], dtype=torch.float64)
             stacked = self.stacked(name).detach().cpu().index_select(0, index).double()
             out[name] = (w.reshape(-1, *[1] * (stacked.dim() - 1)) * stacked).sum(0)
         return out
+
+    def holds(self, position: int, name: str) -> bool:
+        """Whether the device at `position` holds (and trains) the tensor: a block's tensors are held by the devices
+        cut below that block only."""
+        if self.cuts is None:
+            return True
+        block = block_of(name)
+        return block is None or block < self.cuts[position]
+
+    def tensor_weights(self, weights: list[float]) -> dict[str, float]:
+        """Each tensor's total aggregation weight: over the devices that hold it (`holds`), the weight > 0 ones."""
+        return {name: float(sum(w for i, w in enumerate(weights) if w > 0 and self.holds(i, name)))
+                for name in self.adapter}
 
 
 def at_ranks(name: str, tensor: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -123,7 +144,7 @@ def at_ranks(name: str, tensor: torch.Tensor, ranks: torch.Tensor) -> torch.Tens
 
 
 def start(part: nn.Module, devices: list[int], global_adapter: Adapter, lr: float, proximal_mu: float,
-          frozen: list[str], ranks: list[int] | None = None) -> Cohort:
+          frozen: list[str], ranks: list[int] | None = None, cuts: list[int] | None = None) -> Cohort:
     """Every device starts from the global adapter with a fresh AdamW state over its trained tensors.
 
     `ranks` (one per device, each at most the global adapter's): each device trains its own rank's part of every
@@ -131,7 +152,9 @@ def start(part: nn.Module, devices: list[int], global_adapter: Adapter, lr: floa
     B beside it get exactly zero gradients, so AdamW (weight decay 0) leaves them zero, the product B A is the
     device's own rank's, and the LoRA forward scales each device by alpha / its rank as peft does: the batched step
     equals each device run alone through peft at its own rank, and the weighted sum is the zero-padded average.
-    FedProx's anchor and FFA-LoRA's frozen A are cut the same way, per device."""
+    FedProx's anchor and FFA-LoRA's frozen A are cut the same way, per device. `cuts` (one per device, each at
+    most the device part's): a device runs and trains the blocks below its own cut only (`DevicePart.at`); the
+    tensors of deeper blocks get no gradient from it, so its copy of them stays the global one."""
     adapter: Adapter = {}
     stacked_ranks = torch.tensor(ranks, dtype=torch.int64) if ranks is not None else None
     per_device: set[str] = set()
@@ -155,7 +178,7 @@ def start(part: nn.Module, devices: list[int], global_adapter: Adapter, lr: floa
                   for name, t in anchor.items()}
     where = next(iter(global_adapter.values())).device if global_adapter else torch.device("cpu")
     return Cohort(list(devices), adapter, optimizer, anchor, proximal_mu, per_device=per_device,
-                  ranks=None if stacked_ranks is None else stacked_ranks.to(where))
+                  ranks=None if stacked_ranks is None else stacked_ranks.to(where), cuts=list(cuts) if cuts else None)
 
 
 def stack_batches(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +186,7 @@ def stack_batches(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([b.input_ids for b in batches]), torch.cat([b.attention_mask for b in batches])
 
 
-def layout(live: list[int], batches: list[Batch]) -> Layout:
+def layout(live: list[int], batches: list[Batch], cut: int | None = None) -> Layout:
     """On the batches' device (where the adapters are)."""
     device = batches[0].input_ids.device
     samples = [len(b) for b in batches]
@@ -171,7 +194,7 @@ def layout(live: list[int], batches: list[Batch]) -> Layout:
     index = None
     if min(samples) != most:
         index = torch.cat([torch.arange(n) + d * most for d, n in enumerate(samples)]).to(device)
-    return Layout(torch.tensor(live, device=device), samples, index)
+    return Layout(torch.tensor(live, device=device), samples, index, cut)
 
 
 def _lora_forward(module: Any, name: str, cohort: Cohort, where: Layout, x: torch.Tensor, *args, **kwargs
@@ -214,15 +237,15 @@ def batched_lora(part: nn.Module, cohort: Cohort, where: Layout) -> Iterator[Non
             del module.forward
 
 
-def chunks(live: list[int], batches: list[Batch]) -> list[Chunk]:
-    """The live devices in stacked batches: devices of one sequence length together (padding a sequence further
-    changes bf16 attention in its last bit, so each device keeps exactly its own length), at most about
-    CHUNK_SAMPLES samples each."""
-    lengths: dict[int, list[int]] = {}
+def chunks(live: list[int], batches: list[Batch], cuts: list[int] | None = None) -> list[Chunk]:
+    """The live devices in stacked batches: devices of one sequence length (and one cut, `cuts` per live device)
+    together (padding a sequence further changes bf16 attention in its last bit, so each device keeps exactly its
+    own length), at most about CHUNK_SAMPLES samples each."""
+    lengths: dict[tuple[int, int | None], list[int]] = {}
     for j, batch in enumerate(batches):
-        lengths.setdefault(int(batch.attention_mask.shape[1]), []).append(j)
+        lengths.setdefault((int(batch.attention_mask.shape[1]), None if cuts is None else cuts[j]), []).append(j)
     out = []
-    for members in lengths.values():
+    for (_, cut), members in lengths.items():
         runs: list[list[int]] = [[]]
         size = 0
         for j in members:
@@ -233,7 +256,7 @@ def chunks(live: list[int], batches: list[Batch]) -> list[Chunk]:
             size += len(batches[j])
         for run in runs:
             ids, mask = stack_batches([batches[j] for j in run])
-            out.append((run, ids, mask, layout([live[j] for j in run], [batches[j] for j in run])))
+            out.append((run, ids, mask, layout([live[j] for j in run], [batches[j] for j in run], cut)))
     return out
 
 
@@ -244,12 +267,13 @@ def forward(part: nn.Module, cohort: Cohort, live: list[int], batches: list[Batc
     computation, so the same values), which bounds the memory of a step by one chunk's activations.
     """
     pieces: list[torch.Tensor | None] = [None] * len(batches)
-    work = chunks(live, batches)
+    work = chunks(live, batches, None if cohort.cuts is None else [cohort.cuts[i] for i in live])
     keep = cohort.optimizer is not None and sum(len(b) for b in batches) <= KEEP_GRAPH_SAMPLES
     graphs: list[torch.Tensor | None] = []
     for members, ids, mask, where in work:
-        with torch.set_grad_enabled(keep), batched_lora(part, cohort, where):
-            hidden = part(ids, mask)
+        at = part if where.cut is None else part.at(where.cut)  # type: ignore[operator]  # a DevicePart
+        with torch.set_grad_enabled(keep), batched_lora(at, cohort, where):
+            hidden = at(ids, mask)
         graphs.append(hidden if keep else None)
         counts = [int(batches[j].attention_mask.sum()) for j in members]
         for j, piece in zip(members, torch.split(hidden.detach()[mask.bool()], counts), strict=True):
@@ -277,11 +301,12 @@ def backward(part: nn.Module, cohort: Cohort, step: int, gradients: list[Encoded
                           [int(np.prod(g.shape[:-1])) for g in received])
     for (members, ids, mask, where), kept in work:
         hidden = kept
+        at = part if where.cut is None else part.at(where.cut)  # type: ignore[operator]  # a DevicePart
         if hidden is None:
-            with torch.enable_grad(), batched_lora(part, cohort, where):
-                hidden = part(ids, mask)
+            with torch.enable_grad(), batched_lora(at, cohort, where):
+                hidden = at(ids, mask)
         if cohort.clip_norm > 0 or cohort.nopeek_weight > 0:
-            _defended_backward(part, cohort, ids, mask, where, hidden, torch.cat([decoded[j] for j in members]))
+            _defended_backward(at, cohort, ids, mask, where, hidden, torch.cat([decoded[j] for j in members]))
             continue
         full = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         full[mask.bool()] = torch.cat([decoded[j] for j in members])

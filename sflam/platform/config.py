@@ -34,6 +34,7 @@ EVALUATION_SETS = ("test", "validation")
 TUNE_KNOBS = ("device_lr", "server_lr")
 TUNE_SAMPLERS = ("tpe", "random")
 RANK_POLICIES = ("fixed", "by-class")
+SPLIT_POLICIES = ("fixed", "memory", "joint")
 
 
 def _allowed_bits(value: int) -> bool:
@@ -82,10 +83,32 @@ class SplitConfig:
     head: str = field(default="server", metadata={
         "help": "server: head and loss on the server (labels travel up) | device: a U-shaped split, the head and "
                 "loss on the device (labels stay; the server sends its features down and gets their gradient)"})
+    policy: str = field(default="fixed", metadata={
+        "help": "fixed (every device at cut_layer) | memory (each class at the deepest candidate cut its memory "
+                "budget holds) | joint (the allocator picks each device's cut with its bits, power and bandwidth; "
+                "docs/concepts/split-and-codec.md#devices-at-different-cuts)"})
+    candidates: list[int] = field(default_factory=list, metadata={
+        "help": "the cuts a device may take under policy memory or joint, ascending (not used under fixed)"})
 
     def __post_init__(self) -> None:
         _check(self.cut_layer >= 0, "split.cut_layer", self.cut_layer, "an integer in 0..L (L = model layers)")
         _check(self.head in HEADS, "split.head", self.head, f"one of {', '.join(HEADS)}")
+        _check(self.policy in SPLIT_POLICIES, "split.policy", self.policy, f"one of {', '.join(SPLIT_POLICIES)}")
+        cuts = list(self.candidates)
+        if self.policy != "fixed":  # (under fixed the candidates are not used: a config can switch policy by override)
+            _check(len(cuts) >= 2 and all(isinstance(c, int) and c >= 0 for c in cuts) and cuts == sorted(set(cuts)),
+                   "split.candidates", cuts, f"two or more distinct cuts in 0..L, ascending, with split.policy="
+                   f"{self.policy}")
+
+    @property
+    def cuts(self) -> list[int]:
+        """Every cut a device may take: the candidates, or [cut_layer] under the fixed policy."""
+        return list(self.candidates) if self.policy != "fixed" else [self.cut_layer]
+
+    @property
+    def mixed(self) -> bool:
+        """Whether devices may sit at different cuts (split.policy memory or joint)."""
+        return self.policy != "fixed"
 
 
 @dataclass(frozen=True)
@@ -696,6 +719,17 @@ class ExperimentConfig:
             _check(lora.rank_policy == "fixed" or (c.lora_rank is not None and c.lora_rank <= lora.rank),
                    f"devices.classes[{c.name}].lora_rank", c.lora_rank,
                    f"an integer in 1..lora.rank={lora.rank} with lora.rank_policy=by-class")
+        # devices at different cuts: budgets from the classes, one server part above the shallowest cut
+        split = self.split
+        if split.mixed:
+            _check(bool(classes), "split.policy", split.policy,
+                   "fixed without devices.classes (memory and joint read each class's memory_mib)")
+            _check(split.head == "server", "split.head", split.head, f"server with split.policy={split.policy}")
+            _check(self.lora.server, "lora.server", self.lora.server,
+                   f"true with split.policy={split.policy} (the server trains the layers between the cuts for the "
+                   "devices below them)")
+            _check(self.server.engine == "torch", "server.engine", self.server.engine,
+                   f"torch with split.policy={split.policy} (a DeepSpeed group runs every sample from one cut)")
 
     def to_flat(self) -> dict[str, Any]:
         """Flat dict of dotted keys (the same keys as the overrides and the MLflow params)."""

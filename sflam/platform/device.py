@@ -63,14 +63,16 @@ class DeviceRunner:
         return adapter
 
     def start(self, devices: list[int], global_adapter: Adapter, lr_factor: float = 1.0,
-              fit: FitInstructions | None = None, ranks: list[int] | None = None) -> Cohort:
+              fit: FitInstructions | None = None, ranks: list[int] | None = None, cuts: list[int] | None = None
+              ) -> Cohort:
         """Every listed device starts from the global adapter with a fresh optimizer over its trained tensors
         (the adapters stacked, one optimizer over them); `ranks`, one per device (None or empty: all at the global
-        adapter's rank), cuts each device's LoRA factors to its own rank (`cohort.start`)."""
+        adapter's rank), cuts each device's LoRA factors to its own rank; `cuts`, one per device (None or empty: all
+        at the part's cut), runs each device to its own cut layer (`cohort.start`)."""
         fit = fit or FitInstructions()
         frozen = [name for name in global_adapter if fit.is_frozen(name)]
         group = cohort.start(self.part, devices, self.here(global_adapter), self.lr * lr_factor, fit.proximal_mu,
-                             frozen, list(ranks) if ranks else None)
+                             frozen, list(ranks) if ranks else None, list(cuts) if cuts else None)
         group.clip_norm, group.nopeek_weight = self.clip_norm, self.nopeek_weight
         return group
 
@@ -92,8 +94,9 @@ class DeviceRunner:
                                     generators, self.side_dtype)
         group.samples_trained += sum(len(b) for b in batches)
         # a U-shaped split keeps its labels on the device
-        return [Smashed(k, e, b.attention_mask, b.labels if self.head is None else b.labels[:0])
-                for k, e, b in zip(devices, encoded, batches, strict=True)]
+        cuts = [None if group.cuts is None else group.cuts[i] for i in live]
+        return [Smashed(k, e, b.attention_mask, b.labels if self.head is None else b.labels[:0], cut)
+                for k, e, b, cut in zip(devices, encoded, batches, cuts, strict=True)]
 
     def head_step(self, group: Cohort, live: list[int], features: list[Encoded], batches: list[Batch], total: int,
                   round_index: int, step: int) -> tuple[list[Encoded], float, int]:
@@ -126,15 +129,17 @@ class DeviceRunner:
             cohort.backward(self.part, group, step, gradients)
 
     @torch.no_grad()
-    def infer(self, adapter: Adapter, batch: Batch, generator: torch.Generator) -> Smashed:
-        """The deployed device part on an evaluation batch (one adapter, no graph), its smashed data encoded."""
+    def infer(self, adapter: Adapter, batch: Batch, generator: torch.Generator, cut: int | None = None) -> Smashed:
+        """The deployed device part on an evaluation batch (one adapter, no graph), its smashed data encoded; `cut`:
+        a device at that cut (None: the part's own)."""
         inputs = batch.to(self.compute)
-        bottom = {name: t for name, t in self.here(adapter).items() if not name.startswith(TOP)}
-        hidden = torch.func.functional_call(self.part, bottom, (inputs.input_ids, inputs.attention_mask),
-                                            strict=False)
+        part = self.part if cut is None else self.part.at(cut)
+        names = {name for name, _ in part.named_parameters()}
+        bottom = {name: t for name, t in self.here(adapter).items() if name in names}
+        hidden = torch.func.functional_call(part, bottom, (inputs.input_ids, inputs.attention_mask), strict=False)
         encoded = codec.encode(real_rows(hidden, inputs.attention_mask).cpu(), self.activation_bits, generator,
                                self.side_dtype)
-        return Smashed(-1, encoded, batch.attention_mask, batch.labels)
+        return Smashed(-1, encoded, batch.attention_mask, batch.labels, cut)
 
     @torch.no_grad()
     def infer_head(self, adapter: Adapter, features: Encoded, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

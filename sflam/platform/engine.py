@@ -56,6 +56,7 @@ class RoundTask:
     lr_factor: float
     fit: FitInstructions
     ranks: list[int] = field(default_factory=list)  # each device's LoRA rank (empty: all at the global adapter's)
+    cuts: list[int] = field(default_factory=list)  # each device's cut layer (empty: all at the device part's)
 
     def live(self, step: int) -> list[int]:
         """Positions (in `devices`) of the devices still taking part at a local step."""
@@ -74,6 +75,9 @@ class RoundOutcome:
     weighted_sum: Adapter
     total_weight: float
     figures: StepFigures = field(default_factory=StepFigures)
+    # devices at several cuts: each tensor's total weight over the devices that hold it (a tensor missing from
+    # `weighted_sum` was held by none of them); None: every tensor's is `total_weight`
+    tensor_weights: dict[str, float] | None = None
 
 
 class Backend(ABC):
@@ -103,6 +107,11 @@ class Backend(ABC):
         """The monitoring attacks on what this backend's devices send, with `adapter` (None: nothing is sent)."""
         del adapter
         return None
+
+    def merge_server_copies(self, adapter: Adapter, task: RoundTask) -> Adapter:
+        """Devices at several cuts: the blocks between the cuts merged with the server's copies (the new global
+        copy of each, on the server too); a backend that cannot hold devices at several cuts never gets here."""
+        raise NotImplementedError(f"{type(self).__name__} runs every device at one cut")
 
     @abstractmethod
     def result_fields(self) -> dict[str, Any]:
@@ -156,7 +165,8 @@ class Engine:
         bits = [int(q) for q in plan.allocation.bits] if plan is not None else []  # in the order of `devices`
         task = RoundTask(round_index=round_index, devices=np.asarray(devices), bits=bits, steps=steps,
                          weights=weights, indices=indices, lr_factor=cfg.train.lr_factor(round_index),
-                         fit=self.strategy.configure_fit(round_index), ranks=self.planner.ranks(devices))
+                         fit=self.strategy.configure_fit(round_index), ranks=self.planner.ranks(devices),
+                         cuts=list(plan.cuts) if plan is not None else [])
         dropped = sum(s < cfg.train.local_steps for s in steps)
         counts = {"selected": len(candidates), "late": len(candidates) - len(devices), "dropped": dropped,
                   "finished": len(devices) - dropped}
@@ -176,7 +186,12 @@ class Engine:
         if outcome.total_weight > 0:
             average = {n: (t / outcome.total_weight).to(global_adapter[n].dtype)
                        for n, t in outcome.weighted_sum.items()}
+            if outcome.tensor_weights is not None:  # each tensor over the devices that held it; none: kept
+                average = {n: (outcome.weighted_sum[n] / outcome.tensor_weights[n]).to(t.dtype)
+                           if n in outcome.weighted_sum else t for n, t in global_adapter.items()}
             new_global = self.strategy.aggregate(round_index, global_adapter, average)
+            if task.cuts:
+                new_global = self.backend.merge_server_copies(new_global, task)
         figures = outcome.figures
         losses = figures.step_losses
         metrics = RoundMetrics(round=round_index + 1, train_loss=float(np.mean(losses)) if losses else math.nan,
@@ -275,6 +290,15 @@ def device_classes(planner: RoundPlanner) -> dict[str, dict[str, Any]]:
         for c in planner.population.classes:
             rank = c.lora_rank or planner.config.lora.rank
             out[c.name].update(lora_rank=rank, memory_bytes=planner.memory_by_rank.get(rank))
+    if planner.memory_by_cut:  # devices at several cuts: the cuts each class's budget holds (memory: its cut)
+        for c in planner.population.classes:
+            fitting = [cut for cut, peak in sorted(planner.memory_by_cut.items()) if peak <= c.memory_mib * 2**20]
+            out[c.name]["cuts_fitting"] = fitting
+            if c.name in planner.class_cuts:
+                cut = planner.class_cuts[c.name]
+                out[c.name].update(cut=cut, memory_bytes=planner.memory_by_cut[cut])
+            else:  # joint: the deepest a device of the class may be given
+                out[c.name]["memory_bytes"] = planner.memory_by_cut[max(fitting)] if fitting else None
     return out
 
 

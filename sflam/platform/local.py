@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sflam.platform.assembly import Experiment
+from sflam.platform.assembly import Experiment, merge_server_copies
 from sflam.platform.cohort import Cohort
 from sflam.platform.data import Batch, collate
 from sflam.platform.device import DeviceRunner
@@ -20,6 +20,7 @@ from sflam.platform.protocol import Downlink, HeadAnswer, StepFigures, Uplink, l
 from sflam.platform.quantization import kernel_path, stored_weight_bytes
 from sflam.platform.results import Resume, RoundMetrics, RunResult
 from sflam.platform.server import ServerRunner
+from sflam.platform.split import overlap_names
 from sflam.platform.strategies import Adapter
 
 
@@ -120,16 +121,22 @@ class LocalBackend(Backend):
         exp.server.set_lr_factor(task.lr_factor)
         devices = [int(k) for k in task.devices]
         batches = collated(task, exp.data.train, exp.data.pad_token_id, devices)
-        group = exp.device.start(devices, global_adapter, task.lr_factor, task.fit, task.ranks)
+        group = exp.device.start(devices, global_adapter, task.lr_factor, task.fit, task.ranks, task.cuts)
         side = CohortDevices(exp.device, group, task, list(range(len(devices))), batches)
         live = [len(task.live(e)) for e in range(task.local_steps)]
         figures = run_steps(exp, task.local_steps, live, side, InProcessServer(exp.server, task.round_index,
                                                                                exp.config.quant.activation_bits))
         return RoundOutcome(weighted_sum=group.weighted_sum(task.weights),
-                            total_weight=float(sum(w for w in task.weights if w > 0)), figures=figures)
+                            total_weight=float(sum(w for w in task.weights if w > 0)), figures=figures,
+                            tensor_weights=group.tensor_weights(task.weights) if task.cuts else None)
 
     def evaluate(self, adapter: Adapter) -> tuple[float, float]:
         return self.exp.evaluate(adapter)
+
+    def merge_server_copies(self, adapter: Adapter, task: RoundTask) -> Adapter:
+        pairs = overlap_names(self.exp.device.part, self.exp.server.part)
+        merged = merge_server_copies(pairs, self.exp.server.part, adapter, task.cuts, task.weights)
+        return {**adapter, **merged}
 
     def server_state(self) -> Adapter:
         return self.exp.server.state()

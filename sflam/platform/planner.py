@@ -18,6 +18,7 @@ from sflam.platform.allocation import (
     equal_allocation,
     reference_costs,
 )
+from sflam.platform.allocation.cuts import CutOptions, allocate_cuts, exhaustive_cuts_fit
 from sflam.platform.config import ExperimentConfig
 from sflam.platform.data import BatchShape
 from sflam.platform.flops import FlopTable
@@ -30,7 +31,7 @@ from sflam.platform.schedule import (
     lockstep_stage_compute,
     lockstep_stage_payloads,
 )
-from sflam.platform.server import server_chunks
+from sflam.platform.server import cut_chunks, server_chunks
 from sflam.platform.system import Population, compute_energy_j, compute_latency_s, noise_w_per_hz
 
 
@@ -47,6 +48,7 @@ class RoundPlan:
     solo_s: np.ndarray  # each device's own chain of phases at an equal share and full power: its speed
     classes: tuple[str, ...] = ()  # each device's class (devices.classes; empty: a homogeneous population)
     ranks: tuple[int, ...] = ()  # each device's LoRA rank (lora.rank_policy=by-class; empty: all at lora.rank)
+    cuts: tuple[int, ...] = ()  # each device's cut layer (split.policy memory or joint; empty: all at cut_layer)
 
     @property
     def compute_s(self) -> np.ndarray:
@@ -89,6 +91,10 @@ class RoundPlan:
         if self.ranks:  # LoRA ranks per class: each device's rank beside its class
             rows = [{"device": row.pop("device"), **({"class": row.pop("class")} if "class" in row else {}),
                      "rank": rank, **row} for row, rank in zip(rows, self.ranks, strict=True)]
+        if self.cuts:  # devices at several cuts: each device's cut beside its class (and rank)
+            rows = [{"device": row.pop("device"), **({"class": row.pop("class")} if "class" in row else {}),
+                     **({"rank": row.pop("rank")} if "rank" in row else {}), "cut": cut, **row}
+                    for row, cut in zip(rows, self.cuts, strict=True)]
         return rows
 
 
@@ -123,6 +129,13 @@ class RoundPlanner:
         self.adapter_bits = adapter_bits
         self.rank_bits = dict(rank_bits or {})
         self.memory_by_rank: dict[int, int] = {}  # the measured device-part peak at each class rank (plan_costs)
+        # devices at several cuts (split.policy memory or joint; set by plan_costs): the FLOP table, the measured
+        # device-part peak and the adapter payload at each candidate cut, and (memory) each class's cut
+        self.flops_by_cut: dict[int, FlopTable] = {}
+        self.memory_by_cut: dict[int, int] = {}
+        self.adapter_bits_by_cut: dict[tuple[int, int | None], int] = {}
+        self.class_cuts: dict[str, int] = {}
+        self.last_cuts: tuple[int, ...] = ()  # the cuts of the latest plan (what the deployed fleet runs)
         self.trains_device = trains_device
         self.schedule = schedule
         if schedule == "server-sequential" and config.split.head == "device":
@@ -142,29 +155,51 @@ class RoundPlanner:
         return [population.classes[int(c)].lora_rank or lora.rank
                 for c in population.device_class[np.asarray(devices, dtype=np.int64)]]
 
-    def inputs(self, round_index: int, devices: np.ndarray, shapes: dict[int, list[BatchShape]]) -> RoundInputs:
+    def cuts(self, devices: np.ndarray) -> list[int]:
+        """Each device's cut under split.policy=memory (its class's, `class_cuts`); empty under fixed (all at
+        split.cut_layer) and joint (the plan chooses them)."""
+        if self.config.split.policy != "memory":
+            return []
+        return [self.class_cuts[name] for name in self.population.class_names(devices)]
+
+    def table(self, cut: int | None) -> FlopTable:
+        """The FLOP table of a device at `cut` (None: the run's one cut)."""
+        return self.flops if cut is None else self.flops_by_cut[cut]
+
+    def inputs(self, round_index: int, devices: np.ndarray, shapes: dict[int, list[BatchShape]],
+               cuts: list[int] | None = None) -> RoundInputs:
+        """`cuts`: each device's cut (None or empty: the run's one cut); a device's FLOPs are its own cut's, the
+        server's step runs each cut group's samples from that cut upward (`server.cut_chunks`)."""
         cfg, sysc = self.config, self.config.system
         K, E = len(devices), cfg.train.local_steps
         fwd_flops, bwd_flops = np.zeros((K, E)), np.zeros((K, E))
         samples = np.zeros(K, dtype=np.int64)
         per_device_server = np.zeros((K, E))
         ranks: list[int | None] = [*self.ranks(devices)] or [None] * K
+        at: list[int | None] = list(cuts) if cuts else [None] * K
         for i, k in enumerate(devices):
+            table = self.table(at[i])
             for e, shape in enumerate(shapes[int(k)]):
-                fwd, bwd = self.flops.device_batch(shape, ranks[i])
+                fwd, bwd = table.device_batch(shape, ranks[i])
                 rows = shape.samples
                 fwd_flops[i, e], bwd_flops[i, e] = rows * fwd, rows * bwd
                 samples[i] += rows
                 if self.schedule in ("sequential", "server-sequential"):
-                    per_device_server[i, e] = rows * sum(self.flops.server(shape.padded))
+                    per_device_server[i, e] = rows * sum(table.server(shape.padded))
         if self.u_shaped:
             return self._u_shaped_inputs(round_index, devices, shapes, fwd_flops, bwd_flops, samples)
         if self.schedule == "lockstep":
             server_flops = np.zeros(E)
             for e in range(E):  # the server's step over the devices still in the round at step e, in its chunks
-                present = [shapes[int(k)][e] for k in devices if e < len(shapes[int(k)])]
-                if present:
-                    lengths = np.concatenate([shape.lengths for shape in present])
+                present = [(shapes[int(k)][e], at[i]) for i, k in enumerate(devices) if e < len(shapes[int(k)])]
+                if not present:
+                    continue
+                lengths = np.concatenate([shape.lengths for shape, _ in present])
+                if cuts:  # each cut group in its own chunks, each from its own cut upward
+                    per_sample = np.concatenate([np.full(len(shape.lengths), cut) for shape, cut in present])
+                    server_flops[e] = sum(len(chunk) * sum(self.table(cut).server(int(lengths[chunk].max())))
+                                          for cut, chunk in cut_chunks(per_sample, lengths))
+                else:
                     server_flops[e] = sum(len(chunk) * sum(self.flops.server(int(lengths[chunk].max())))
                                           for chunk in server_chunks(lengths))
             server_s = server_flops / sysc.server_flops
@@ -256,13 +291,18 @@ class RoundPlanner:
         return up, down, elements
 
     def problem(self, round_index: int, devices: np.ndarray, shapes: dict[int, list[BatchShape]],
-                lam: float | None = None, inputs: RoundInputs | None = None) -> AllocationProblem:
-        """The allocation problem of a lockstep (or, for fl, parallel) round over the selected devices."""
+                lam: float | None = None, inputs: RoundInputs | None = None, cuts: list[int] | None = None
+                ) -> AllocationProblem:
+        """The allocation problem of a lockstep (or, for fl, parallel) round over the selected devices (`cuts`:
+        each device's cut, as in `inputs`)."""
         sysc, alloc = self.config.system, self.config.allocation
-        work = inputs or self.inputs(round_index, devices, shapes)
+        work = inputs or self.inputs(round_index, devices, shapes, cuts)
         K = len(devices)
         ranks = self.ranks(devices)
         bits = [self.rank_bits.get(r, self.adapter_bits) for r in ranks] if ranks else [self.adapter_bits] * K
+        if cuts:  # a device at a shallower cut holds the LoRA tensors of its own blocks only
+            held: list[int | None] = [*ranks] or [None] * K
+            bits = [self.adapter_bits_by_cut[(c, r)] for c, r in zip(cuts, held, strict=True)]
         adapter = np.array(bits, dtype=float) if self.trains_device else np.zeros(K)
         # a device that drops out mid-round (fewer batches than local steps) sends no adapter back
         finished = np.array([len(shapes[int(k)]) == self.config.train.local_steps for k in devices])
@@ -295,10 +335,12 @@ class RoundPlanner:
         listed with fewer mini-batches than local steps drops out after them: it computes and sends only those steps
         and no adapter, and is priced for just that."""
         devices = np.asarray(devices)
-        work = self.inputs(round_index, devices, shapes)
+        cuts = self.joint_cuts(round_index, devices, shapes) if self.config.split.policy == "joint" else \
+            self.cuts(devices)
+        work = self.inputs(round_index, devices, shapes, cuts)
         if self.schedule == "sequential":
             return self._sequential(round_index, devices, shapes, work)
-        problem = self.problem(round_index, devices, shapes, inputs=work)
+        problem = self.problem(round_index, devices, shapes, inputs=work, cuts=cuts)
         if self.schedule == "parallel":
             allocation = equal_allocation(problem, 32, reference_costs(problem))
             K, E = work.forward_s.shape
@@ -323,9 +365,41 @@ class RoundPlanner:
             equal = equal_allocation(problem, allocation.bits, ref)
             solo = lockstep_phases(equal.uplink_s, equal.downlink_s, work.forward_s, work.backward_s,
                                    work.server_s).chains()
+        self.last_cuts = tuple(cuts)
         return RoundPlan(devices=devices, allocation=allocation, samples=work.samples, phases=phases,
                          schedule=self.schedule, gain=work.gain, solo_s=solo,
-                         classes=tuple(self.population.class_names(devices)), ranks=tuple(self.ranks(devices)))
+                         classes=tuple(self.population.class_names(devices)), ranks=tuple(self.ranks(devices)),
+                         cuts=tuple(cuts))
+
+    def joint_cuts(self, round_index: int, devices: np.ndarray, shapes: dict[int, list[BatchShape]]) -> list[int]:
+        """split.policy=joint: each device's cut from the candidates, chosen with its bits, power and bandwidth by
+        `allocation.cuts.allocate_cuts` (the λ-objective; a cut over the device's memory budget never chosen).
+        Each device's server share at a cut is its own samples through the blocks above it."""
+        cands = list(self.config.split.candidates)
+        K = len(devices)
+        problems, server = [], np.zeros((K, len(cands)))
+        for c, cut in enumerate(cands):
+            at = [cut] * K
+            work = self.inputs(round_index, devices, shapes, at)
+            problems.append(self.problem(round_index, devices, shapes, inputs=work, cuts=at))
+            table = self.table(cut)
+            for i, k in enumerate(devices):
+                server[i, c] = sum(shape.samples * sum(table.server(shape.padded)) for shape in shapes[int(k)])
+        server /= self.config.system.server_flops
+        assert self.population.device_class is not None  # joint requires device classes (config)
+        budget = np.array([self.population.classes[int(c)].memory_mib
+                           for c in self.population.device_class[np.asarray(devices, dtype=np.int64)]])
+        memory = np.tile(np.array([self.memory_by_cut[cut] / 2**20 for cut in cands]), (K, 1))
+        options = CutOptions(
+            base=problems[0], cuts=np.array(cands), uplink_bits=np.stack([p.uplink_bits for p in problems], axis=1),
+            downlink_bits=np.stack([p.downlink_bits for p in problems], axis=1),
+            compute_s=np.stack([p.compute_s for p in problems], axis=1),
+            compute_energy_j=np.stack([p.compute_energy_j for p in problems], axis=1),
+            raw_uplink_bits=np.stack([p.raw_uplink_bits for p in problems], axis=1), server_s=server,
+            memory_mib=memory, budget_mib=budget)
+        search = "exhaustive" if self.config.allocation.bits_search == "exhaustive" and exhaustive_cuts_fit(options) \
+            else "greedy"
+        return [int(c) for c in allocate_cuts(options, search).cuts]
 
     def _sequential(self, round_index: int, devices: np.ndarray, shapes: dict[int, list[BatchShape]],
                     work: RoundInputs) -> RoundPlan:

@@ -12,7 +12,9 @@ the position embeddings; the smashed data is the token sequence, every position 
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import re
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -94,6 +96,17 @@ def _vit_pool(config, final: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the two parts
 
+Part = TypeVar("Part", bound=nn.Module)
+
+
+def _view(part: Part, layers: nn.ModuleList, cut: int) -> Part:
+    """The same part over some of its blocks: a new module object sharing every module and tensor with `part`."""
+    view = copy.copy(part)
+    view._modules = {**part._modules, "layers": layers}  # the blocks' own modules, shared
+    view.cut_layer = cut  # type: ignore[assignment]
+    return view
+
+
 
 class DevicePart(nn.Module):
     """Embeddings + blocks [0, c): token ids and mask in, smashed data (hidden states) out."""
@@ -143,6 +156,16 @@ class DevicePart(nn.Module):
             return _run_bert(self.config, self.layers, self._embed_image(input_ids), attention_mask)
         return _run_bert(self.config, self.layers, self.embeddings(input_ids=input_ids), attention_mask)
 
+
+    def at(self, cut: int) -> DevicePart:
+        """The part of a device at a shallower cut: embeddings + blocks [0, cut) of these (shared, not copied; a
+        LoRA tensor keeps its name), so devices at several cuts run one device part held at the deepest
+        (docs/concepts/split-and-codec.md#devices-at-different-cuts)."""
+        if cut == self.cut_layer:
+            return self
+        if not 0 <= cut <= self.cut_layer:
+            raise ValueError(f"a device at cut {cut} outside the device part's 0..{self.cut_layer}")
+        return _view(self, nn.ModuleList(self.layers[:cut]), cut)
 
     def input_vectors(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The inputs as vectors of a metric space (for NoPeek's distance correlation): the token embeddings
@@ -220,6 +243,12 @@ class ServerPart(nn.Module):
         if not self.cut_layer <= cut <= self.num_layers:
             raise ValueError(f"a device at cut {cut} outside the server part's {self.cut_layer}..{self.num_layers}")
         return cut - self.cut_layer
+
+    def at(self, cut: int) -> ServerPart:
+        """The server part as a device at `cut` sees it: blocks [cut, L) of these (shared, not copied), the norm
+        and the head; what the cost model counts for that device's samples."""
+        start = self.start_of(cut)
+        return self if start == 0 else _view(self, nn.ModuleList(self.layers[start:]), cut)
 
     def body(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Blocks [c + start, L) and the final norm: the final hidden states of every position (`start`: see
@@ -310,3 +339,29 @@ def split_model(model: PreTrainedModel, family: str, cut_layer: int, task: str,
         raise ValueError(f"cut layer {cut_layer} outside 0..{num_layers}")
     return (DevicePart(model, family, cut_layer),
             ServerPart(model, family, cut_layer, task, label_token_ids))
+
+
+_BLOCK = re.compile(r"^layers\.(\d+)\.(.*)$")
+
+
+def block_of(name: str) -> int | None:
+    """The block a device part's tensor belongs to ("layers.3.attention..." -> 3; None outside the blocks)."""
+    found = _BLOCK.match(name)
+    return int(found.group(1)) if found else None
+
+
+def overlap_names(device_part: DevicePart, server_part: ServerPart) -> list[tuple[str, str]]:
+    """The LoRA tensors of the blocks in both parts (devices at several cuts): (device part's name, server part's
+    name) of each, in the device part's order; empty when the parts meet at one cut."""
+    offset = server_part.cut_layer
+    server = {name for name, p in server_part.named_parameters() if p.requires_grad}
+    pairs = []
+    for name, param in device_part.named_parameters():
+        block = block_of(name)
+        if param.requires_grad and block is not None and block >= offset:
+            found = _BLOCK.match(name)
+            assert found is not None
+            twin = f"layers.{block - offset}.{found.group(2)}"
+            if twin in server:
+                pairs.append((name, twin))
+    return pairs

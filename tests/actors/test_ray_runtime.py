@@ -79,6 +79,27 @@ def test_ray_equals_the_reference_runtime_with_three_classes_of_different_ranks(
 
 
 @pytest.mark.equality
+def test_ray_equals_the_reference_runtime_with_three_classes_at_their_own_cuts_and_ranks() -> None:
+    """Three device classes at cuts 1, 2 and 3 and LoRA ranks 2, 4 and 8 (memory policy, lossless messages): the
+    edge workers' cohorts, spans of mixed cuts and ranks, the server rank's grouped step and its merge of the blocks
+    between the cuts give the reference runtime's run, each device priced at its own cut and rank on the driver.
+    Seen failing with the edge workers started without the cuts (every device at the deepest cut)."""
+    from tests.platform.test_split_policy import three_classes
+
+    fleet = (*BASE, *LOSSLESS, *three_classes(*BASE, *LOSSLESS), "train.devices_per_round=8")
+    config = tiny_config(*fleet)
+    local = engine(Experiment.build(config)).run()
+    remote = run_ray(tiny_config(*fleet, "runtime=ray", "ray.workers=2"))
+    assert_runs_agree(remote, local, config)
+    for a, b in zip(local.rounds, remote.rounds, strict=True):
+        assert a.plan.cuts == b.plan.cuts and len(set(a.plan.cuts)) >= 2
+        assert a.round_latency_s == pytest.approx(b.round_latency_s)
+    assert remote.summary()["device_classes"] == local.summary()["device_classes"]
+    assert {name: spec["cut"] for name, spec in local.summary()["device_classes"].items()} == {
+        "small": 1, "mid": 2, "large": 3}
+
+
+@pytest.mark.equality
 def test_one_device_per_worker_is_allowed() -> None:
     three = (*BASE, *LOSSLESS, "train.devices_per_round=3", "train.rounds=1")
     config = tiny_config(*three, "runtime=ray", "ray.devices_per_worker=1", "ray.cpus_per_worker=0.5")

@@ -55,6 +55,8 @@ def test_overrides_are_typed_and_flatten_back() -> None:
     assert again.to_flat() == {**flat, "lora.target_modules": []}
 
 
+TWO_CLASSES = ("devices.classes=[{name: small, share: 0.5, memory_mib: 9, clock_hz: [1.0e9, 1.0e9]},"
+               "{name: big, share: 0.5, memory_mib: 90, clock_hz: [2.0e9, 2.0e9]}]")
 BAD = [
     (["nosuch.key=1"], "nosuch"),
     (["train.batchsize=4"], "train.batchsize"),
@@ -89,6 +91,18 @@ BAD = [
     (["system.access=tdma"], "system.access='tdma'"),
     (["system.access=ofdma", "system.subchannels=4"], "system.subchannels=4"),
     (["server.threads=-1"], "server.threads=-1"),
+    # devices at several cuts (split.policy; tests/platform/test_split_policy.py has the rest)
+    (["split.policy=deepest"], "split.policy='deepest' is invalid: one of fixed, memory, joint"),
+    (["split.policy=memory", "split.candidates=[2]"], "split.candidates=[2] is invalid: two or more distinct cuts"),
+    (["split.policy=memory", "split.candidates=[2,1]"], "split.candidates=[2, 1] is invalid: two or more distinct"),
+    (["split.policy=memory", "split.candidates=[1,2]"],
+     "split.policy='memory' is invalid: fixed without devices.classes"),
+    ([TWO_CLASSES, "split.policy=joint", "split.candidates=[1,2]", "lora.server=false"],
+     "lora.server=False is invalid: true with split.policy=joint"),
+    ([TWO_CLASSES, "split.policy=joint", "split.candidates=[1,2]", "split.head=device"],
+     "split.head='device' is invalid: server with split.policy=joint"),
+    ([TWO_CLASSES, "split.policy=memory", "split.candidates=[1,2]", "runtime=ray", "server.engine=deepspeed"],
+     "server.engine='deepspeed' is invalid: torch with split.policy=memory"),
 ]
 
 

@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sflam import cli
 from sflam.pipelines.baselines import method_config
-from sflam.platform import models
 from sflam.platform.assembly import Experiment, merge_server_copies
 from sflam.platform.data import collate
 from sflam.platform.errors import ConfigError
@@ -20,7 +18,6 @@ from sflam.platform.participation import round_shapes
 from sflam.platform.split import block_of, overlap_names
 from sflam.platform.strategies import Adapter
 from tests.conftest import tiny_config
-from tests.platform.test_config import ROOT
 
 TWO = ("devices.classes=[{name: small, share: 0.5, memory_mib: %s, clock_hz: [1.0e9, 1.0e9]},"
        "{name: big, share: 0.5, memory_mib: 100000, clock_hz: [2.0e9, 2.0e9]}]")
@@ -48,35 +45,6 @@ def three_classes(*base: str) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- the config
-
-
-BAD = [
-    (["split.policy=deepest"], "split.policy='deepest' is invalid: one of fixed, memory, joint"),
-    (["split.policy=memory", "split.candidates=[2]"], "split.candidates=[2] is invalid: two or more distinct cuts"),
-    (["split.policy=memory", "split.candidates=[2,1]"], "split.candidates=[2, 1] is invalid: two or more distinct"),
-    (["split.policy=memory", "split.candidates=[1,2]"], "split.policy='memory' is invalid: fixed without "
-                                                        "devices.classes"),
-    ([TWO % 9, "split.policy=joint", "split.candidates=[1,2]", "lora.server=false"],
-     "lora.server=False is invalid: true with split.policy=joint"),
-    ([TWO % 9, "split.policy=joint", "split.candidates=[1,2]", "split.head=device"],
-     "split.head='device' is invalid: server with split.policy=joint"),
-    ([TWO % 9, "split.policy=memory", "split.candidates=[1,2]", "runtime=ray", "server.engine=deepspeed"],
-     "server.engine='deepspeed' is invalid: torch with split.policy=memory"),
-]
-
-
-@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[b[1][:40] for b in BAD])
-def test_a_bad_split_policy_is_one_line_before_any_model_loads(overrides: list[str], message: str, capsys,
-                                                              monkeypatch) -> None:
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the config was rejected")
-
-    monkeypatch.setattr(models, "load_model", no_loading)
-    status = cli.main(["run", "-c", str(ROOT / "configs" / "smoke.yaml"), *overrides])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2
-    assert len(err) == 1, err
-    assert message in err[0]
 
 
 def test_fixed_ignores_the_candidates() -> None:

@@ -108,12 +108,16 @@ class Cohort:
         if not kept or not self.adapter:
             return {}
         out = {}
+        # the devices that hold each tensor, and their index and weights, once per distinct set (one set with one cut)
+        chosen: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         for name in self.adapter:  # on the CPU: the sum leaves the process (an edge worker's GPU) anyway
-            held = [i for i in kept if self.holds(i, name)]
+            block = None if self.cuts is None else block_of(name)
+            held = tuple(kept if block is None else [i for i in kept if self.cuts[i] > block])  # type: ignore[index]
             if not held:
                 continue
-            index = torch.tensor(held)
-            w = torch.tensor([weights[i] for i in held], dtype=torch.float64)
+            if held not in chosen:
+                chosen[held] = torch.tensor(held), torch.tensor([weights[i] for i in held], dtype=torch.float64)
+            index, w = chosen[held]
             stacked = self.stacked(name).detach().cpu().index_select(0, index).double()
             out[name] = (w.reshape(-1, *[1] * (stacked.dim() - 1)) * stacked).sum(0)
         return out

@@ -18,6 +18,7 @@ from sflam.platform.participation import round_shapes
 from sflam.platform.split import block_of, overlap_names
 from sflam.platform.strategies import Adapter
 from tests.conftest import tiny_config
+from tests.equality import adamw_reach, assert_adamw_close, assert_determined
 
 TWO = ("devices.classes=[{name: small, share: 0.5, memory_mib: %s, clock_hz: [1.0e9, 1.0e9]},"
        "{name: big, share: 0.5, memory_mib: 100000, clock_hz: [2.0e9, 2.0e9]}]")
@@ -142,10 +143,13 @@ def test_the_cohort_batched_across_cuts_equals_each_device_alone() -> None:
     together, group = step([0, 1, 2, 3])
     for i in range(4):
         alone, one = step([i])
-        assert torch.allclose(codec.decode(alone[0].activations), codec.decode(together[i].activations), atol=1e-6)
+        # the forward: determined up to rounding; the adapters after an AdamW step: within its reach on any host
+        # (AdamW divides by the gradient's magnitude, so another kernel's rounding of a tiny gradient moves an
+        # element by up to lr; tests/equality.py)
+        assert_determined(codec.decode(alone[0].activations), codec.decode(together[i].activations), f"device {i}")
         mine, theirs = one.adapter_of(0), group.adapter_of(i)
+        assert_adamw_close(mine, theirs, adamw_reach(runner.lr, 1), f"device {i}")
         for name, value in mine.items():
-            assert torch.allclose(value, theirs[name], atol=1e-6), name
             if block_of(name) is not None and block_of(name) >= cuts[i]:
                 assert torch.equal(value, adapter[name].cpu()), name  # a block below no device's cut: untouched
 
@@ -192,11 +196,12 @@ def test_a_heterogeneous_round_equals_one_composed_by_hand() -> None:
         below = sum(w for w, c in zip(task.weights, task.cuts, strict=True) if c > 1)
         above = sum(w for w, c in zip(task.weights, task.cuts, strict=True) if c <= 1)
         expected[d] = ((below * expected[d].double() + above * server[s].detach().double()) / (below + above)).float()
-    for name, value in expected.items():
-        assert torch.allclose(new_global[name], value, atol=1e-6), name
+    # averages and merges of tensors after AdamW steps: within the steps' reach on any host (tests/equality.py)
+    reach = adamw_reach(max(config.train.device_lr, config.train.server_lr), task.local_steps)
+    assert_adamw_close(new_global, expected, reach, "global adapter")
     ran = dict(run.server.part.named_parameters())
     for d, s in overlap_names(run.device.part, run.server.part):
-        assert torch.allclose(ran[s], new_global[d], atol=1e-6)  # one global copy: the server holds it too
+        assert torch.equal(ran[s], new_global[d])  # one global copy: the server holds it too
 
 
 def test_the_merge_weighs_each_copy_by_the_devices_it_stands_for() -> None:

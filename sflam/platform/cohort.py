@@ -108,9 +108,11 @@ class Cohort:
         if not kept or not self.adapter:
             return {}
         out = {}
-        chosen: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # index and weights once per holder set
+        # the devices that hold each tensor, and their index and weights, once per distinct set (one set with one cut)
+        chosen: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         for name in self.adapter:  # on the CPU: the sum leaves the process (an edge worker's GPU) anyway
-            held = self.holders(kept, name)
+            block = None if self.cuts is None else block_of(name)
+            held = tuple(kept if block is None else [i for i in kept if self.cuts[i] > block])  # type: ignore[index]
             if not held:
                 continue
             if held not in chosen:
@@ -120,16 +122,19 @@ class Cohort:
             out[name] = (w.reshape(-1, *[1] * (stacked.dim() - 1)) * stacked).sum(0)
         return out
 
-    def holders(self, positions: list[int], name: str) -> tuple[int, ...]:
-        """Of `positions`, the devices that hold (and train) the tensor: a block's tensors are held by the devices
+    def holds(self, position: int, name: str) -> bool:
+        """Whether the device at `position` holds (and trains) the tensor: a block's tensors are held by the devices
         cut below that block only."""
-        block = None if self.cuts is None else block_of(name)
-        return tuple(positions if block is None else [i for i in positions if self.cuts[i] > block])  # type: ignore[index]
+        if self.cuts is None:
+            return True
+        block = block_of(name)
+        return block is None or block < self.cuts[position]
 
     def tensor_weights(self, weights: list[float]) -> dict[str, float]:
-        """Each tensor's total aggregation weight: over the devices that hold it (`holders`), the weight > 0 ones."""
-        kept = [i for i, w in enumerate(weights) if w > 0]
-        return {name: float(sum(weights[i] for i in self.holders(kept, name))) for name in self.adapter}
+        """Each tensor's total aggregation weight: over the devices that hold it (`holds`), the weight > 0 ones."""
+        return {name: float(sum(w for i, w in enumerate(weights) if w > 0 and self.holds(i, name)))
+                for name in self.adapter}
+
 
 def at_ranks(name: str, tensor: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """Each device's copy of a global tensor at its own rank, kept at the global shape: a LoRA A's rows and a LoRA
